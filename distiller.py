@@ -1,0 +1,441 @@
+"""The distillation loop: a student learns from a frozen teacher's soft predictions.
+
+The loss is a weighted sum of five terms (weights --alpha_*):
+    ce   KL(teacher || student) of the temperature-softened next-token distributions, times T^2
+    mlm  cross-entropy of the student on the masked tokens (masked language modelling)
+    clm  cross-entropy of the student on the next token (causal language modelling)
+    mse  squared error between student and teacher logits
+    cos  1 - cosine similarity between student and teacher last hidden states
+Every term is an average over the positions it covers, so batch shape does not change its scale. The maths
+lives in plain functions of tensors at the top of this file; `Distiller` only feeds them.
+"""
+import contextlib
+import math
+import os
+import time
+
+import numpy as np
+import psutil
+import torch
+import torch.nn.functional as F
+from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
+from lm_seqs_dataset import LmSeqsDataset
+from utils import logger
+
+IGNORE_INDEX = -100
+_CHUNK_ELEMENTS = 1 << 22  # logits rows processed at once in the soft-target loss: ~16 MB of fp32
+
+
+# ------------------------------------------------------------------------------------------ loss maths
+
+
+def _soft_target_chunk(s, t, temperature):
+    """KL and squared-error sums over rows of s and t (fp32), and the gradients of both w.r.t. s."""
+    log_p_s = F.log_softmax(s / temperature, dim=-1)
+    log_p_t = F.log_softmax(t / temperature, dim=-1)
+    p_t = log_p_t.exp()
+    kl = (p_t * (log_p_t - log_p_s)).sum()
+    diff = s - t
+    return kl, (diff * diff).sum(), log_p_s.exp_().sub_(p_t), diff
+
+
+class _SoftTargetLosses(torch.autograd.Function):
+    """KD (KL) and MSE losses over selected rows of flat logits, computed in fp32 chunks.
+
+    The straightforward version (masked_select both logit tensors, softmax them, KLDivLoss) allocates
+    several (positions x vocab) fp32 tensors and keeps them alive until backward. Here nothing but the
+    gradient itself is ever allocated at that size: forward keeps only the row indices, backward recomputes
+    each chunk. Gradients: d(KL*T^2/n)/ds = T/n (p_s - p_t);  d(MSE/n)/ds = 2/n (s - t).
+    """
+
+    @staticmethod
+    def forward(ctx, s_flat, t_flat, rows, temperature):
+        n = rows.numel()
+        ctx.save_for_backward(s_flat, t_flat, rows)
+        ctx.temperature = temperature
+        kl = s_flat.new_zeros((), dtype=torch.float32)
+        sq = s_flat.new_zeros((), dtype=torch.float32)
+        step = max(1, _CHUNK_ELEMENTS // s_flat.size(-1))
+        for i in range(0, n, step):
+            r = rows[i: i + step]
+            k, q, _, _ = _soft_target_chunk(s_flat[r].float(), t_flat[r].float(), temperature)
+            kl += k
+            sq += q
+        denom = max(n, 1)
+        return kl * (temperature ** 2) / denom, sq / denom
+
+    @staticmethod
+    def backward(ctx, grad_kl, grad_mse):
+        s_flat, t_flat, rows = ctx.saved_tensors
+        temperature = ctx.temperature
+        n = rows.numel()
+        grad = torch.zeros_like(s_flat)
+        if n == 0:
+            return grad, None, None, None
+        step = max(1, _CHUNK_ELEMENTS // s_flat.size(-1))
+        w_kl = grad_kl * temperature / n
+        w_mse = grad_mse * 2.0 / n
+        for i in range(0, n, step):
+            r = rows[i: i + step]
+            _, _, d_kl, diff = _soft_target_chunk(s_flat[r].float(), t_flat[r].float(), temperature)
+            grad[r] = (d_kl * w_kl + diff * w_mse).to(grad.dtype)
+        return grad, None, None, None
+
+
+def soft_target_losses(s_logits, t_logits, mask, temperature):
+    """(ce, mse) between student and teacher logits over the positions where `mask` is true.
+
+    s_logits, t_logits: (..., vocab); mask: (...) bool. ce is KL(p_t || p_s) at temperature T, summed over
+    the vocabulary, averaged over positions, times T^2 (so gradients keep their scale as T changes);
+    mse is the squared error summed over the vocabulary, averaged over positions. No position gives 0, 0.
+    """
+    vocab = s_logits.size(-1)
+    rows = mask.reshape(-1).nonzero().squeeze(-1)  # (n,)
+    return _SoftTargetLosses.apply(s_logits.reshape(-1, vocab), t_logits.detach().reshape(-1, vocab), rows,
+                                   float(temperature))
+
+
+def lm_loss(logits, labels):
+    """Mean cross-entropy over positions whose label is not IGNORE_INDEX (0 if there are none)."""
+    logits = logits.reshape(-1, logits.size(-1))  # (n, vocab)
+    labels = labels.reshape(-1)
+    rows = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
+    total = F.cross_entropy(logits[rows].float(), labels[rows], reduction="sum")
+    return total / max(rows.numel(), 1)
+
+
+def clm_loss(logits, labels):
+    """Next-token prediction: position i predicts labels[i + 1]."""
+    return lm_loss(logits[:, :-1], labels[:, 1:])
+
+
+def cosine_loss(s_hidden, t_hidden, mask):
+    """Mean (1 - cos) between student and teacher hidden states at the positions where mask is true."""
+    s = s_hidden[mask].float()  # (n, dim)
+    t = t_hidden[mask].float()
+    if s.size(0) == 0:
+        return s_hidden.sum() * 0.0
+    return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
+
+
+# ---------------------------------------------------------------------------------------- batch preparation
+
+
+def smoothed_token_probs(counts, special_ids, smoothing):
+    """Masking weight of each token: count^-smoothing (rare tokens are masked more); specials never."""
+    probs = np.maximum(np.asarray(counts, dtype=np.float64), 1) ** -smoothing
+    probs[list(special_ids)] = 0.0
+    return torch.from_numpy(probs.astype(np.float32))
+
+
+def attention_mask_from_lengths(lengths, max_len):
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]  # (bs, max_len)
+
+
+def mask_tokens(token_ids, lengths, token_probs, mask_prop, split, mask_id, vocab_size, generator=None):
+    """MLM corruption. Returns (corrupted ids, labels with IGNORE_INDEX where nothing is predicted).
+
+    ceil(mask_prop * real tokens) positions are drawn without replacement with weights token_probs[id]
+    (zero for special and padding tokens, so those are never picked); each is then replaced by the mask
+    token, kept, or replaced by a random token with probabilities split = (mask, keep, rand). Sampling uses
+    the exponential-race trick (top-k of weight / Exp(1)), which draws exactly like
+    torch.multinomial(replacement=False) but never fails when fewer positions are eligible than asked for
+    and needs no host synchronisation.
+    """
+    bs, max_len = token_ids.shape
+    n_target = math.ceil(mask_prop * int(lengths.sum()))  # lengths lives on the CPU: no device sync
+    weights = token_probs[token_ids].flatten()  # (bs * max_len,)
+    race = torch.empty_like(weights).exponential_(generator=generator) / weights  # inf where weight is 0
+    picked = torch.topk(race, min(n_target, race.numel()), largest=False).indices
+    pred_mask = torch.zeros_like(weights, dtype=torch.bool)
+    pred_mask[picked] = True
+    pred_mask &= weights > 0
+    pred_mask = pred_mask.view(bs, max_len)
+
+    u = torch.rand(token_ids.shape, device=token_ids.device, generator=generator)
+    p_mask, p_keep = split[0], split[0] + split[1]
+    random_ids = torch.randint(vocab_size, token_ids.shape, device=token_ids.device, generator=generator)
+    corrupted = torch.where(u < p_mask, torch.full_like(token_ids, mask_id),
+                            torch.where(u < p_keep, token_ids, random_ids))
+    corrupted = torch.where(pred_mask, corrupted, token_ids)
+    labels = torch.where(pred_mask, token_ids, torch.full_like(token_ids, IGNORE_INDEX))
+    return corrupted, labels
+
+
+def clm_labels(token_ids, attention_mask):
+    return token_ids.masked_fill(~attention_mask, IGNORE_INDEX)
+
+
+# --------------------------------------------------------------------------------------------- the loop
+
+
+class Distiller:
+    """Runs the distillation: build the data pipeline and optimizer, then `train()`."""
+
+    def __init__(self, params, dataset: LmSeqsDataset, token_probs, student, teacher, tokenizer=None):
+        self.params = params
+        self.dump_path = params.dump_path
+        self.is_master = params.is_master
+        self.multi_gpu = params.multi_gpu
+        self.device = params.device
+        self.student = student
+        self.teacher = teacher
+        self.tokenizer = tokenizer
+        self.dataset = dataset
+        self.mlm = params.mlm
+        self.temperature = params.temperature
+        self.alpha = {name: getattr(params, f"alpha_{name}") for name in ("ce", "mlm", "clm", "mse", "cos")}
+        self.vocab_size = student.config.vocab_size
+
+        self.sampler = DistributedSampler(dataset, num_replicas=params.world_size, rank=params.global_rank,
+                                          shuffle=True, seed=params.seed)
+        if params.group_by_size:
+            groups = create_lengths_groups(lengths=dataset.lengths, k=params.max_model_input_size)
+            batch_sampler = GroupedBatchSampler(self.sampler, group_ids=groups, batch_size=params.batch_size)
+        else:
+            batch_sampler = BatchSampler(self.sampler, batch_size=params.batch_size, drop_last=False)
+        self.dataloader = DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=dataset.batch_sequences,
+                                     num_workers=params.num_workers, pin_memory=self.device.type == "cuda",
+                                     persistent_workers=params.num_workers > 0)
+
+        if self.mlm:
+            self.token_probs = token_probs.to(self.device)
+            self.mask_split = (params.word_mask, params.word_keep, params.word_rand)
+            self.mask_id = params.special_tok_ids["mask_token"]
+
+        self.epoch = 0
+        self.n_iter = 0
+        self.n_total_iter = 0
+        self.n_optimizer_steps = 0
+        self.n_skipped_steps = 0
+        self.n_sequences_epoch = 0
+        self.total_loss_epoch = 0.0
+        self.last_log = time.time()
+        self._running = {}  # loss name -> (sum tensor, count) since the last log, kept on the device
+
+        self._setup_precision()
+        self._setup_optimizer()
+        self._setup_ddp()
+        if self.is_master:
+            from tensorboardX import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=os.path.join(self.dump_path, "log", "train"), flush_secs=60)
+            self.tensorboard.add_text(tag="config/training", text_string=str(vars(params)), global_step=0)
+
+    # -- setup ------------------------------------------------------------------------------------------
+
+    def _setup_precision(self):
+        p = self.params
+        self.amp_dtype = torch.bfloat16 if p.bf16 else torch.float16 if p.fp16 else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=p.fp16)
+
+    def _setup_optimizer(self):
+        p = self.params
+        steps_per_epoch = math.ceil(len(self.dataloader) / p.gradient_accumulation_steps)
+        self.num_steps_total = steps_per_epoch * p.n_epoch
+        # Biases and normalisation weights (every 1-D parameter) are not decayed. The original matched the
+        # names "bias" and "LayerNorm.weight", which missed DistilBERT's sa_layer_norm/output_layer_norm.
+        decay, no_decay = [], []
+        for _, param in self.student.named_parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        n_trainable = sum(x.numel() for x in decay + no_decay)
+        n_total = sum(x.numel() for x in self.student.parameters())
+        logger.info("Student: %d trainable parameters out of %d.", n_trainable, n_total)
+        self.optimizer = torch.optim.AdamW(groups, lr=p.learning_rate, eps=p.adam_epsilon, betas=(0.9, 0.98),
+                                           fused=self.device.type == "cuda")
+        from transformers import get_linear_schedule_with_warmup
+
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, num_warmup_steps=math.ceil(self.num_steps_total * p.warmup_prop),
+            num_training_steps=self.num_steps_total)
+
+    def _setup_ddp(self):
+        self.model = self.student
+        if self.multi_gpu:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # The LM head is only unused when no loss reads the logits (cosine loss alone).
+            head_unused = all(self.alpha[k] == 0 for k in ("ce", "mlm", "clm", "mse"))
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.student, device_ids=device_ids,
+                                                 output_device=device_ids[0] if device_ids else None,
+                                                 find_unused_parameters=head_unused)
+
+    # -- batches ----------------------------------------------------------------------------------------
+
+    def prepare_batch_mlm(self, token_ids, lengths):
+        """(bs, seq) ids and CPU lengths -> corrupted ids, attention mask, MLM labels (all on device)."""
+        attn_mask = attention_mask_from_lengths(lengths, token_ids.size(1)).to(self.device, non_blocking=True)
+        token_ids = token_ids.to(self.device, non_blocking=True)
+        token_ids, labels = mask_tokens(token_ids, lengths, self.token_probs, self.params.mlm_mask_prop,
+                                        self.mask_split, self.mask_id, self.vocab_size)
+        return token_ids, attn_mask, labels
+
+    def prepare_batch_clm(self, token_ids, lengths):
+        attn_mask = attention_mask_from_lengths(lengths, token_ids.size(1)).to(self.device, non_blocking=True)
+        token_ids = token_ids.to(self.device, non_blocking=True)
+        return token_ids, attn_mask, clm_labels(token_ids, attn_mask)
+
+    # -- training ---------------------------------------------------------------------------------------
+
+    def train(self):
+        """The whole run: n_epoch passes over the data, then the final save."""
+        from tqdm import tqdm
+
+        logger.info("Starting training: %d epochs, %d batches per epoch per process, %d optimizer steps.",
+                    self.params.n_epoch, len(self.dataloader), self.num_steps_total)
+        self.student.train()
+        self.teacher.eval()
+        for _ in range(self.params.n_epoch):
+            logger.info("--- Starting epoch %d/%d", self.epoch, self.params.n_epoch - 1)
+            self.dataloader.batch_sampler.sampler.set_epoch(self.epoch)
+            bar = tqdm(self.dataloader, desc=f"-Iter epoch {self.epoch}", disable=not self.is_master, mininterval=5)
+            for token_ids, lengths in bar:
+                prepare = self.prepare_batch_mlm if self.mlm else self.prepare_batch_clm
+                self.step(*prepare(token_ids, lengths))
+                self.n_sequences_epoch += token_ids.size(0)
+                self.iter(bar)
+            bar.close()
+            self.end_epoch()
+        logger.info("Training is finished; saving the final student.")
+        if self.is_master:
+            self.save_final()
+            self.tensorboard.close()
+
+    def _forward(self, token_ids, attn_mask):
+        """Student and teacher outputs under autocast. CLM needs no mask: padding is on the right."""
+        mask = attn_mask if self.mlm else None
+        want_hidden = self.alpha["cos"] > 0
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            s_out = self.model(input_ids=token_ids, attention_mask=mask, output_hidden_states=want_hidden)
+            needs_teacher = any(self.alpha[k] > 0 for k in ("ce", "mse", "cos"))
+            t_out = None
+            if needs_teacher:
+                with torch.no_grad():
+                    t_out = self.teacher(input_ids=token_ids, attention_mask=mask, output_hidden_states=want_hidden)
+        return s_out, t_out
+
+    def compute_losses(self, s_out, t_out, attn_mask, lm_labels):
+        """{name: scalar tensor} for every loss with a positive weight."""
+        losses = {}
+        if self.alpha["ce"] > 0 or self.alpha["mse"] > 0:
+            kd_mask = (lm_labels != IGNORE_INDEX) if self.params.restrict_ce_to_mask else attn_mask
+            losses["ce"], losses["mse"] = soft_target_losses(s_out.logits, t_out.logits, kd_mask, self.temperature)
+        if self.alpha["mlm"] > 0:
+            losses["mlm"] = lm_loss(s_out.logits, lm_labels)
+        if self.alpha["clm"] > 0:
+            losses["clm"] = clm_loss(s_out.logits, lm_labels)
+        if self.alpha["cos"] > 0:
+            losses["cos"] = cosine_loss(s_out.hidden_states[-1], t_out.hidden_states[-1], attn_mask)
+        return {k: v for k, v in losses.items() if self.alpha[k] > 0}
+
+    def step(self, input_ids, attention_mask, lm_labels):
+        """One forward/backward on a batch; the optimizer steps every gradient_accumulation_steps batches."""
+        s_out, t_out = self._forward(input_ids, attention_mask)
+        losses = self.compute_losses(s_out, t_out, attention_mask, lm_labels)
+        loss = sum(self.alpha[k] * v for k, v in losses.items())
+        losses["total"] = loss.detach()
+        for name, value in losses.items():
+            total, count = self._running.get(name, (0.0, 0))
+            self._running[name] = (total + value.detach().float(), count + 1)
+        self.optimize(loss)
+
+    def optimize(self, loss):
+        """Backward, and on accumulation boundaries: unscale, clip, step unless gradients are not finite.
+
+        The decision uses the gradient norm after DDP's all-reduce, which is the same on every rank, so a
+        non-finite loss on one rank makes all ranks skip the same step instead of one rank exiting.
+        """
+        acc = self.params.gradient_accumulation_steps
+        boundary = (self.n_iter + 1) % acc == 0
+        sync_ctx = self.model.no_sync() if (self.multi_gpu and not boundary) else contextlib.nullcontext()
+        with sync_ctx:
+            self.scaler.scale(loss / acc).backward()
+        if not boundary:
+            return
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.student.parameters() if p.grad is not None]
+        max_norm = self.params.max_grad_norm if self.params.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self._last_grad_norm = grad_norm.detach()
+        if torch.isfinite(grad_norm):
+            self.scaler.step(self.optimizer)
+            self.scheduler.step()
+            self.n_optimizer_steps += 1
+        else:
+            self.n_skipped_steps += 1
+            logger.warning("Non-finite gradient at iteration %d: step skipped (%d so far).", self.n_total_iter,
+                           self.n_skipped_steps)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def iter(self, bar=None):
+        """Counters, periodic logging and checkpointing after each batch."""
+        self.n_iter += 1
+        self.n_total_iter += 1
+        if self.n_total_iter % self.params.log_interval == 0:
+            self.log_tensorboard(bar)
+            self.last_log = time.time()
+        if self.is_master and self.n_total_iter % self.params.checkpoint_interval == 0:
+            self.save_checkpoint()
+
+    def log_tensorboard(self, bar=None):
+        """Averages since the last log (the only host sync of the loop), learning rate, memory, speed."""
+        averages = {name: (total / max(count, 1)).item() if torch.is_tensor(total) else 0.0
+                    for name, (total, count) in self._running.items()}
+        self._running = {}
+        self.total_loss_epoch += averages.get("total", 0.0) * self.params.log_interval
+        if bar is not None:
+            bar.set_postfix({"loss": f"{averages.get('total', float('nan')):.4f}"})
+        if not self.is_master:
+            return
+        step = self.n_total_iter
+        tb = self.tensorboard
+        for name, value in averages.items():
+            tb.add_scalar(tag=f"losses/loss_{name}" if name != "total" else "losses/loss", scalar_value=value,
+                          global_step=step)
+        tb.add_scalar("learning_rate/lr", self.scheduler.get_last_lr()[0], step)
+        tb.add_scalar("global/skipped_steps", self.n_skipped_steps, step)
+        if self.device.type == "cuda":
+            tb.add_scalar("global/memory_usage", torch.cuda.max_memory_allocated(self.device) / 1e6, step)
+        tb.add_scalar("global/rss_mb", psutil.Process().memory_info().rss / 1e6, step)
+        tb.add_scalar("global/speed", (time.time() - self.last_log) / self.params.log_interval, step)
+        if getattr(self, "_last_grad_norm", None) is not None:
+            tb.add_scalar("global/grad_norm", float(self._last_grad_norm), step)
+        for name, param in self.student.named_parameters():
+            if param.requires_grad:
+                tb.add_scalar(f"parameter_mean/{name}", param.data.float().mean().item(), step)
+                tb.add_scalar(f"parameter_std/{name}", param.data.float().std().item() if param.numel() > 1 else 0.0,
+                              step)
+
+    def end_epoch(self):
+        """Epoch checkpoint (master), epoch averages, counters reset."""
+        logger.info("%d sequences trained on this process in epoch %d.", self.n_sequences_epoch, self.epoch)
+        if self.is_master:
+            self.save_checkpoint(checkpoint_name=f"model_epoch_{self.epoch}.pth")
+            if self.n_iter:
+                self.tensorboard.add_scalar("epoch/loss", self.total_loss_epoch / self.n_iter, self.epoch)
+        self.epoch += 1
+        self.n_sequences_epoch = 0
+        self.n_iter = 0
+        self.total_loss_epoch = 0.0
+
+    # -- saving -----------------------------------------------------------------------------------------
+
+    def save_checkpoint(self, checkpoint_name="checkpoint.pth"):
+        """Student weights (a plain state dict), written atomically. Master only."""
+        path = os.path.join(self.dump_path, checkpoint_name)
+        tmp = f"{path}.tmp"
+        torch.save(self.student.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def save_final(self):
+        """A folder that `from_pretrained(dump_path)` loads: config, weights, and the teacher's tokenizer."""
+        self.student.save_pretrained(self.dump_path)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(self.dump_path)

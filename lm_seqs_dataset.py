@@ -1,0 +1,427 @@
+"""Binarized corpora on disk and the training dataset built over them.
+
+On disk (written by scripts/binarized_data.py) a corpus is one file:
+
+    bytes [0, 4096)      header: MAGIC, uint32 length, JSON metadata (tokenizer, vocab size, special ids, ...)
+    bytes [4096, ...)    all token ids of all sequences, back to back, in the smallest unsigned integer
+                         type that holds the vocabulary (uint16 up to 65,536 tokens, else uint32)
+    then, 8-aligned      int64 offsets, n_sequences + 1 of them: sequence i is tokens[offsets[i]:offsets[i+1]]
+
+`train.py` memory-maps it, so a billion-token corpus opens in seconds and the pages are shared between
+the processes of a node instead of being copied into each. The original scripts' pickles (a list of
+integer numpy arrays) still load, through an unpickler that can only build numpy arrays.
+
+`LmSeqsDataset` turns a corpus into the training set the original scripts used: over-long sequences cut
+into chunks that keep their start and end special tokens, very short or mostly-unknown sequences dropped.
+The index is computed with vectorised numpy over the offsets; no per-sequence Python loop.
+"""
+import io
+import json
+import logging
+import os
+import pickle
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+logger = logging.getLogger("distil")
+
+MAGIC = b"DSTLBIN\x01"
+HEADER_BYTES = 4096
+FORMAT_VERSION = 1
+MIN_SEQ_LEN = 12  # the original dropped sequences of 11 tokens or fewer
+MAX_UNK_RATIO = 0.5  # ... and sequences whose tokens are half or more unknown
+_UNK_SCAN_TOKENS = 1 << 24  # block size when counting unknown tokens (bounds memory, not speed)
+
+
+def token_dtype_for_vocab(vocab_size):
+    """The smallest unsigned type that holds every id of a vocabulary of this size."""
+    if vocab_size <= np.iinfo(np.uint16).max + 1:
+        return np.dtype(np.uint16)
+    if vocab_size <= np.iinfo(np.uint32).max + 1:
+        return np.dtype(np.uint32)
+    raise ValueError(f"vocabulary of {vocab_size} tokens is too large")
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+class BinarizedWriter:
+    """Streams sequences into a corpus file. The file appears under its name only once complete.
+
+    with BinarizedWriter(path, vocab_size=30522, metadata={...}) as w:
+        w.add_batch([ids, ids, ...])
+    """
+
+    def __init__(self, path, vocab_size, metadata=None):
+        self.path = path
+        self.vocab_size = int(vocab_size)
+        self.dtype = token_dtype_for_vocab(self.vocab_size)
+        self.metadata = dict(metadata or {})
+        self.tmp_path = f"{path}.tmp-{os.getpid()}"
+        self._lengths = []
+        self.n_tokens = 0
+        self.max_token_id = -1
+        self._file = None
+
+    def __enter__(self):
+        self._file = open(self.tmp_path, "wb")
+        self._file.write(b"\0" * HEADER_BYTES)
+        return self
+
+    def add_batch(self, sequences):
+        """Append sequences (each a list or array of ints)."""
+        if not sequences:
+            return
+        lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+        flat = np.fromiter((t for s in sequences for t in s), dtype=np.int64, count=int(lengths.sum()))
+        self.add_flat(flat, lengths)
+
+    def add_flat(self, flat_ids, lengths):
+        """Append sequences given as one flat id array plus their lengths (the fast path)."""
+        flat_ids = np.asarray(flat_ids)
+        if flat_ids.size:
+            lo, hi = int(flat_ids.min()), int(flat_ids.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"token id {hi if hi >= self.vocab_size else lo} outside the vocabulary "
+                                 f"of {self.vocab_size} tokens")
+            self.max_token_id = max(self.max_token_id, hi)
+        flat_ids.astype(self.dtype, copy=False).tofile(self._file)
+        self._lengths.append(np.asarray(lengths, dtype=np.int64))
+        self.n_tokens += int(flat_ids.size)
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self._finish()
+        finally:
+            self._file.close()
+            if exc_type is not None and os.path.exists(self.tmp_path):
+                os.remove(self.tmp_path)
+        return False
+
+    def _finish(self):
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        pad = (-self.n_tokens * self.dtype.itemsize) % 8
+        self._file.write(b"\0" * pad)
+        offsets_at = HEADER_BYTES + self.n_tokens * self.dtype.itemsize + pad
+        offsets.tofile(self._file)
+        header = dict(self.metadata)
+        header.update(format_version=FORMAT_VERSION, token_dtype=self.dtype.name, vocab_size=self.vocab_size,
+                      n_sequences=int(len(lengths)), n_tokens=int(self.n_tokens),
+                      max_token_id=int(self.max_token_id), offsets_at=int(offsets_at))
+        blob = json.dumps(header, sort_keys=True).encode()
+        if len(MAGIC) + 4 + len(blob) > HEADER_BYTES:
+            raise ValueError("corpus metadata too large for the header")
+        self._file.seek(0)
+        self._file.write(MAGIC + np.uint32(len(blob)).tobytes() + blob)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp_path, self.path)
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickler for the original scripts' files: it can build numpy arrays and nothing else.
+
+    Anything else a pickle asks for (a function to call, a class to instantiate) is refused before it
+    runs, so a tampered file cannot execute code.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load '{module}.{name}': only numpy arrays are allowed")
+
+
+def load_legacy_pickle(path):
+    """Load a pickle written by the original scripts without ever executing code from it."""
+    with open(path, "rb") as f:
+        try:
+            return _NumpyOnlyUnpickler(io.BufferedReader(f)).load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+            raise ValueError(f"{path}: not a valid legacy pickle ({exc})") from None
+
+
+def resolve_data_file(path):
+    """Accept the README's `binarized_text.<tok>.pickle` names for the `.bin` files we now write."""
+    if not os.path.exists(path) and path.endswith(".pickle"):
+        candidate = path[: -len(".pickle")] + ".bin"
+        if os.path.exists(candidate):
+            logger.info("%s does not exist; using %s (the binarized format that replaced the pickle)", path, candidate)
+            return candidate
+    return path
+
+
+class BinarizedCorpus:
+    """Read-only view of a binarized corpus: `tokens` (flat) and `offsets` (n_sequences + 1)."""
+
+    def __init__(self, tokens, offsets, metadata, path):
+        self.tokens = tokens
+        self.offsets = offsets
+        self.metadata = metadata
+        self.path = path
+        self._file_backed = isinstance(tokens, np.memmap)
+
+    @property
+    def n_sequences(self):
+        return len(self.offsets) - 1
+
+    @property
+    def n_tokens(self):
+        return int(self.offsets[-1])
+
+    @property
+    def max_token_id(self):
+        if "max_token_id" not in self.metadata:
+            self.metadata["max_token_id"] = int(self.tokens.max()) if len(self.tokens) else -1
+        return self.metadata["max_token_id"]
+
+    def sequence(self, i):
+        return self.tokens[self.offsets[i]: self.offsets[i + 1]]
+
+    def iter_blocks(self, start, stop):
+        """Token ids [start, stop) as a private array (not a mapping of the file: keeps USS low)."""
+        if not self._file_backed:
+            return self.tokens[start:stop]
+        with open(self.path, "rb") as f:
+            itemsize = self.tokens.dtype.itemsize
+            return np.fromfile(f, dtype=self.tokens.dtype, count=stop - start,
+                               offset=HEADER_BYTES + start * itemsize)
+
+    @classmethod
+    def open(cls, path):
+        """Open a corpus (our format, or a legacy pickle); every problem names the file."""
+        path = resolve_data_file(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: data file not found")
+        size = os.path.getsize(path)
+        if size == 0:
+            raise ValueError(f"{path}: data file is empty")
+        with open(path, "rb") as f:
+            head = f.read(HEADER_BYTES)
+        if head.startswith(MAGIC):
+            return cls._open_binarized(path, head, size)
+        return cls._open_legacy(path)
+
+    @classmethod
+    def _open_binarized(cls, path, head, size):
+        try:
+            n = int(np.frombuffer(head[len(MAGIC): len(MAGIC) + 4], dtype=np.uint32)[0])
+            meta = json.loads(head[len(MAGIC) + 4: len(MAGIC) + 4 + n].decode())
+            dtype = np.dtype(meta["token_dtype"])
+            n_seq, n_tok, off_at = int(meta["n_sequences"]), int(meta["n_tokens"]), int(meta["offsets_at"])
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise ValueError(f"{path}: corrupted header ({exc})") from None
+        expected = off_at + (n_seq + 1) * 8
+        if size != expected:
+            raise ValueError(f"{path}: truncated or corrupted ({size} bytes, the header promises {expected})")
+        tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(n_tok,)) if n_tok else \
+            np.zeros(0, dtype=dtype)
+        with open(path, "rb") as f:
+            offsets = np.fromfile(f, dtype=np.int64, count=n_seq + 1, offset=off_at)
+        if offsets[0] != 0 or offsets[-1] != n_tok or (n_seq and np.any(offsets[1:] < offsets[:-1])):
+            raise ValueError(f"{path}: corrupted sequence offsets")
+        return cls(tokens, offsets, meta, path)
+
+    @classmethod
+    def _open_legacy(cls, path):
+        data = load_legacy_pickle(path)
+        if not isinstance(data, (list, tuple)) or not all(
+            isinstance(s, np.ndarray) and s.ndim == 1 and s.dtype.kind in "iu" for s in data
+        ):
+            raise ValueError(f"{path}: a legacy data pickle must hold a list of 1-D integer numpy arrays")
+        lengths = np.fromiter((len(s) for s in data), dtype=np.int64, count=len(data))
+        offsets = np.zeros(len(data) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        tokens = np.concatenate(data) if len(data) else np.zeros(0, dtype=np.int64)
+        if len(tokens) and tokens.min() < 0:
+            raise ValueError(f"{path}: negative token id")
+        logger.info("Loaded legacy pickle %s (%d sequences); re-binarize for memory-mapped loading.", path, len(data))
+        return cls(tokens, offsets, {"format": "legacy-pickle"}, path)
+
+
+def save_token_counts(path, counts):
+    """Write counts as a .npy payload (whatever the file is called), atomically."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(counts, dtype=np.int64), allow_pickle=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_token_counts(path, vocab_size=None):
+    """Per-id occurrence counts, from our .npy payload or from the original's pickled list."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: token counts file not found")
+    with open(path, "rb") as f:
+        is_npy = f.read(6) == b"\x93NUMPY"
+    if is_npy:
+        try:
+            counts = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise ValueError(f"{path}: truncated or corrupted token counts ({exc})") from None
+    else:
+        raw = load_legacy_pickle(path)
+        try:
+            counts = np.asarray(raw, dtype=np.int64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: a token counts pickle must hold a list of integers") from None
+    if counts.ndim != 1 or counts.dtype.kind not in "iu" or (counts.size and counts.min() < 0):
+        raise ValueError(f"{path}: token counts must be a 1-D array of non-negative integers")
+    if vocab_size is not None and len(counts) != vocab_size:
+        raise ValueError(f"{path}: holds counts for {len(counts)} token ids but the vocabulary has {vocab_size}")
+    return counts.astype(np.int64, copy=False)
+
+
+# --------------------------------------------------------------------------------------------- dataset
+
+
+class LmSeqsDataset(Dataset):
+    """The training sequences: item i is (token_ids: np.int64 array, length: int).
+
+    params needs: max_model_input_size, mlm (bool), special_tok_ids (dict with cls/sep or bos/eos,
+    pad, unk names as in the original: 'cls_token', 'sep_token', 'bos_token', 'eos_token',
+    'pad_token', 'unk_token').
+    """
+
+    def __init__(self, params, data):
+        self.params = params
+        self.corpus = data if isinstance(data, BinarizedCorpus) else _corpus_from_list(data)
+        ids = params.special_tok_ids
+        self.bos_id = ids["cls_token"] if params.mlm else ids["bos_token"]
+        self.eos_id = ids["sep_token"] if params.mlm else ids["eos_token"]
+        self.pad_id = ids["pad_token"] if params.mlm else ids.get("pad_token", ids["unk_token"])
+        self.unk_id = ids.get("unk_token")
+        self.max_len = int(params.max_model_input_size)
+        if self.max_len < 3:
+            raise ValueError(f"maximum input size {self.max_len} leaves no room between the special tokens")
+
+        # A view is a slice [start, start + length) of the flat token array; `wrapped` views are chunks
+        # of a long sequence and get the start/end special tokens added around them when read.
+        self.starts, self.lengths, self.wrapped = self._split_long_sequences()
+        self._keep(self.lengths > MIN_SEQ_LEN - 1, "too short (11 tokens or fewer)")
+        self._remove_unknown_sequences()
+        self.print_statistics()
+
+    # -- index construction ---------------------------------------------------------------------------
+
+    def _split_long_sequences(self):
+        offsets = self.corpus.offsets
+        starts = offsets[:-1]
+        lengths = np.diff(offsets)  # int64
+        long = lengths > self.max_len
+        n_long = int(long.sum())
+        if n_long == 0:
+            return starts.copy(), lengths, np.zeros(len(lengths), dtype=bool)
+
+        # Long sequences: drop their own boundary tokens, cut the content into max_len - 2 pieces, and
+        # re-wrap every piece so each chunk starts and ends like a real sequence.
+        l_starts, l_lens = starts[long], lengths[long]
+        tokens = self.corpus.tokens
+        has_bos = np.asarray(tokens[l_starts]) == self.bos_id
+        has_eos = np.asarray(tokens[l_starts + l_lens - 1]) == self.eos_id
+        c_starts = l_starts + has_bos
+        c_lens = l_lens - has_bos - has_eos
+        piece = self.max_len - 2
+        n_pieces = -(-c_lens // piece)
+        first_view = np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)
+        k = np.arange(int(n_pieces.sum())) - first_view  # index of the piece inside its sequence
+        seq = np.repeat(np.arange(n_long), n_pieces)
+        p_starts = c_starts[seq] + k * piece
+        p_lens = np.minimum(piece, c_lens[seq] - k * piece) + 2
+
+        # Merge: short sequences as they are, long ones replaced by their pieces; keep corpus order.
+        short = ~long
+        all_starts = np.concatenate([starts[short], p_starts])
+        all_lens = np.concatenate([lengths[short], p_lens])
+        all_wrapped = np.concatenate([np.zeros(int(short.sum()), bool), np.ones(len(p_starts), bool)])
+        order = np.argsort(all_starts, kind="stable")
+        logger.info("Splitting %d too-long sequences into %d chunks.", n_long, len(p_starts))
+        return all_starts[order], all_lens[order], all_wrapped[order]
+
+    def _keep(self, keep, reason):
+        n_before = len(self.lengths)
+        self.starts, self.lengths, self.wrapped = self.starts[keep], self.lengths[keep], self.wrapped[keep]
+        if n_before != len(self.lengths):
+            logger.info("Removed %d sequences: %s.", n_before - len(self.lengths), reason)
+
+    def _remove_unknown_sequences(self):
+        # Byte-level BPE (GPT-2, RoBERTa) has no unknown token: its "unk" is the boundary token itself.
+        if self.unk_id is None or self.unk_id in (self.bos_id, self.eos_id) or len(self.lengths) == 0:
+            return
+        body_starts = self.starts  # wrapped views' stored slice excludes the wrapping tokens
+        body_lens = self.lengths - 2 * self.wrapped
+        body_ends = body_starts + body_lens
+        unk = np.zeros(len(body_starts), dtype=np.int64)
+        i, n = 0, len(body_starts)
+        while i < n:  # blocks of whole views, bounded memory
+            j = max(i + 1, int(np.searchsorted(body_ends, body_starts[i] + _UNK_SCAN_TOKENS, side="right")))
+            lo, hi = int(body_starts[i]), int(body_ends[j - 1])
+            block = self.corpus.iter_blocks(lo, hi)
+            csum = np.zeros(hi - lo + 1, dtype=np.int64)
+            np.cumsum(block == self.unk_id, out=csum[1:])
+            unk[i:j] = csum[body_ends[i:j] - lo] - csum[body_starts[i:j] - lo]
+            i = j
+        self._keep(unk / self.lengths < MAX_UNK_RATIO, "half or more unknown tokens")
+
+    # -- access -----------------------------------------------------------------------------------------
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __getitem__(self, index):
+        start, length = int(self.starts[index]), int(self.lengths[index])
+        if self.wrapped[index]:
+            out = np.empty(length, dtype=np.int64)
+            out[0], out[-1] = self.bos_id, self.eos_id
+            out[1:-1] = self.corpus.tokens[start: start + length - 2]
+            return out, length
+        return np.asarray(self.corpus.tokens[start: start + length], dtype=np.int64), length
+
+    def print_statistics(self):
+        if len(self.lengths) == 0:
+            logger.warning("No sequence left after filtering.")
+            return
+        logger.info("%d sequences, %d tokens, length mean %.1f / median %d / max %d.", len(self.lengths),
+                    int(self.lengths.sum()), float(self.lengths.mean()), int(np.median(self.lengths)),
+                    int(self.lengths.max()))
+
+    def batch_sequences(self, batch):
+        """Collate [(ids, length), ...] into (token_ids (bs, max_len) long, lengths (bs,) long).
+
+        Padding uses the pad token; for GPT-2, which has none, the unknown token as in the original
+        (those positions are excluded from every loss by the attention mask and labels).
+        """
+        lengths = np.fromiter((b[1] for b in batch), dtype=np.int64, count=len(batch))
+        out = np.full((len(batch), int(lengths.max())), self.pad_id, dtype=np.int64)
+        for row, (ids, n) in enumerate(batch):
+            out[row, :n] = ids
+        return torch.from_numpy(out), torch.from_numpy(lengths)
+
+
+def _corpus_from_list(sequences):
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences]) if len(sequences) else \
+        np.zeros(0, np.int64)
+    return BinarizedCorpus(tokens, offsets, {}, "<memory>")

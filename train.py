@@ -1,0 +1,375 @@
+"""Distil a teacher (BERT, RoBERTa, GPT-2) into a smaller student.
+
+Single process (GPU if there is one, else CPU):
+    python train.py --student_type distilbert --student_config training_configs/distilbert-base-uncased.json \
+        --teacher_type bert --teacher_name bert-base-uncased \
+        --alpha_ce 5.0 --alpha_mlm 2.0 --alpha_cos 1.0 --alpha_clm 0.0 --mlm --freeze_pos_embs \
+        --dump_path serialization_dir/my_first_training \
+        --data_file data/binarized_text.bert-base-uncased.bin \
+        --token_counts data/token_counts.bert-base-uncased.pickle --force
+
+Several processes (one per GPU; gloo on a CPU-only machine):
+    torchrun --nproc_per_node=4 train.py --n_gpu 4 <same flags>
+
+Flow: parse -> sanity_checks (flags alone) -> load and check everything (tokenizer, data, counts, student,
+teacher) -> only then prepare the dump folder -> Distiller(...).train().
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import torch
+
+from distiller import Distiller, smoothed_token_probs
+from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset, load_token_counts
+from utils import (UserError, cleanup_distributed, fail, git_info, init_distributed, logger, set_seed,
+                   special_token_ids, write_json_atomic)
+
+# type -> (config class, model class, tokenizer class), by name in transformers
+MODEL_CLASSES = {
+    "distilbert": ("DistilBertConfig", "DistilBertForMaskedLM", "DistilBertTokenizer"),
+    "roberta": ("RobertaConfig", "RobertaForMaskedLM", "RobertaTokenizer"),
+    "bert": ("BertConfig", "BertForMaskedLM", "BertTokenizer"),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", "GPT2Tokenizer"),
+}
+
+
+def model_classes(model_type):
+    import transformers
+
+    return tuple(getattr(transformers, name) for name in MODEL_CLASSES[model_type])
+
+
+# ------------------------------------------------------------------------------------------------ flags
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Training")
+    parser.add_argument("--force", action="store_true", help="Overwrite dump_path if it already exists.")
+    parser.add_argument("--dump_path", type=str, required=True, help="The output directory (log, checkpoints, parameters, etc.)")
+    parser.add_argument("--data_file", type=str, required=True,
+                        help="The binarized file (tokenized + tokens_to_ids) grouped by sequence.")
+    parser.add_argument("--student_type", type=str, choices=["distilbert", "roberta", "gpt2"], required=True,
+                        help="The student type (DistilBERT, RoBERTa).")
+    parser.add_argument("--student_config", type=str, required=True, help="Path to the student configuration.")
+    parser.add_argument("--student_pretrained_weights", default=None, type=str,
+                        help="Load student initialization checkpoint: a state-dict file or a model folder.")
+    parser.add_argument("--teacher_type", choices=["bert", "roberta", "gpt2"], required=True,
+                        help="Teacher type (BERT, RoBERTa).")
+    parser.add_argument("--teacher_name", type=str, required=True,
+                        help="The teacher model: a hub name or a local folder.")
+
+    parser.add_argument("--temperature", default=2.0, type=float, help="Temperature for the softmax temperature.")
+    parser.add_argument("--alpha_ce", default=0.5, type=float, help="Linear weight for the distillation loss. Must be >=0.")
+    parser.add_argument("--alpha_mlm", default=0.0, type=float,
+                        help="Linear weight for the MLM loss. Must be >=0. Should be used in conjunction with `mlm` flag.")
+    parser.add_argument("--alpha_clm", default=0.5, type=float, help="Linear weight for the CLM loss. Must be >=0.")
+    parser.add_argument("--alpha_mse", default=0.0, type=float, help="Linear weight of the MSE loss. Must be >=0.")
+    parser.add_argument("--alpha_cos", default=0.0, type=float,
+                        help="Linear weight of the cosine embedding loss. Must be >=0.")
+
+    parser.add_argument("--mlm", action="store_true",
+                        help="The LM step: MLM or CLM. If `mlm` is True, the MLM is used over CLM.")
+    parser.add_argument("--mlm_mask_prop", default=0.15, type=float,
+                        help="Proportion of tokens for which we need to make a prediction.")
+    parser.add_argument("--word_mask", default=0.8, type=float, help="Proportion of tokens to mask out.")
+    parser.add_argument("--word_keep", default=0.1, type=float, help="Proportion of tokens to keep.")
+    parser.add_argument("--word_rand", default=0.1, type=float, help="Proportion of tokens to randomly replace.")
+    parser.add_argument("--mlm_smoothing", default=0.7, type=float,
+                        help="Smoothing parameter to emphasize more rare tokens (see XLM, similar to word2vec).")
+    parser.add_argument("--token_counts", type=str, help="The token counts in the data_file for MLM.")
+
+    parser.add_argument("--restrict_ce_to_mask", action="store_true",
+                        help="If true, compute the distillation loss only the [MLM] prediction distribution.")
+    parser.add_argument("--freeze_pos_embs", action="store_true",
+                        help="Freeze positional embeddings during distillation. For student_type in ['roberta', 'gpt2'] only.")
+    parser.add_argument("--freeze_token_type_embds", action="store_true",
+                        help="Freeze token type embeddings during distillation if existent. For student_type in ['roberta'] only.")
+
+    parser.add_argument("--n_epoch", type=int, default=3, help="Number of pass on the whole dataset.")
+    parser.add_argument("--batch_size", type=int, default=5, help="Batch size (for each process).")
+    parser.add_argument("--group_by_size", action="store_false",
+                        help="Grouping sequences of similar length into batches is ON by default; passing this "
+                             "flag turns it OFF (the original's meaning, kept for compatibility).")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=50,
+                        help="Gradient accumulation for larger training batches.")
+    parser.add_argument("--warmup_prop", default=0.05, type=float, help="Linear warmup proportion.")
+    parser.add_argument("--weight_decay", default=0.0, type=float, help="Weight decay if we apply some.")
+    parser.add_argument("--learning_rate", default=5e-4, type=float, help="The initial learning rate for Adam.")
+    parser.add_argument("--adam_epsilon", default=1e-6, type=float, help="Epsilon for Adam optimizer.")
+    parser.add_argument("--max_grad_norm", default=5.0, type=float, help="Max gradient norm (<= 0: no clipping).")
+    parser.add_argument("--initializer_range", default=0.02, type=float,
+                        help="Random initialization range (std) of a student trained from scratch.")
+
+    parser.add_argument("--fp16", action="store_true", help="Mixed precision in float16 (torch.amp + GradScaler).")
+    parser.add_argument("--fp16_opt_level", type=str, default="O1",
+                        help="Accepted for compatibility with apex command lines; ignored (torch.amp is used).")
+    parser.add_argument("--bf16", action="store_true", help="Mixed precision in bfloat16 (torch.amp, no scaler).")
+    parser.add_argument("--n_gpu", type=int, default=1, help="Number of GPUs in the node (0: CPU).")
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
+                        help="Set by torch.distributed.launch; torchrun sets LOCAL_RANK instead.")
+    parser.add_argument("--seed", type=int, default=56, help="Random seed")
+    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes per rank.")
+
+    parser.add_argument("--log_interval", type=int, default=500, help="Tensorboard logging interval.")
+    parser.add_argument("--checkpoint_interval", type=int, default=4000, help="Checkpoint interval.")
+    return parser.parse_args(argv)
+
+
+def sanity_checks(args):
+    """Checks that need only the flags. Raises UserError naming the flag."""
+    if args.mlm:
+        if args.token_counts is None:
+            raise UserError("--mlm needs --token_counts (the output of scripts/token_counts.py)")
+        if args.student_type not in ("roberta", "distilbert") or args.teacher_type not in ("roberta", "bert"):
+            raise UserError(f"--mlm works with a distilbert/roberta student and a bert/roberta teacher, not "
+                            f"--student_type {args.student_type} --teacher_type {args.teacher_type}")
+        if args.alpha_clm != 0:
+            raise UserError("--alpha_clm must be 0 with --mlm (the student is trained with the MLM loss)")
+    else:
+        if args.student_type != "gpt2" or args.teacher_type != "gpt2":
+            raise UserError("without --mlm (causal LM) student and teacher must both be gpt2; add --mlm for "
+                            f"--student_type {args.student_type} --teacher_type {args.teacher_type}")
+        if args.alpha_mlm != 0:
+            raise UserError("--alpha_mlm must be 0 without --mlm (the student is trained with the CLM loss)")
+    if not (args.teacher_type == args.student_type or (args.student_type == "distilbert" and args.teacher_type == "bert")):
+        raise UserError(f"--student_type {args.student_type} cannot learn from --teacher_type {args.teacher_type}")
+    if not os.path.isfile(args.student_config):
+        raise UserError(f"--student_config {args.student_config}: no such file")
+    if args.student_pretrained_weights is not None and not os.path.exists(args.student_pretrained_weights):
+        raise UserError(f"--student_pretrained_weights {args.student_pretrained_weights}: no such file or folder")
+    if args.freeze_token_type_embds and args.student_type != "roberta":
+        raise UserError("--freeze_token_type_embds only applies to --student_type roberta")
+    for name in ("ce", "mlm", "clm", "mse", "cos"):
+        if getattr(args, f"alpha_{name}") < 0:
+            raise UserError(f"--alpha_{name} must be >= 0")
+    if args.alpha_ce + args.alpha_mlm + args.alpha_clm + args.alpha_mse + args.alpha_cos <= 0:
+        raise UserError("at least one of --alpha_ce/--alpha_mlm/--alpha_clm/--alpha_mse/--alpha_cos must be > 0")
+    if args.temperature <= 0:
+        raise UserError("--temperature must be > 0")
+    if not 0 < args.mlm_mask_prop <= 1:
+        raise UserError("--mlm_mask_prop must be in (0, 1]")
+    split = (args.word_mask, args.word_keep, args.word_rand)
+    if min(split) < 0 or abs(sum(split) - 1) > 1e-6:
+        raise UserError(f"--word_mask/--word_keep/--word_rand must be >= 0 and sum to 1, got {split}")
+    for flag in ("n_epoch", "batch_size", "gradient_accumulation_steps", "log_interval", "checkpoint_interval"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1")
+    if not 0 <= args.warmup_prop <= 1:
+        raise UserError("--warmup_prop must be in [0, 1]")
+    if args.fp16 and args.bf16:
+        raise UserError("--fp16 and --bf16 are exclusive")
+    if args.num_workers < 0:
+        raise UserError("--num_workers must be >= 0")
+
+
+def check_dump_path(args):
+    """Master only (other ranks would race with the master creating the folder)."""
+    if not args.is_master or not os.path.exists(args.dump_path):
+        return
+    if not args.force:
+        raise UserError(f"--dump_path {args.dump_path} already exists; use --force to overwrite it")
+    _check_safe_to_clear(args)
+
+
+def _check_safe_to_clear(args):
+    """--force deletes dump_path: refuse when that would delete an input or something that is not a run."""
+    dump = os.path.realpath(args.dump_path)
+    if not os.path.isdir(dump):
+        raise UserError(f"--dump_path {args.dump_path} exists and is not a folder; not deleting it")
+    protected = {os.path.realpath(p) for p in (os.getcwd(), os.path.expanduser("~"), "/",
+                                               os.path.dirname(os.path.abspath(__file__)))}
+    if dump in protected:
+        raise UserError(f"--dump_path {args.dump_path} is a folder --force must not delete")
+    for flag in ("data_file", "token_counts", "student_config", "student_pretrained_weights", "teacher_name"):
+        value = getattr(args, flag)
+        if value and os.path.exists(value):
+            if os.path.commonpath([dump, os.path.realpath(value)]) == dump:
+                raise UserError(f"--{flag} {value} lies inside --dump_path {args.dump_path}, which --force would delete")
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def max_input_size(config, tokenizer=None):
+    """Longest sequence the model accepts, from its config (and tokenizer), not from a table of hub names."""
+    n = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if n is None:
+        raise UserError(f"cannot tell the maximum input size of a {config.model_type} model")
+    if config.model_type in ("roberta", "camembert", "xlm-roberta"):
+        n -= config.pad_token_id + 1  # RoBERTa's positions start after the padding index
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if tok_max is not None and 0 < tok_max < 1_000_000:
+        n = min(n, tok_max)
+    return int(n)
+
+
+def load_student_weights(student, path):
+    """Load a state-dict file (.pth/.bin/.safetensors) into `student`; returns (missing, unexpected)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # weights_only refuses pickled code; any failure is the file's fault
+            raise UserError(f"--student_pretrained_weights {path}: not a loadable state dict ({exc})") from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"--student_pretrained_weights {path}: expected a dict of parameter name -> tensor")
+    own = student.state_dict()
+    if not set(state) & set(own):
+        raise UserError(f"--student_pretrained_weights {path}: none of its {len(state)} tensors matches a student "
+                        f"parameter name (e.g. {next(iter(state), '-')!r} vs {next(iter(own), '-')!r})")
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise UserError(f"--student_pretrained_weights {path}: {key} has shape {tuple(value.shape)}, the student "
+                            f"expects {tuple(own[key].shape)}")
+    result = student.load_state_dict(state, strict=False)
+    # Tied weights (e.g. the output projection shares the word embeddings) are loaded through their twin.
+    loaded_ptrs = {t.data_ptr() for k, t in own.items() if k in state}
+    missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded_ptrs]
+    if missing:
+        logger.info("Student weights left at their random initialisation: %s", ", ".join(missing))
+    if result.unexpected_keys:
+        logger.warning("Ignored tensors of %s that the student does not have: %s", path,
+                       ", ".join(result.unexpected_keys))
+    return missing, list(result.unexpected_keys)
+
+
+def build_student(args):
+    config_class, model_class, _ = model_classes(args.student_type)
+    config = config_class.from_pretrained(args.student_config)
+    config.initializer_range = args.initializer_range
+    if args.student_pretrained_weights and os.path.isdir(args.student_pretrained_weights):
+        logger.info("Loading the student from the folder %s", args.student_pretrained_weights)
+        student = model_class.from_pretrained(args.student_pretrained_weights, config=config)
+    else:
+        student = model_class(config)
+        if args.student_pretrained_weights:
+            logger.info("Loading student weights from %s", args.student_pretrained_weights)
+            load_student_weights(student, args.student_pretrained_weights)
+    for name, param in student.named_parameters():
+        if args.freeze_pos_embs and (name.endswith("position_embeddings.weight") or name.endswith("wpe.weight")):
+            param.requires_grad = False
+        if args.freeze_token_type_embds and name.endswith("token_type_embeddings.weight"):
+            param.requires_grad = False
+    return student
+
+
+def build_teacher(args):
+    _, model_class, tokenizer_class = model_classes(args.teacher_type)
+    try:
+        tokenizer = tokenizer_class.from_pretrained(args.teacher_name)
+        teacher = model_class.from_pretrained(args.teacher_name)
+    except OSError as exc:
+        raise UserError(f"--teacher_name {args.teacher_name}: cannot load a {args.teacher_type} model and "
+                        f"tokenizer ({str(exc).splitlines()[0]})") from None
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher, tokenizer
+
+
+def check_compatibility(args, student, teacher, tokenizer, corpus, counts):
+    """Cross-object checks: vocabularies, hidden sizes, data ids, token counts."""
+    s_vocab, t_vocab = student.config.vocab_size, teacher.config.vocab_size
+    if s_vocab != t_vocab:
+        raise UserError(f"student vocabulary ({s_vocab} tokens, --student_config {args.student_config}) differs from "
+                        f"the teacher's ({t_vocab} tokens, --teacher_name {args.teacher_name})")
+    if args.alpha_cos > 0:
+        s_dim, t_dim = student.config.hidden_size, teacher.config.hidden_size
+        if s_dim != t_dim:
+            raise UserError(f"--alpha_cos needs equal hidden sizes: student {s_dim} (--student_config "
+                            f"{args.student_config}) vs teacher {t_dim} (--teacher_name {args.teacher_name})")
+    if corpus.max_token_id >= t_vocab:
+        raise UserError(f"--data_file {corpus.path}: token id {corpus.max_token_id} is outside the teacher's "
+                        f"vocabulary of {t_vocab}; was it binarized with another tokenizer?")
+    recorded = corpus.metadata.get("vocab_size")
+    if recorded is not None and recorded not in (t_vocab, len(tokenizer)):
+        raise UserError(f"--data_file {corpus.path} was binarized with a {recorded}-token tokenizer; the teacher "
+                        f"has {t_vocab} tokens")
+    if counts is not None and len(counts) not in (t_vocab, len(tokenizer)):
+        raise UserError(f"--token_counts {args.token_counts} holds counts for {len(counts)} ids; the vocabulary "
+                        f"has {t_vocab}")
+    if args.mlm:
+        missing = [n for n in ("cls_token", "sep_token", "pad_token", "mask_token") if n not in args.special_tok_ids]
+        if missing:
+            raise UserError(f"--teacher_name {args.teacher_name}: its tokenizer lacks {', '.join(missing)}, needed for MLM")
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def prepare_dump_path(args):
+    """Clear (with --force) and create the dump folder; master only, everyone waits for it."""
+    if args.is_master:
+        if os.path.exists(args.dump_path):
+            logger.info("--force: removing the previous content of %s", args.dump_path)
+            shutil.rmtree(args.dump_path)
+        os.makedirs(args.dump_path)
+        logger.info("Experiment will be dumped and logged in %s", args.dump_path)
+        params = {k: v for k, v in vars(args).items() if k != "special_tok_ids"}
+        params["special_tok_ids"] = args.special_tok_ids
+        params["command_line"] = " ".join(sys.argv)
+        write_json_atomic(os.path.join(args.dump_path, "parameters.json"), params)
+        write_json_atomic(os.path.join(args.dump_path, "git_log.json"), git_info())
+    if args.multi_gpu:
+        torch.distributed.barrier()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sanity_checks(args)
+    init_distributed(args)
+    check_dump_path(args)
+    set_seed(args.seed)
+    if args.fp16:
+        logger.warning("--fp16 uses torch.amp with a GradScaler; --fp16_opt_level %s is ignored.", args.fp16_opt_level)
+
+    teacher, tokenizer = build_teacher(args)
+    args.special_tok_ids = special_token_ids(tokenizer)
+    args.max_model_input_size = max_input_size(teacher.config, tokenizer)
+
+    logger.info("Loading data from %s", args.data_file)
+    corpus = BinarizedCorpus.open(args.data_file)
+    counts = None
+    if args.mlm:
+        counts = load_token_counts(args.token_counts)
+
+    student = build_student(args)
+    args.max_model_input_size = min(args.max_model_input_size, max_input_size(student.config))
+    check_compatibility(args, student, teacher, tokenizer, corpus, counts)
+
+    dataset = LmSeqsDataset(params=args, data=corpus)
+    if len(dataset) == 0:
+        raise UserError(f"--data_file {corpus.path}: no training sequence left after filtering (sequences need "
+                        "at least 12 tokens)")
+    token_probs = None
+    if args.mlm:
+        counts = np.pad(counts, (0, max(0, student.config.vocab_size - len(counts))))
+        token_probs = smoothed_token_probs(counts, args.special_tok_ids.values(), args.mlm_smoothing)
+
+    prepare_dump_path(args)
+    if args.is_master:
+        student.config.save_pretrained(args.dump_path)
+    student.to(args.device)
+    teacher.to(args.device)
+    # Different masking and dropout on each rank; the models were already initialised identically above.
+    set_seed(args.seed + args.global_rank)
+
+    distiller = Distiller(params=args, dataset=dataset, token_probs=token_probs, student=student, teacher=teacher,
+                          tokenizer=tokenizer)
+    distiller.train()
+    logger.info("Let's go get some drinks.")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (UserError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    finally:
+        cleanup_distributed()
