@@ -364,6 +364,7 @@ def main(argv=None):
                           tokenizer=tokenizer)
     distiller.train()
     logger.info("Let's go get some drinks.")
+    return distiller
 
 
 if __name__ == "__main__":
