@@ -290,7 +290,8 @@ class Distiller:
         logger.info("Starting training: %d epochs, %d batches per epoch per process, %d optimizer steps.",
                     self.params.n_epoch, len(self.dataloader), self.num_steps_total)
         self.student.train()
-        self.teacher.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
         for _ in range(self.params.n_epoch):
             logger.info("--- Starting epoch %d/%d", self.epoch, self.params.n_epoch - 1)
             self.dataloader.batch_sampler.sampler.set_epoch(self.epoch)
@@ -313,9 +314,8 @@ class Distiller:
         want_hidden = self.alpha["cos"] > 0
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             s_out = self.model(input_ids=token_ids, attention_mask=mask, output_hidden_states=want_hidden)
-            needs_teacher = any(self.alpha[k] > 0 for k in ("ce", "mse", "cos"))
             t_out = None
-            if needs_teacher:
+            if self.teacher is not None:
                 with torch.no_grad():
                     t_out = self.teacher(input_ids=token_ids, attention_mask=mask, output_hidden_states=want_hidden)
         return s_out, t_out
@@ -395,6 +395,9 @@ class Distiller:
         if not self.is_master:
             return
         step = self.n_total_iter
+        self.write_metrics({"split": "train", "step": step, "epoch": self.epoch,
+                            "lr": self.scheduler.get_last_lr()[0], "skipped_steps": self.n_skipped_steps,
+                            **{f"loss_{k}" if k != "total" else "loss": v for k, v in averages.items()}})
         tb = self.tensorboard
         for name, value in averages.items():
             tb.add_scalar(tag=f"losses/loss_{name}" if name != "total" else "losses/loss", scalar_value=value,
@@ -424,6 +427,13 @@ class Distiller:
         self.n_sequences_epoch = 0
         self.n_iter = 0
         self.total_loss_epoch = 0.0
+
+    def write_metrics(self, record):
+        """One JSON line per log in dump_path/metrics.jsonl: the machine-readable twin of TensorBoard."""
+        import json
+
+        with open(os.path.join(self.dump_path, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     # -- saving -----------------------------------------------------------------------------------------
 

@@ -52,15 +52,18 @@ def parse_args(argv=None):
     parser.add_argument("--dump_path", type=str, required=True, help="The output directory (log, checkpoints, parameters, etc.)")
     parser.add_argument("--data_file", type=str, required=True,
                         help="The binarized file (tokenized + tokens_to_ids) grouped by sequence.")
-    parser.add_argument("--student_type", type=str, choices=["distilbert", "roberta", "gpt2"], required=True,
-                        help="The student type (DistilBERT, RoBERTa).")
+    parser.add_argument("--student_type", type=str, choices=["distilbert", "roberta", "gpt2", "bert"], required=True,
+                        help="The student type (DistilBERT, RoBERTa, GPT-2; BERT for a teacher-free BERT).")
     parser.add_argument("--student_config", type=str, required=True, help="Path to the student configuration.")
     parser.add_argument("--student_pretrained_weights", default=None, type=str,
                         help="Load student initialization checkpoint: a state-dict file or a model folder.")
-    parser.add_argument("--teacher_type", choices=["bert", "roberta", "gpt2"], required=True,
-                        help="Teacher type (BERT, RoBERTa).")
-    parser.add_argument("--teacher_name", type=str, required=True,
-                        help="The teacher model: a hub name or a local folder.")
+    parser.add_argument("--teacher_type", choices=["bert", "roberta", "gpt2"], default=None,
+                        help="Teacher type (BERT, RoBERTa, GPT-2). Required unless training without a teacher.")
+    parser.add_argument("--teacher_name", type=str, default=None,
+                        help="The teacher model: a hub name or a local folder. Required unless training without "
+                             "a teacher (--alpha_ce, --alpha_mse and --alpha_cos all 0).")
+    parser.add_argument("--tokenizer_name", type=str, default=None,
+                        help="Tokenizer folder or hub name (default: the teacher's). Needed without a teacher.")
 
     parser.add_argument("--temperature", default=2.0, type=float, help="Temperature for the softmax temperature.")
     parser.add_argument("--alpha_ce", default=0.5, type=float, help="Linear weight for the distillation loss. Must be >=0.")
@@ -119,12 +122,27 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def needs_teacher(args):
+    """The teacher is only loaded when a loss reads its outputs; otherwise this is plain MLM/CLM training."""
+    return args.alpha_ce > 0 or args.alpha_mse > 0 or args.alpha_cos > 0
+
+
 def sanity_checks(args):
     """Checks that need only the flags. Raises UserError naming the flag."""
+    if needs_teacher(args):
+        if args.teacher_type is None or args.teacher_name is None:
+            raise UserError("--teacher_type and --teacher_name are required when --alpha_ce, --alpha_mse or "
+                            "--alpha_cos is > 0")
+    else:
+        if args.teacher_type is None:  # only used to pick the tokenizer class
+            args.teacher_type = "bert" if args.student_type == "distilbert" else args.student_type
+        if args.tokenizer_name is None and args.teacher_name is None:
+            raise UserError("without a teacher (--alpha_ce, --alpha_mse and --alpha_cos all 0), --tokenizer_name "
+                            "must name the tokenizer")
     if args.mlm:
         if args.token_counts is None:
             raise UserError("--mlm needs --token_counts (the output of scripts/token_counts.py)")
-        if args.student_type not in ("roberta", "distilbert") or args.teacher_type not in ("roberta", "bert"):
+        if args.student_type not in ("roberta", "distilbert", "bert") or args.teacher_type not in ("roberta", "bert"):
             raise UserError(f"--mlm works with a distilbert/roberta student and a bert/roberta teacher, not "
                             f"--student_type {args.student_type} --teacher_type {args.teacher_type}")
         if args.alpha_clm != 0:
@@ -184,7 +202,8 @@ def _check_safe_to_clear(args):
                                                os.path.dirname(os.path.abspath(__file__)))}
     if dump in protected:
         raise UserError(f"--dump_path {args.dump_path} is a folder --force must not delete")
-    for flag in ("data_file", "token_counts", "student_config", "student_pretrained_weights", "teacher_name"):
+    for flag in ("data_file", "token_counts", "student_config", "student_pretrained_weights", "teacher_name",
+                 "tokenizer_name"):
         value = getattr(args, flag)
         if value and os.path.exists(value):
             if os.path.commonpath([dump, os.path.realpath(value)]) == dump:
@@ -196,11 +215,13 @@ def _check_safe_to_clear(args):
 
 def max_input_size(config, tokenizer=None):
     """Longest sequence the model accepts, from its config (and tokenizer), not from a table of hub names."""
-    n = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if n is None:
-        raise UserError(f"cannot tell the maximum input size of a {config.model_type} model")
-    if config.model_type in ("roberta", "camembert", "xlm-roberta"):
-        n -= config.pad_token_id + 1  # RoBERTa's positions start after the padding index
+    n = 1 << 30
+    if config is not None:
+        n = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        if n is None:
+            raise UserError(f"cannot tell the maximum input size of a {config.model_type} model")
+        if config.model_type in ("roberta", "camembert", "xlm-roberta"):
+            n -= config.pad_token_id + 1  # RoBERTa's positions start after the padding index
     tok_max = getattr(tokenizer, "model_max_length", None)
     if tok_max is not None and 0 < tok_max < 1_000_000:
         n = min(n, tok_max)
@@ -252,30 +273,50 @@ def build_student(args):
         if args.student_pretrained_weights:
             logger.info("Loading student weights from %s", args.student_pretrained_weights)
             load_student_weights(student, args.student_pretrained_weights)
+    # transformers 4 froze DistilBERT's position table when sinusoidal_pos_embds is set, and the original runs
+    # relied on it (the loaded teacher positions then stayed fixed); transformers 5 leaves it trainable.
+    freeze_pos = args.freeze_pos_embs or getattr(config, "sinusoidal_pos_embds", False)
     for name, param in student.named_parameters():
-        if args.freeze_pos_embs and (name.endswith("position_embeddings.weight") or name.endswith("wpe.weight")):
+        if freeze_pos and (name.endswith("position_embeddings.weight") or name.endswith("wpe.weight")):
             param.requires_grad = False
         if args.freeze_token_type_embds and name.endswith("token_type_embeddings.weight"):
             param.requires_grad = False
     return student
 
 
-def build_teacher(args):
-    _, model_class, tokenizer_class = model_classes(args.teacher_type)
+def build_tokenizer(args):
+    _, _, tokenizer_class = model_classes(args.teacher_type)
+    name, flag = (args.tokenizer_name, "--tokenizer_name") if args.tokenizer_name else (args.teacher_name, "--teacher_name")
     try:
-        tokenizer = tokenizer_class.from_pretrained(args.teacher_name)
-        teacher = model_class.from_pretrained(args.teacher_name)
-    except OSError as exc:
-        raise UserError(f"--teacher_name {args.teacher_name}: cannot load a {args.teacher_type} model and "
-                        f"tokenizer ({str(exc).splitlines()[0]})") from None
+        return tokenizer_class.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{flag} {name}: cannot load a {args.teacher_type} tokenizer ({str(exc).splitlines()[0]})") from None
+
+
+def build_teacher(args):
+    """The frozen teacher, or None when no loss needs it."""
+    if not needs_teacher(args):
+        logger.info("No teacher: --alpha_ce, --alpha_mse and --alpha_cos are 0, training on the LM loss alone.")
+        return None
+    _, model_class, _ = model_classes(args.teacher_type)
+    try:
+        teacher, info = model_class.from_pretrained(args.teacher_name, output_loading_info=True)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--teacher_name {args.teacher_name}: cannot load a {args.teacher_type} model "
+                        f"({str(exc).splitlines()[0]})") from None
+    if info.get("missing_keys"):
+        # e.g. a checkpoint without its LM head: a randomly initialised head would be a useless teacher
+        raise UserError(f"--teacher_name {args.teacher_name}: the checkpoint lacks {len(info['missing_keys'])} "
+                        f"weights of {model_class.__name__} (e.g. {sorted(info['missing_keys'])[0]})")
     teacher.eval()
     teacher.requires_grad_(False)
-    return teacher, tokenizer
+    return teacher
 
 
 def check_compatibility(args, student, teacher, tokenizer, corpus, counts):
     """Cross-object checks: vocabularies, hidden sizes, data ids, token counts."""
-    s_vocab, t_vocab = student.config.vocab_size, teacher.config.vocab_size
+    s_vocab = student.config.vocab_size
+    t_vocab = teacher.config.vocab_size if teacher is not None else s_vocab
     if s_vocab != t_vocab:
         raise UserError(f"student vocabulary ({s_vocab} tokens, --student_config {args.student_config}) differs from "
                         f"the teacher's ({t_vocab} tokens, --teacher_name {args.teacher_name})")
@@ -329,9 +370,10 @@ def main(argv=None):
     if args.fp16:
         logger.warning("--fp16 uses torch.amp with a GradScaler; --fp16_opt_level %s is ignored.", args.fp16_opt_level)
 
-    teacher, tokenizer = build_teacher(args)
+    tokenizer = build_tokenizer(args)
+    teacher = build_teacher(args)
     args.special_tok_ids = special_token_ids(tokenizer)
-    args.max_model_input_size = max_input_size(teacher.config, tokenizer)
+    args.max_model_input_size = max_input_size(teacher.config if teacher is not None else None, tokenizer)
 
     logger.info("Loading data from %s", args.data_file)
     corpus = BinarizedCorpus.open(args.data_file)
@@ -356,7 +398,8 @@ def main(argv=None):
     if args.is_master:
         student.config.save_pretrained(args.dump_path)
     student.to(args.device)
-    teacher.to(args.device)
+    if teacher is not None:
+        teacher.to(args.device)
     # Different masking and dropout on each rank; the models were already initialised identically above.
     set_seed(args.seed + args.global_rank)
 

@@ -76,3 +76,64 @@ def test_roberta_mlm_freezes_embeddings(tiny, binarized, tmp_path):
         torch.testing.assert_close(after[frozen], before[frozen], rtol=0, atol=0)
     assert not torch.equal(after["roberta.embeddings.word_embeddings.weight"],
                            before["roberta.embeddings.word_embeddings.weight"])
+
+
+def test_teacher_free_training_loads_no_teacher_and_loss_falls(tiny, binarized, tmp_path):
+    """The paper's 'no distillation' baseline: MLM alone. A teacher path that does not exist proves none is loaded."""
+    from transformers import DistilBertForMaskedLM
+
+    data, counts = binarized["bert"]
+    dump = tmp_path / "run"
+    proc = run_script("train.py", "--student_type", "distilbert", "--student_config", tiny["distilbert_config"],
+                      "--teacher_type", "bert", "--teacher_name", tmp_path / "no-such-teacher",
+                      "--tokenizer_name", tiny["bert"], "--mlm", "--alpha_ce", "0", "--alpha_mlm", "1",
+                      "--alpha_clm", "0", "--dump_path", dump, "--data_file", data, "--token_counts", counts,
+                      "--n_epoch", "6", "--batch_size", "8", "--gradient_accumulation_steps", "1",
+                      "--learning_rate", "3e-3", "--warmup_prop", "0.0", "--log_interval", "10", "--n_gpu", "0")
+    assert "No teacher" in proc.stderr
+    records = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss_mlm"] for r in records if r["split"] == "train"]
+    assert len(losses) >= 10
+    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+    assert last < first - 0.3, (first, last)
+    DistilBertForMaskedLM.from_pretrained(dump)
+
+
+def test_extraction_then_training_recipe(tiny, binarized, tmp_path):
+    """README recipe on tiny models: extract_distilbert -> train.py --student_pretrained_weights -> reload."""
+    import train
+    from transformers import BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
+
+    teacher = BertForMaskedLM.from_pretrained(tiny["bert"])
+    cfg = teacher.config
+    student_config = tmp_path / "student.json"
+    DistilBertConfig(vocab_size=cfg.vocab_size, dim=cfg.hidden_size, n_layers=1, n_heads=cfg.num_attention_heads,
+                     hidden_dim=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
+                     activation="gelu").to_json_file(student_config)
+    init = tmp_path / "init.pth"
+    run_script("scripts/extract_distilbert.py", "--model_type", "bert", "--model_name", tiny["bert"],
+               "--dump_checkpoint", init, "--vocab_transform", "--layers", "1", "--student_config", student_config)
+    extracted = torch.load(init, weights_only=True)
+
+    # train.py's student starts from exactly the extracted values, and they are the teacher's layer 1
+    data, counts = binarized["bert"]
+    args = train.parse_args(["--student_type", "distilbert", "--student_config", str(student_config),
+                             "--student_pretrained_weights", str(init), "--teacher_type", "bert",
+                             "--teacher_name", str(tiny["bert"]), "--dump_path", str(tmp_path / "unused"),
+                             "--data_file", data, "--mlm", "--token_counts", str(counts), "--alpha_clm", "0",
+                             "--alpha_mlm", "1"])
+    student = train.build_student(args)
+    state = student.state_dict()
+    assert set(state) == set(extracted)
+    for key, value in extracted.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+    torch.testing.assert_close(state["distilbert.transformer.layer.0.attention.q_lin.weight"],
+                               teacher.state_dict()["bert.encoder.layer.1.attention.self.query.weight"], rtol=0, atol=0)
+
+    dump = tmp_path / "run"
+    _train(tiny, binarized, dump, "distilbert", "bert",
+           ["--mlm", "--alpha_ce", "5.0", "--alpha_mlm", "2.0", "--alpha_clm", "0.0", "--alpha_cos", "1.0",
+            "--freeze_pos_embs", "--student_pretrained_weights", init, "--student_config", student_config])
+    trained = DistilBertForMaskedLM.from_pretrained(dump).state_dict()
+    pos = "distilbert.embeddings.position_embeddings.weight"
+    torch.testing.assert_close(trained[pos], extracted[pos], rtol=0, atol=0)  # frozen by --freeze_pos_embs
