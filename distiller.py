@@ -12,6 +12,7 @@ lives in plain functions of tensors at the top of this file; `Distiller` only fe
 import contextlib
 import math
 import os
+import signal
 import time
 
 import numpy as np
@@ -21,11 +22,17 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
+from grouped_batch_sampler import GroupedBatchSampler, SkippableBatchSampler, create_lengths_groups
 from lm_seqs_dataset import LmSeqsDataset
-from utils import logger
+from utils import checkpoint_path, logger, rng_state, rotate_checkpoints, save_atomic, set_rng_state
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 IGNORE_INDEX = -100
+RESUMABLE_COUNTERS = ("epoch", "n_iter", "n_total_iter", "n_optimizer_steps", "n_skipped_steps",
+                      "n_consecutive_bad_steps", "n_sequences_epoch", "total_loss_epoch")
+MUST_MATCH_ON_RESUME = ("world_size", "batch_size", "gradient_accumulation_steps", "seed", "group_by_size", "mlm",
+                        "student_type", "n_epoch")
 _CHUNK_ELEMENTS = 1 << 22  # logits rows processed at once in the soft-target loss: ~16 MB of fp32
 
 
@@ -121,6 +128,10 @@ def cosine_loss(s_hidden, t_hidden, mask):
     return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
 
 
+class TrainingError(Exception):
+    """The run cannot go on (e.g. too many consecutive non-finite steps); a checkpoint was written first."""
+
+
 # ---------------------------------------------------------------------------------------- batch preparation
 
 
@@ -197,9 +208,13 @@ class Distiller:
             batch_sampler = GroupedBatchSampler(self.sampler, group_ids=groups, batch_size=params.batch_size)
         else:
             batch_sampler = BatchSampler(self.sampler, batch_size=params.batch_size, drop_last=False)
-        self.dataloader = DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=dataset.batch_sequences,
+        self.batch_sampler = SkippableBatchSampler(batch_sampler)
+        # Its own generator, so creating the epoch's iterator does not draw from the global RNG (which would
+        # make a resumed run diverge from an uninterrupted one).
+        self.dataloader = DataLoader(dataset, batch_sampler=self.batch_sampler, collate_fn=dataset.batch_sequences,
                                      num_workers=params.num_workers, pin_memory=self.device.type == "cuda",
-                                     persistent_workers=params.num_workers > 0)
+                                     persistent_workers=params.num_workers > 0,
+                                     generator=torch.Generator().manual_seed(params.seed))
 
         if self.mlm:
             self.token_probs = token_probs.to(self.device)
@@ -211,6 +226,11 @@ class Distiller:
         self.n_total_iter = 0
         self.n_optimizer_steps = 0
         self.n_skipped_steps = 0
+        self.n_consecutive_bad_steps = 0
+        self.stop_signal = None  # name of the signal that asked us to stop, set by the handler
+        self.interrupted = False  # True when train() returned early on a signal
+        self._at_boundary = False
+        self._checkpoint_due = False
         self.n_sequences_epoch = 0
         self.total_loss_epoch = 0.0
         self.last_log = time.time()
@@ -284,7 +304,11 @@ class Distiller:
     # -- training ---------------------------------------------------------------------------------------
 
     def train(self):
-        """The whole run: n_epoch passes over the data, then the final save."""
+        """The whole run: n_epoch passes over the data (from where a resumed run left off), then the final save.
+
+        Returns early, with self.interrupted set, when SIGTERM/SIGINT/SIGUSR1 reached any rank: all ranks stop
+        at the same optimizer-step boundary and the master writes a resumable checkpoint first.
+        """
         from tqdm import tqdm
 
         logger.info("Starting training: %d epochs, %d batches per epoch per process, %d optimizer steps.",
@@ -292,17 +316,28 @@ class Distiller:
         self.student.train()
         if self.teacher is not None:
             self.teacher.eval()
-        for _ in range(self.params.n_epoch):
-            logger.info("--- Starting epoch %d/%d", self.epoch, self.params.n_epoch - 1)
-            self.dataloader.batch_sampler.sampler.set_epoch(self.epoch)
-            bar = tqdm(self.dataloader, desc=f"-Iter epoch {self.epoch}", disable=not self.is_master, mininterval=5)
-            for token_ids, lengths in bar:
-                prepare = self.prepare_batch_mlm if self.mlm else self.prepare_batch_clm
-                self.step(*prepare(token_ids, lengths))
-                self.n_sequences_epoch += token_ids.size(0)
-                self.iter(bar)
-            bar.close()
-            self.end_epoch()
+        previous_handlers = self._install_signal_handlers()
+        try:
+            while self.epoch < self.params.n_epoch:
+                logger.info("--- Starting epoch %d/%d", self.epoch, self.params.n_epoch - 1)
+                self.batch_sampler.set_epoch(self.epoch)
+                self.batch_sampler.skip = self.n_iter  # > 0 only when resuming mid-epoch
+                bar = tqdm(self.dataloader, desc=f"-Iter epoch {self.epoch}", disable=not self.is_master,
+                           mininterval=5, initial=self.n_iter, total=len(self.dataloader))
+                for token_ids, lengths in bar:
+                    prepare = self.prepare_batch_mlm if self.mlm else self.prepare_batch_clm
+                    self.step(*prepare(token_ids, lengths))
+                    self.n_sequences_epoch += token_ids.size(0)
+                    self.iter(bar)
+                    if self._at_boundary and self.after_optimizer_step():
+                        bar.close()
+                        self.interrupted = True
+                        return
+                bar.close()
+                self.end_epoch()
+        finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
         logger.info("Training is finished; saving the final student.")
         if self.is_master:
             self.save_final()
@@ -352,7 +387,9 @@ class Distiller:
         non-finite loss on one rank makes all ranks skip the same step instead of one rank exiting.
         """
         acc = self.params.gradient_accumulation_steps
-        boundary = (self.n_iter + 1) % acc == 0
+        # The last batch of an epoch always closes an accumulation group, so an epoch ends on a real step.
+        boundary = (self.n_iter + 1) % acc == 0 or self.n_iter + 1 == len(self.dataloader)
+        self._at_boundary = boundary
         sync_ctx = self.model.no_sync() if (self.multi_gpu and not boundary) else contextlib.nullcontext()
         with sync_ctx:
             self.scaler.scale(loss / acc).backward()
@@ -367,10 +404,12 @@ class Distiller:
             self.scaler.step(self.optimizer)
             self.scheduler.step()
             self.n_optimizer_steps += 1
+            self.n_consecutive_bad_steps = 0
         else:
             self.n_skipped_steps += 1
-            logger.warning("Non-finite gradient at iteration %d: step skipped (%d so far).", self.n_total_iter,
-                           self.n_skipped_steps)
+            self.n_consecutive_bad_steps += 1
+            logger.warning("Non-finite loss or gradient at iteration %d: step skipped on every rank (%d so far, %d "
+                           "in a row).", self.n_total_iter, self.n_skipped_steps, self.n_consecutive_bad_steps)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -381,8 +420,54 @@ class Distiller:
         if self.n_total_iter % self.params.log_interval == 0:
             self.log_tensorboard(bar)
             self.last_log = time.time()
-        if self.is_master and self.n_total_iter % self.params.checkpoint_interval == 0:
-            self.save_checkpoint()
+        if self.n_total_iter % self.params.checkpoint_interval == 0:
+            self._checkpoint_due = True  # written at the next optimizer-step boundary
+
+    def after_optimizer_step(self):
+        """At an optimizer-step boundary: agree on stopping, give up after too many bad steps, checkpoint.
+
+        Returns True when the run must stop now (a signal). Every decision here is the same on all ranks:
+        the stop flag is all-reduced and the bad-step counter follows the all-reduced gradient norm.
+        """
+        if self.n_consecutive_bad_steps >= self.params.max_bad_steps:
+            self.save_training_state()
+            raise TrainingError(f"{self.n_consecutive_bad_steps} consecutive steps with a non-finite loss or "
+                                f"gradient (iteration {self.n_total_iter}); the last good state is in "
+                                f"{checkpoint_path(self.dump_path, self.n_total_iter)}")
+        if self._agree_to_stop():
+            self.save_training_state()
+            if self.is_master:
+                logger.warning("Stopped by %s at iteration %d. Checkpoint: %s. Resume with the same command plus "
+                               "--resume.", self.stop_signal or "a signal on another rank", self.n_total_iter,
+                               checkpoint_path(self.dump_path, self.n_total_iter))
+            return True
+        if self._checkpoint_due:
+            self._checkpoint_due = False
+            if self.is_master:
+                self.save_checkpoint()
+            self.save_training_state()
+        return False
+
+    def _agree_to_stop(self):
+        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
+        if self.multi_gpu:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _install_signal_handlers(self):
+        def request_stop(signum, frame):
+            if self.stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: the user really wants out now
+            self.stop_signal = signal.Signals(signum).name
+            logger.warning("%s received: stopping at the next optimizer step.", self.stop_signal)
+
+        previous = {}
+        for sig in STOP_SIGNALS:
+            try:
+                previous[sig] = signal.signal(sig, request_stop)
+            except ValueError:  # not the main thread (e.g. embedded use): no signal handling
+                pass
+        return previous
 
     def log_tensorboard(self, bar=None):
         """Averages since the last log (the only host sync of the loop), learning rate, memory, speed."""
@@ -427,6 +512,7 @@ class Distiller:
         self.n_sequences_epoch = 0
         self.n_iter = 0
         self.total_loss_epoch = 0.0
+        self.save_training_state()
 
     def write_metrics(self, record):
         """One JSON line per log in dump_path/metrics.jsonl: the machine-readable twin of TensorBoard."""
@@ -443,6 +529,47 @@ class Distiller:
         tmp = f"{path}.tmp"
         torch.save(self.student.state_dict(), tmp)
         os.replace(tmp, path)
+
+    def save_training_state(self):
+        """Everything needed to continue exactly: weights, optimizer, schedule, scaler, counters, every rank's RNG.
+
+        Collective (every rank contributes its RNG state); only the master writes, atomically, then rotates.
+        """
+        rngs = [rng_state()]
+        if self.multi_gpu:
+            rngs = [None] * self.params.world_size
+            torch.distributed.all_gather_object(rngs, rng_state())
+        if not self.is_master:
+            return
+        state = {
+            "format": "distil-checkpoint-v1",
+            "student": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rngs,
+            "counters": {name: getattr(self, name) for name in RESUMABLE_COUNTERS},
+            "run": {name: getattr(self.params, name) for name in MUST_MATCH_ON_RESUME},
+        }
+        save_atomic(state, checkpoint_path(self.dump_path, self.n_total_iter))
+        rotate_checkpoints(self.dump_path, self.params.save_total_limit)
+
+    def load_training_state(self, state, path):
+        """Continue from a checkpoint written by save_training_state (see train.py --resume)."""
+        for name in MUST_MATCH_ON_RESUME:
+            saved, now = state["run"].get(name), getattr(self.params, name)
+            if saved != now:
+                raise ValueError(f"{path}: written with {name}={saved!r}, this run has {name}={now!r}; resuming "
+                                 "exactly needs the same value")
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        for name, value in state["counters"].items():
+            setattr(self, name, value)
+        set_rng_state(state["rng"][self.params.global_rank])
+        logger.info("Resumed from %s: epoch %d, %d batches into it, iteration %d.", path, self.epoch, self.n_iter,
+                    self.n_total_iter)
 
     def save_final(self):
         """A folder that `from_pretrained(dump_path)` loads: config, weights, and the teacher's tokenizer."""

@@ -5,6 +5,8 @@ sampler (usually a `DistributedSampler`, also with one process) and emits a batc
 holds `batch_size` indices. Leftovers are emitted at the end, sorted by bucket, so the number of batches
 is always ceil(len(sampler) / batch_size): every rank sees the same count and no rank waits forever.
 """
+import itertools
+
 import numpy as np
 from torch.utils.data import BatchSampler, Sampler
 
@@ -52,3 +54,29 @@ class GroupedBatchSampler(BatchSampler):
 
     def __len__(self):
         return -(-len(self.sampler) // self.batch_size)
+
+
+class SkippableBatchSampler:
+    """Wraps a batch sampler so that the next pass starts `skip` batches in: resuming mid-epoch.
+
+    The skipped batches are only enumerated (indices), never loaded, and the order is the one the epoch
+    would have had anyway, since the index sampler is seeded by (seed, epoch).
+    """
+
+    def __init__(self, batch_sampler):
+        self.batch_sampler = batch_sampler
+        self.skip = 0
+
+    @property
+    def sampler(self):
+        return self.batch_sampler.sampler
+
+    def set_epoch(self, epoch):
+        self.batch_sampler.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        return itertools.islice(iter(self.batch_sampler), skip, None)
+
+    def __len__(self):
+        return len(self.batch_sampler)

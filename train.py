@@ -23,10 +23,10 @@ import sys
 import numpy as np
 import torch
 
-from distiller import Distiller, smoothed_token_probs
+from distiller import Distiller, TrainingError, smoothed_token_probs
 from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset, load_token_counts
-from utils import (UserError, cleanup_distributed, fail, git_info, init_distributed, logger, set_seed,
-                   special_token_ids, write_json_atomic)
+from utils import (UserError, cleanup_distributed, fail, find_resumable_checkpoint, git_info, init_distributed,
+                   load_checkpoint_file, logger, set_seed, special_token_ids, write_json_atomic)
 
 # type -> (config class, model class, tokenizer class), by name in transformers
 MODEL_CLASSES = {
@@ -119,6 +119,12 @@ def parse_args(argv=None):
 
     parser.add_argument("--log_interval", type=int, default=500, help="Tensorboard logging interval.")
     parser.add_argument("--checkpoint_interval", type=int, default=4000, help="Checkpoint interval.")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                        help="Continue a run: the latest valid checkpoint in --dump_path, or the one given.")
+    parser.add_argument("--save_total_limit", type=int, default=3,
+                        help="Resumable checkpoints kept in dump_path/checkpoints (older ones are deleted).")
+    parser.add_argument("--max_bad_steps", type=int, default=20,
+                        help="Stop (with a checkpoint) after this many consecutive non-finite steps.")
     return parser.parse_args(argv)
 
 
@@ -173,7 +179,8 @@ def sanity_checks(args):
     split = (args.word_mask, args.word_keep, args.word_rand)
     if min(split) < 0 or abs(sum(split) - 1) > 1e-6:
         raise UserError(f"--word_mask/--word_keep/--word_rand must be >= 0 and sum to 1, got {split}")
-    for flag in ("n_epoch", "batch_size", "gradient_accumulation_steps", "log_interval", "checkpoint_interval"):
+    for flag in ("n_epoch", "batch_size", "gradient_accumulation_steps", "log_interval", "checkpoint_interval",
+                 "save_total_limit", "max_bad_steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
     if not 0 <= args.warmup_prop <= 1:
@@ -186,6 +193,12 @@ def sanity_checks(args):
 
 def check_dump_path(args):
     """Master only (other ranks would race with the master creating the folder)."""
+    if args.resume is not None:
+        if not os.path.isdir(args.dump_path):
+            raise UserError(f"--resume: --dump_path {args.dump_path} does not exist")
+        if args.force:
+            logger.warning("--force is ignored with --resume: the run folder is never cleared when resuming.")
+        return
     if not args.is_master or not os.path.exists(args.dump_path):
         return
     if not args.force:
@@ -344,8 +357,22 @@ def check_compatibility(args, student, teacher, tokenizer, corpus, counts):
 # ------------------------------------------------------------------------------------------------ main
 
 
+def find_checkpoint(args):
+    """(path, state) to resume from, or (None, None) when not resuming. Corrupted files are named."""
+    if args.resume is None:
+        return None, None
+    if args.resume != "latest":
+        return args.resume, load_checkpoint_file(args.resume)
+    path, state = find_resumable_checkpoint(args.dump_path)
+    if path is None:
+        raise UserError(f"--resume: no valid checkpoint in {os.path.join(args.dump_path, 'checkpoints')}")
+    return path, state
+
+
 def prepare_dump_path(args):
     """Clear (with --force) and create the dump folder; master only, everyone waits for it."""
+    if args.resume is not None:
+        return
     if args.is_master:
         if os.path.exists(args.dump_path):
             logger.info("--force: removing the previous content of %s", args.dump_path)
@@ -366,6 +393,7 @@ def main(argv=None):
     sanity_checks(args)
     init_distributed(args)
     check_dump_path(args)
+    resume_path, resume_state = find_checkpoint(args)
     set_seed(args.seed)
     if args.fp16:
         logger.warning("--fp16 uses torch.amp with a GradScaler; --fp16_opt_level %s is ignored.", args.fp16_opt_level)
@@ -405,15 +433,19 @@ def main(argv=None):
 
     distiller = Distiller(params=args, dataset=dataset, token_probs=token_probs, student=student, teacher=teacher,
                           tokenizer=tokenizer)
+    if resume_state is not None:
+        distiller.load_training_state(resume_state, resume_path)
+        del resume_state
     distiller.train()
-    logger.info("Let's go get some drinks.")
+    if not distiller.interrupted:
+        logger.info("Let's go get some drinks.")
     return distiller
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (UserError, FileNotFoundError, ValueError) as exc:
+    except (UserError, FileNotFoundError, ValueError, TrainingError) as exc:
         fail(str(exc))
     finally:
         cleanup_distributed()
