@@ -93,14 +93,17 @@ class _SoftTargetLosses(torch.autograd.Function):
 
 
 def soft_target_losses(s_logits, t_logits, mask, temperature):
-    """(ce, mse) between student and teacher logits over the positions where `mask` is true.
+    """(ce, mse) between student and teacher logits over the positions where `mask` is true (all if None).
 
     s_logits, t_logits: (..., vocab); mask: (...) bool. ce is KL(p_t || p_s) at temperature T, summed over
     the vocabulary, averaged over positions, times T^2 (so gradients keep their scale as T changes);
     mse is the squared error summed over the vocabulary, averaged over positions. No position gives 0, 0.
     """
     vocab = s_logits.size(-1)
-    rows = mask.reshape(-1).nonzero().squeeze(-1)  # (n,)
+    if mask is None:
+        rows = torch.arange(s_logits.numel() // vocab, device=s_logits.device)
+    else:
+        rows = mask.reshape(-1).nonzero().squeeze(-1)  # (n,)
     return _SoftTargetLosses.apply(s_logits.reshape(-1, vocab), t_logits.detach().reshape(-1, vocab), rows,
                                    float(temperature))
 
@@ -130,6 +133,55 @@ def cosine_loss(s_hidden, t_hidden, mask):
 
 class TrainingError(Exception):
     """The run cannot go on (e.g. too many consecutive non-finite steps); a checkpoint was written first."""
+
+
+# ------------------------------------------------------------------------------------ running the models
+
+_PLAIN_HEAD_CAUSAL_LMS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+
+
+def split_lm_head(model):
+    """(base, head, base kwargs) with logits == head(base(...).last_hidden_state), or None when unknown.
+
+    Knowing the split lets the loop compute the vocabulary projection, the most expensive matmul of a small
+    student, only at the positions a loss reads (non-padding, or only the masked ones).
+    """
+    from transformers import BertForMaskedLM, DistilBertForMaskedLM, GPT2LMHeadModel, RobertaForMaskedLM
+
+    if isinstance(model, DistilBertForMaskedLM):
+        def head(h):
+            return model.vocab_projector(model.vocab_layer_norm(model.activation(model.vocab_transform(h))))
+        return model.distilbert, head, {}
+    if isinstance(model, BertForMaskedLM):
+        return model.bert, model.cls, {}
+    if isinstance(model, RobertaForMaskedLM):
+        return model.roberta, model.lm_head, {}
+    if isinstance(model, GPT2LMHeadModel) or type(model).__name__ in _PLAIN_HEAD_CAUSAL_LMS:
+        base = model.transformer if isinstance(model, GPT2LMHeadModel) else model.model
+        return base, model.lm_head, {"use_cache": False}  # training: no KV cache to build
+    return None
+
+
+class RowLogitsLM(torch.nn.Module):
+    """Wraps a LM: forward returns (logits at the selected flat rows (n, vocab), last hidden states).
+
+    DDP wraps this module (not the bare model) so gradient hooks see the forward that really runs.
+    Models whose head cannot be split run whole and their logits are selected afterwards.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self._split = (split_lm_head(model),)  # a tuple: not registered twice as submodules
+
+    def forward(self, input_ids, attention_mask, rows):
+        split = self._split[0]
+        if split is None:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+            return out.logits.flatten(0, 1)[rows], out.hidden_states[-1]
+        base, head, kwargs = split
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state  # (bs, seq, dim)
+        return head(hidden.flatten(0, 1)[rows]), hidden  # (n, vocab), (bs, seq, dim)
 
 
 # ---------------------------------------------------------------------------------------- batch preparation
@@ -275,14 +327,15 @@ class Distiller:
             num_training_steps=self.num_steps_total)
 
     def _setup_ddp(self):
-        self.model = self.student
+        self.model = RowLogitsLM(self.student)
+        self.teacher_lm = RowLogitsLM(self.teacher) if self.teacher is not None else None
         if self.multi_gpu:
             from torch.nn.parallel import DistributedDataParallel
 
             # The LM head is only unused when no loss reads the logits (cosine loss alone).
             head_unused = all(self.alpha[k] == 0 for k in ("ce", "mlm", "clm", "mse"))
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.student, device_ids=device_ids,
+            self.model = DistributedDataParallel(self.model, device_ids=device_ids,
                                                  output_device=device_ids[0] if device_ids else None,
                                                  find_unused_parameters=head_unused)
 
@@ -343,36 +396,46 @@ class Distiller:
             self.save_final()
             self.tensorboard.close()
 
-    def _forward(self, token_ids, attn_mask):
-        """Student and teacher outputs under autocast. CLM needs no mask: padding is on the right."""
+    def loss_rows(self, attn_mask, lm_labels):
+        """Flat positions whose logits some loss reads: masked ones with --restrict_ce_to_mask, else non-padding."""
+        if self.params.restrict_ce_to_mask and self.mlm:
+            return (lm_labels != IGNORE_INDEX).flatten().nonzero().squeeze(-1)
+        return attn_mask.flatten().nonzero().squeeze(-1)
+
+    def _forward(self, token_ids, attn_mask, rows):
+        """Student and teacher (logits at rows, last hidden states) under autocast.
+
+        CLM needs no attention mask: padding is on the right, so causal attention never sees it.
+        """
         mask = attn_mask if self.mlm else None
-        want_hidden = self.alpha["cos"] > 0
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            s_out = self.model(input_ids=token_ids, attention_mask=mask, output_hidden_states=want_hidden)
+            s_out = self.model(token_ids, mask, rows)
             t_out = None
-            if self.teacher is not None:
+            if self.teacher_lm is not None:
                 with torch.no_grad():
-                    t_out = self.teacher(input_ids=token_ids, attention_mask=mask, output_hidden_states=want_hidden)
+                    t_out = self.teacher_lm(token_ids, mask, rows)
         return s_out, t_out
 
-    def compute_losses(self, s_out, t_out, attn_mask, lm_labels):
-        """{name: scalar tensor} for every loss with a positive weight."""
+    def compute_losses(self, s_out, t_out, attn_mask, lm_labels, rows):
+        """{name: scalar tensor} for every loss with a positive weight; logits are already row-selected."""
+        (s_logits, s_hidden), (t_logits, t_hidden) = s_out, (t_out or (None, None))
         losses = {}
         if self.alpha["ce"] > 0 or self.alpha["mse"] > 0:
-            kd_mask = (lm_labels != IGNORE_INDEX) if self.params.restrict_ce_to_mask else attn_mask
-            losses["ce"], losses["mse"] = soft_target_losses(s_out.logits, t_out.logits, kd_mask, self.temperature)
+            losses["ce"], losses["mse"] = soft_target_losses(s_logits, t_logits, None, self.temperature)
         if self.alpha["mlm"] > 0:
-            losses["mlm"] = lm_loss(s_out.logits, lm_labels)
+            losses["mlm"] = lm_loss(s_logits, lm_labels.flatten()[rows])
         if self.alpha["clm"] > 0:
-            losses["clm"] = clm_loss(s_out.logits, lm_labels)
+            next_labels = F.pad(lm_labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position i predicts token i + 1
+            losses["clm"] = lm_loss(s_logits, next_labels.flatten()[rows])
         if self.alpha["cos"] > 0:
-            losses["cos"] = cosine_loss(s_out.hidden_states[-1], t_out.hidden_states[-1], attn_mask)
+            losses["cos"] = cosine_loss(s_hidden, t_hidden, attn_mask)
         return {k: v for k, v in losses.items() if self.alpha[k] > 0}
 
     def step(self, input_ids, attention_mask, lm_labels):
         """One forward/backward on a batch; the optimizer steps every gradient_accumulation_steps batches."""
-        s_out, t_out = self._forward(input_ids, attention_mask)
-        losses = self.compute_losses(s_out, t_out, attention_mask, lm_labels)
+        rows = self.loss_rows(attention_mask, lm_labels)
+        s_out, t_out = self._forward(input_ids, attention_mask, rows)
+        losses = self.compute_losses(s_out, t_out, attention_mask, lm_labels, rows)
         loss = sum(self.alpha[k] * v for k, v in losses.items())
         losses["total"] = loss.detach()
         for name, value in losses.items():
