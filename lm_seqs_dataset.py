@@ -92,12 +92,14 @@ class BinarizedWriter:
         self.n_tokens += int(flat_ids.size)
 
     def __exit__(self, exc_type, exc, tb):
+        finished = False
         try:
             if exc_type is None:
                 self._finish()
+                finished = True
         finally:
             self._file.close()
-            if exc_type is not None and os.path.exists(self.tmp_path):
+            if not finished and os.path.exists(self.tmp_path):  # also when _finish itself failed
                 os.remove(self.tmp_path)
         return False
 
@@ -141,6 +143,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # pickle protocol 5 (the original's pickle.HIGHEST_PROTOCOL on Python >= 3.8) rebuilds arrays this way
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module, name):

@@ -213,8 +213,8 @@ def _check_safe_to_clear(args):
         raise UserError(f"--dump_path {args.dump_path} exists and is not a folder; not deleting it")
     protected = {os.path.realpath(p) for p in (os.getcwd(), os.path.expanduser("~"), "/",
                                                os.path.dirname(os.path.abspath(__file__)))}
-    if dump in protected:
-        raise UserError(f"--dump_path {args.dump_path} is a folder --force must not delete")
+    if any(os.path.commonpath([dump, p]) == dump for p in protected):  # is, or contains, such a folder
+        raise UserError(f"--dump_path {args.dump_path} is or contains a folder --force must not delete")
     for flag in ("data_file", "token_counts", "student_config", "student_pretrained_weights", "teacher_name",
                  "tokenizer_name"):
         value = getattr(args, flag)
@@ -301,9 +301,12 @@ def build_tokenizer(args):
     _, _, tokenizer_class = model_classes(args.teacher_type)
     name, flag = (args.tokenizer_name, "--tokenizer_name") if args.tokenizer_name else (args.teacher_name, "--teacher_name")
     try:
-        return tokenizer_class.from_pretrained(name)
+        tokenizer = tokenizer_class.from_pretrained(name)
     except (OSError, ValueError) as exc:
         raise UserError(f"{flag} {name}: cannot load a {args.teacher_type} tokenizer ({str(exc).splitlines()[0]})") from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # transformers 5 builds one from an empty folder
+        raise UserError(f"{flag} {name}: no tokenizer vocabulary found there, only special tokens")
+    return tokenizer
 
 
 def build_teacher(args):

@@ -44,6 +44,8 @@ def load_tokenizer(tokenizer_type, tokenizer_name):
     end_id = getattr(tokenizer, end_attr + "_id")
     if start_id is None or end_id is None:
         raise ValueError(f"--tokenizer_name {tokenizer_name}: the tokenizer has no {start_attr}/{end_attr}")
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # transformers 5 builds one from an empty folder
+        raise ValueError(f"--tokenizer_name {tokenizer_name}: no vocabulary found, only special tokens")
     return tokenizer, start_id, end_id, prefix
 
 
@@ -93,6 +95,10 @@ def binarize(file_path, tokenizer_type, tokenizer_name, dump_file, batch_lines=1
         raise ValueError(f"--file_path {file_path}: the file is empty")
     tokenizer, start_id, end_id, prefix = load_tokenizer(tokenizer_type, tokenizer_name)
     backend = tokenizer.backend_tokenizer
+    # A tokenizer.json may switch on fixed padding/truncation (the real bert-base-uncased one pads to 128):
+    # corpus sequences must keep their true length, long ones are chunked later by the dataset.
+    backend.no_padding()
+    backend.no_truncation()
     out_path = f"{dump_file}.{tokenizer_slug(tokenizer_name)}.bin"
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     logger.info("Binarizing %s with %s (%s, %d tokens) into %s", file_path, tokenizer_name, type(tokenizer).__name__,

@@ -49,7 +49,7 @@ def main(argv=None):
         if args.vocab_size is not None and recorded is not None and args.vocab_size != recorded:
             raise ValueError(f"--vocab_size {args.vocab_size} but {corpus.path} was binarized with a vocabulary "
                              f"of {recorded} tokens")
-        vocab_size = args.vocab_size or recorded or 30522
+        vocab_size = args.vocab_size if args.vocab_size is not None else (recorded or 30522)
         if vocab_size < 1:
             raise ValueError(f"--vocab_size must be positive, got {vocab_size}")
         t0 = time.time()
