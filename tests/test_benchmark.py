@@ -1,0 +1,161 @@
+"""The benchmark scripts: their measuring helpers, and smoke runs of both on tiny settings."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, run_script
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+
+SMOKE_MODEL = ["--steps", "2", "--warmup", "1", "--loss_steps", "1", "--loss_warmup", "0", "--vocab_size", "300",
+               "--hidden_size", "32", "--heads", "2", "--ffn", "37", "--teacher_layers", "2", "--student_layers", "1",
+               "--batch_size", "3", "--seq_len", "24"]
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def test_cpu_alloc_peak_sees_torch_allocations():
+    from benchmark import cpu_alloc_peak
+
+    def two_live_then_one():
+        a = torch.empty(1 << 20)  # 4 MiB
+        b = torch.empty(1 << 20)
+        del a, b
+        return torch.empty(1 << 19)  # 2 MiB, never live with the others
+
+    peak = cpu_alloc_peak(two_live_then_one)
+    assert peak is not None, "the profiler's event tree is unavailable: CPU loss-only memory cannot be measured"
+    assert 8 << 20 <= peak < 9 << 20
+
+
+def test_reference_and_our_losses_agree():
+    """The reference formulas and distiller.py's functions compute the same losses (else the timings lie)."""
+    from types import SimpleNamespace
+
+    from benchmark import our_losses, our_row_losses, reference_losses, loss_rows, weighted_total
+
+    g = torch.Generator().manual_seed(0)
+    bs, s, v, d = 3, 7, 11, 5
+    attn = torch.arange(s)[None, :] < torch.tensor([7, 5, 3])[:, None]
+    labels = torch.where(torch.rand(bs, s, generator=g) < 0.4, torch.randint(v, (bs, s), generator=g), -100)
+    labels[~attn] = -100
+    tensors = [torch.randn(bs, s, v, generator=g), torch.randn(bs, s, v, generator=g),
+               torch.randn(bs, s, d, generator=g), torch.randn(bs, s, d, generator=g)]
+    for mlm, restrict in ((True, False), (True, True), (False, False)):
+        p = SimpleNamespace(temperature=2.0, mlm=mlm, restrict_ce_to_mask=restrict, alpha_ce=5.0,
+                            alpha_mlm=2.0 if mlm else 0.0, alpha_clm=0.0 if mlm else 2.0, alpha_mse=0.5, alpha_cos=1.0)
+        lab = labels if mlm else labels.masked_fill(attn, 1)
+        ref = reference_losses(*tensors, attn, lab, p)
+        ours = our_losses(*tensors, attn, lab, p)
+        assert set(ref) == set(ours)
+        for k in ref:
+            torch.testing.assert_close(ours[k], ref[k], rtol=1e-5, atol=1e-5, msg=f"{k} mlm={mlm} restrict={restrict}")
+        rows = loss_rows(attn, lab, p)
+        row_labels = lab if mlm else torch.nn.functional.pad(lab[:, 1:], (0, 1), value=-100)
+        sel = our_row_losses(tensors[0].flatten(0, 1)[rows], tensors[1].flatten(0, 1)[rows], *tensors[2:], attn,
+                             row_labels.flatten()[rows], p)
+        torch.testing.assert_close(weighted_total(sel, p), weighted_total(ref, p), rtol=1e-5, atol=1e-5)
+
+
+def test_batches_have_grouped_realistic_lengths():
+    from benchmark import BERT_SPECIAL, make_sequences
+
+    batches = make_sequences(20, 5, 64, 30522, BERT_SPECIAL, mlm=True, seed=0)
+    lengths = [[len(x) for x in b] for b in batches]
+    assert all(12 <= n <= 64 for b in lengths for n in b)
+    assert all(max(b) - min(b) <= 3 for b in lengths)  # like train.py's 4-token length buckets
+    assert len({max(b) for b in lengths}) > 5  # but the batches differ
+    for b in batches:
+        for x in b:
+            assert x[0] == BERT_SPECIAL["cls_token"] and x[-1] == BERT_SPECIAL["sep_token"]
+            assert (x[1:-1] >= 999).all() and (x[1:-1] < 30521).all()
+
+
+def test_synthetic_corpus_is_well_formed(tmp_path):
+    from bench_preprocessing import BERT_SPECIAL, write_synthetic_corpus
+    import bench_preprocessing
+
+    from lm_seqs_dataset import BinarizedCorpus
+
+    bench_preprocessing._SYNTHETIC_CHUNK = 10_007  # several chunks, each ending mid-sequence
+    try:
+        write_synthetic_corpus(str(tmp_path / "s.bin"), 50_000, seed=1)
+    finally:
+        bench_preprocessing._SYNTHETIC_CHUNK = 1 << 24
+    corpus = BinarizedCorpus.open(str(tmp_path / "s.bin"))
+    assert corpus.n_tokens == 50_000
+    lengths = np.diff(corpus.offsets)
+    assert lengths.min() >= 2 and lengths.max() <= 400 + 20
+    tokens = np.asarray(corpus.tokens)
+    assert (tokens[corpus.offsets[:-1]] == BERT_SPECIAL["cls_token"]).all()
+    assert (tokens[corpus.offsets[1:] - 1] == BERT_SPECIAL["sep_token"]).all()
+
+
+# ---------------------------------------------------------------------------------------- smoke runs
+
+
+def test_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_script("scripts/benchmark.py", "--config", "all", "--device", "cpu", *SMOKE_MODEL, "--json", out)
+    text = proc.stdout
+    for name in ("bert_mlm", "bert_mlm_restrict", "gpt2_clm"):
+        assert name in text
+    assert text.count("ratio") >= 3 and "seq/s" in text and "loss only" in text and "ours_rows" in text
+    assert "WARNING" not in text
+
+    report = json.loads(out.read_text())
+    assert [r["config"] for r in report["results"]] == ["bert_mlm", "bert_mlm_restrict", "gpt2_clm"]
+    for r in report["results"]:
+        for side in ("ours", "reference"):
+            s = r[side]
+            assert s["sequences_per_s"] > 0 and s["tokens_per_s"] > s["sequences_per_s"]
+            assert s["peak_step_bytes"] is not None and s["alloc_peak_bytes"] > 0
+        # Same models, batches, masking and seed: the first step's losses must be the same on both sides.
+        ours, ref = r["ours"]["first_losses"], r["reference"]["first_losses"]
+        assert set(ours) == set(ref)
+        assert ours["total"] == pytest.approx(ref["total"], rel=1e-4)
+        lo = r["loss_only"]
+        assert lo["same_loss"]
+        for side in ("ours", "reference", "ours_rows"):
+            assert lo[side]["ms"] > 0 and lo[side]["peak_bytes"] > 0
+        assert set(r["ratios"]) >= {"throughput", "peak_step_mem", "loss_only_time", "loss_only_peak_mem"}
+        assert all(v is not None and v > 0 for v in r["ratios"].values())
+    restrict = report["results"][1]
+    assert restrict["loss_only"]["rows"] < report["results"][0]["loss_only"]["rows"]
+
+
+def test_bench_preprocessing_smoke(tiny, tmp_path):
+    out, work = tmp_path / "prep.json", tmp_path / "work"
+    work.mkdir()
+    proc = run_script("scripts/bench_preprocessing.py", "--text", tiny["corpus"], "--tokenizer", tiny["bert"],
+                      "--repeat", "3", "--synthetic_tokens", "200000", "--tmp_dir", work, "--json", out)
+    text = proc.stdout
+    for tag in ("(i) ", "(ii) ", "(iii) ", "(iv) ", "(v) ", "ratio (ii)/(i)", "ratio (ii)/(iii)"):
+        assert tag in text, tag
+    assert "same ids from all ways (first 200 lines):     True" in text
+    assert "same counts: True" in text
+
+    report = json.loads(out.read_text())
+    t = report["tokenization"]
+    n_lines = sum(1 for line in tiny["lines"] if line.strip()) * 3
+    assert t["lines"] == n_lines
+    for key in ("bare_tokenizer", "binarize", "original_python", "original_fast"):
+        assert t[key]["lines_per_s"] > 0
+    assert t["original_python"]["tokenizer_class"] == "BertTokenizerLegacy"
+    for key in ("ratio_binarize_vs_bare", "ratio_binarize_vs_original", "ratio_count_tokens_speedup"):
+        assert t[key] > 0
+    assert t["same_counts"] and t["same_ids_fast_loop"] and t["same_ids_python_loop"]
+    s = report["synthetic"]
+    assert s["tokens"] == 200_000 and s["dataset_tokens"] <= 200_000 and s["sequences"] > 400
+    assert s["uss_peak_bytes"] >= s["uss_before_bytes"] > 0 and s["build_seconds"] > 0
+    assert os.listdir(work) == []  # the temporary text, binarized files and synthetic corpus are gone
+
+
+def test_bench_preprocessing_needs_work_to_do():
+    proc = run_script("scripts/bench_preprocessing.py", expect_ok=False)
+    assert "nothing to do" in proc.stderr
