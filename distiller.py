@@ -238,7 +238,8 @@ def clm_labels(token_ids, attention_mask):
 class Distiller:
     """Runs the distillation: build the data pipeline and optimizer, then `train()`."""
 
-    def __init__(self, params, dataset: LmSeqsDataset, token_probs, student, teacher, tokenizer=None):
+    def __init__(self, params, dataset: LmSeqsDataset, token_probs, student, teacher, tokenizer=None,
+                 eval_dataset=None):
         self.params = params
         self.dump_path = params.dump_path
         self.is_master = params.is_master
@@ -248,6 +249,7 @@ class Distiller:
         self.teacher = teacher
         self.tokenizer = tokenizer
         self.dataset = dataset
+        self.eval_dataset = eval_dataset
         self.mlm = params.mlm
         self.temperature = params.temperature
         self.alpha = {name: getattr(params, f"alpha_{name}") for name in ("ce", "mlm", "clm", "mse", "cos")}
@@ -485,6 +487,28 @@ class Distiller:
             self.last_log = time.time()
         if self.n_total_iter % self.params.checkpoint_interval == 0:
             self._checkpoint_due = True  # written at the next optimizer-step boundary
+        eval_interval = getattr(self.params, "eval_interval", 0)
+        if eval_interval and self.n_total_iter % eval_interval == 0:
+            self.evaluate()
+
+    def evaluate(self):
+        """Held-out metrics (see scripts/evaluate.py). Collective: every rank evaluates its shard."""
+        if self.eval_dataset is None:
+            return None
+        from scripts.evaluate import evaluate
+
+        p = self.params
+        metrics = evaluate(self.student, self.eval_dataset, mlm=self.mlm, batch_size=p.eval_batch_size,
+                           device=self.device, special_tok_ids=p.special_tok_ids, vocab_size=self.vocab_size,
+                           teacher=self.teacher, seed=p.seed, mask_prop=p.mlm_mask_prop,
+                           max_batches=p.eval_max_batches, world_size=p.world_size, rank=p.global_rank)
+        logger.info("Evaluation at iteration %d: %s", self.n_total_iter,
+                    ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+        if self.is_master:
+            for name, value in metrics.items():
+                self.tensorboard.add_scalar(f"eval/{name}", value, self.n_total_iter)
+            self.write_metrics({"split": "eval", "step": self.n_total_iter, "epoch": self.epoch, **metrics})
+        return metrics
 
     def after_optimizer_step(self):
         """At an optimizer-step boundary: agree on stopping, give up after too many bad steps, checkpoint.
@@ -567,6 +591,7 @@ class Distiller:
     def end_epoch(self):
         """Epoch checkpoint (master), epoch averages, counters reset."""
         logger.info("%d sequences trained on this process in epoch %d.", self.n_sequences_epoch, self.epoch)
+        self.evaluate()
         if self.is_master:
             self.save_checkpoint(checkpoint_name=f"model_epoch_{self.epoch}.pth")
             if self.n_iter:

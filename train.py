@@ -117,6 +117,15 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=56, help="Random seed")
     parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes per rank.")
 
+    parser.add_argument("--eval_data_file", type=str, default=None,
+                        help="A binarized held-out file: evaluated every --eval_interval iterations and after each "
+                             "epoch (MLM pseudo-perplexity on a fixed masking, or CLM perplexity; KL and top-1 "
+                             "agreement with the teacher).")
+    parser.add_argument("--eval_interval", type=int, default=0,
+                        help="Evaluate every N iterations (0: only after each epoch).")
+    parser.add_argument("--eval_batch_size", type=int, default=32, help="Batch size of the evaluation (per process).")
+    parser.add_argument("--eval_max_batches", type=int, default=None,
+                        help="Evaluate on at most this many batches of the held-out file (default: all of it).")
     parser.add_argument("--log_interval", type=int, default=500, help="Tensorboard logging interval.")
     parser.add_argument("--checkpoint_interval", type=int, default=4000, help="Checkpoint interval.")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
@@ -187,6 +196,10 @@ def sanity_checks(args):
         raise UserError("--warmup_prop must be in [0, 1]")
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 are exclusive")
+    if args.eval_interval < 0 or args.eval_batch_size < 1 or (args.eval_max_batches is not None and args.eval_max_batches < 1):
+        raise UserError("--eval_interval must be >= 0, --eval_batch_size and --eval_max_batches >= 1")
+    if args.eval_data_file is not None and not os.path.exists(args.eval_data_file):
+        raise UserError(f"--eval_data_file {args.eval_data_file}: no such file")
     if args.num_workers < 0:
         raise UserError("--num_workers must be >= 0")
 
@@ -420,6 +433,13 @@ def main(argv=None):
     if len(dataset) == 0:
         raise UserError(f"--data_file {corpus.path}: no training sequence left after filtering (sequences need "
                         "at least 12 tokens)")
+    eval_dataset = None
+    if args.eval_data_file is not None:
+        eval_corpus = BinarizedCorpus.open(args.eval_data_file)
+        check_compatibility(args, student, teacher, tokenizer, eval_corpus, None)
+        eval_dataset = LmSeqsDataset(params=args, data=eval_corpus)
+        if len(eval_dataset) == 0:
+            raise UserError(f"--eval_data_file {eval_corpus.path}: no sequence left after filtering")
     token_probs = None
     if args.mlm:
         counts = np.pad(counts, (0, max(0, student.config.vocab_size - len(counts))))
@@ -435,7 +455,7 @@ def main(argv=None):
     set_seed(args.seed + args.global_rank)
 
     distiller = Distiller(params=args, dataset=dataset, token_probs=token_probs, student=student, teacher=teacher,
-                          tokenizer=tokenizer)
+                          tokenizer=tokenizer, eval_dataset=eval_dataset)
     if resume_state is not None:
         distiller.load_training_state(resume_state, resume_path)
         del resume_state

@@ -23,6 +23,11 @@ def _train(tiny, binarized, dump, student, teacher, extra=(), expect_ok=True):
     return run_script(*args, expect_ok=expect_ok)
 
 
+def _eval_records(dump):
+    records = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["split"] == "eval"]
+
+
 def _assert_complete_dump(dump, model_class):
     from transformers import AutoTokenizer
 
@@ -42,8 +47,14 @@ def test_distilbert_from_bert_mlm_all_losses(tiny, binarized, tmp_path):
     dump = tmp_path / "run"
     proc = _train(tiny, binarized, dump, "distilbert", "bert",
                   ["--mlm", "--alpha_ce", "5.0", "--alpha_mlm", "2.0", "--alpha_clm", "0.0", "--alpha_mse", "0.1",
-                   "--alpha_cos", "1.0", "--freeze_pos_embs"])
+                   "--alpha_cos", "1.0", "--freeze_pos_embs", "--eval_data_file", binarized["bert"][0],
+                   "--eval_interval", "20", "--eval_max_batches", "2", "--eval_batch_size", "8"])
     model = _assert_complete_dump(dump, DistilBertForMaskedLM)
+    evals = _eval_records(dump)
+    assert [r["step"] for r in evals][:2] == [20, 40] and len(evals) >= 3  # intervals, then the epoch end
+    for r in evals:
+        assert r["mlm_loss"] > 0 and 0 <= r["top1_agreement"] <= 1 and r["kl_teacher_student"] >= 0
+        assert abs(r["pseudo_perplexity"] - np.exp(r["mlm_loss"])) < 1e-6 * r["pseudo_perplexity"]
     assert "Training is finished" in proc.stderr
     # the final weights are the last epoch's checkpoint
     epoch = torch.load(dump / "model_epoch_0.pth", weights_only=True)
@@ -56,8 +67,11 @@ def test_gpt2_clm(tiny, binarized, tmp_path):
 
     dump = tmp_path / "run"
     _train(tiny, binarized, dump, "gpt2", "gpt2",
-           ["--alpha_ce", "5.0", "--alpha_clm", "2.0", "--alpha_mse", "0.1", "--alpha_cos", "1.0"])
+           ["--alpha_ce", "5.0", "--alpha_clm", "2.0", "--alpha_mse", "0.1", "--alpha_cos", "1.0",
+            "--eval_data_file", binarized["gpt2"][0], "--eval_max_batches", "2"])
     _assert_complete_dump(dump, GPT2LMHeadModel)
+    (record,) = _eval_records(dump)  # no interval: once, after the epoch
+    assert record["clm_loss"] > 0 and record["perplexity"] > 1 and "top1_agreement" in record
 
 
 def test_roberta_mlm_freezes_embeddings(tiny, binarized, tmp_path):
