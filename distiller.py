@@ -169,19 +169,24 @@ class RowLogitsLM(torch.nn.Module):
     Models whose head cannot be split run whole and their logits are selected afterwards.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, hidden_projection=None):
         super().__init__()
         self.model = model
+        self.hidden_projection = hidden_projection  # student dim -> teacher dim, for the cosine loss
         self._split = (split_lm_head(model),)  # a tuple: not registered twice as submodules
 
     def forward(self, input_ids, attention_mask, rows):
         split = self._split[0]
         if split is None:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-            return out.logits.flatten(0, 1)[rows], out.hidden_states[-1]
-        base, head, kwargs = split
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state  # (bs, seq, dim)
-        return head(hidden.flatten(0, 1)[rows]), hidden  # (n, vocab), (bs, seq, dim)
+            logits, hidden = out.logits.flatten(0, 1)[rows], out.hidden_states[-1]
+        else:
+            base, head, kwargs = split
+            hidden = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state  # (bs, seq, dim)
+            logits = head(hidden.flatten(0, 1)[rows])  # (n, vocab)
+        if self.hidden_projection is not None:
+            hidden = self.hidden_projection(hidden)  # (bs, seq, teacher dim)
+        return logits, hidden
 
 
 # ---------------------------------------------------------------------------------------- batch preparation
@@ -291,6 +296,7 @@ class Distiller:
         self._running = {}  # loss name -> (sum tensor, count) since the last log, kept on the device
 
         self._setup_precision()
+        self._setup_models()
         self._setup_optimizer()
         self._setup_ddp()
         if self.is_master:
@@ -313,7 +319,7 @@ class Distiller:
         # Biases and normalisation weights (every 1-D parameter) are not decayed. The original matched the
         # names "bias" and "LayerNorm.weight", which missed DistilBERT's sa_layer_norm/output_layer_norm.
         decay, no_decay = [], []
-        for _, param in self.student.named_parameters():
+        for _, param in self.student_lm.named_parameters():  # the student, and the hidden projection if any
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)
         groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -328,9 +334,19 @@ class Distiller:
             self.optimizer, num_warmup_steps=math.ceil(self.num_steps_total * p.warmup_prop),
             num_training_steps=self.num_steps_total)
 
-    def _setup_ddp(self):
-        self.model = RowLogitsLM(self.student)
+    def _setup_models(self):
+        self.hidden_projection = None
+        s_dim = self.student.config.hidden_size
+        t_dim = self.teacher.config.hidden_size if self.teacher is not None else s_dim
+        if self.alpha["cos"] > 0 and s_dim != t_dim:  # train.py refuses this without --hidden_projection
+            self.hidden_projection = torch.nn.Linear(s_dim, t_dim, bias=False).to(self.device)
+            logger.info("Cosine loss through a learned %d -> %d projection (not part of the exported student).",
+                        s_dim, t_dim)
+        self.student_lm = RowLogitsLM(self.student, self.hidden_projection)
         self.teacher_lm = RowLogitsLM(self.teacher) if self.teacher is not None else None
+
+    def _setup_ddp(self):
+        self.model = self.student_lm
         if self.multi_gpu:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -461,7 +477,7 @@ class Distiller:
         if not boundary:
             return
         self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.student.parameters() if p.grad is not None]
+        params = [p for p in self.student_lm.parameters() if p.grad is not None]
         max_norm = self.params.max_grad_norm if self.params.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         self._last_grad_norm = grad_norm.detach()
@@ -632,6 +648,7 @@ class Distiller:
         state = {
             "format": "distil-checkpoint-v1",
             "student": self.student.state_dict(),
+            "hidden_projection": self.hidden_projection.state_dict() if self.hidden_projection is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -650,6 +667,10 @@ class Distiller:
                 raise ValueError(f"{path}: written with {name}={saved!r}, this run has {name}={now!r}; resuming "
                                  "exactly needs the same value")
         self.student.load_state_dict(state["student"])
+        if (state.get("hidden_projection") is None) != (self.hidden_projection is None):
+            raise ValueError(f"{path}: the checkpoint and this run disagree on the hidden projection")
+        if self.hidden_projection is not None:
+            self.hidden_projection.load_state_dict(state["hidden_projection"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

@@ -37,9 +37,16 @@ MODEL_CLASSES = {
 }
 
 
-def model_classes(model_type):
+AUTO = "auto"  # any Hugging Face masked LM (with --mlm) or causal LM, through the Auto classes
+
+
+def model_classes(model_type, mlm=True):
+    """(config class, model class, tokenizer class) of a --student_type / --teacher_type."""
     import transformers
 
+    if model_type == AUTO:
+        model_class = transformers.AutoModelForMaskedLM if mlm else transformers.AutoModelForCausalLM
+        return transformers.AutoConfig, model_class, transformers.AutoTokenizer
     return tuple(getattr(transformers, name) for name in MODEL_CLASSES[model_type])
 
 
@@ -52,13 +59,15 @@ def parse_args(argv=None):
     parser.add_argument("--dump_path", type=str, required=True, help="The output directory (log, checkpoints, parameters, etc.)")
     parser.add_argument("--data_file", type=str, required=True,
                         help="The binarized file (tokenized + tokens_to_ids) grouped by sequence.")
-    parser.add_argument("--student_type", type=str, choices=["distilbert", "roberta", "gpt2", "bert"], required=True,
-                        help="The student type (DistilBERT, RoBERTa, GPT-2; BERT for a teacher-free BERT).")
+    parser.add_argument("--student_type", type=str, choices=["distilbert", "roberta", "gpt2", "bert", AUTO],
+                        required=True, help="The student type (DistilBERT, RoBERTa, GPT-2; BERT for a teacher-free "
+                                            "BERT; auto: any masked (--mlm) or causal LM config).")
     parser.add_argument("--student_config", type=str, required=True, help="Path to the student configuration.")
     parser.add_argument("--student_pretrained_weights", default=None, type=str,
                         help="Load student initialization checkpoint: a state-dict file or a model folder.")
-    parser.add_argument("--teacher_type", choices=["bert", "roberta", "gpt2"], default=None,
-                        help="Teacher type (BERT, RoBERTa, GPT-2). Required unless training without a teacher.")
+    parser.add_argument("--teacher_type", choices=["bert", "roberta", "gpt2", AUTO], default=None,
+                        help="Teacher type (BERT, RoBERTa, GPT-2, or auto: any model AutoModelForMaskedLM (with "
+                             "--mlm) or AutoModelForCausalLM loads). Required unless training without a teacher.")
     parser.add_argument("--teacher_name", type=str, default=None,
                         help="The teacher model: a hub name or a local folder. Required unless training without "
                              "a teacher (--alpha_ce, --alpha_mse and --alpha_cos all 0).")
@@ -87,6 +96,9 @@ def parse_args(argv=None):
 
     parser.add_argument("--restrict_ce_to_mask", action="store_true",
                         help="If true, compute the distillation loss only the [MLM] prediction distribution.")
+    parser.add_argument("--hidden_projection", action="store_true",
+                        help="Cosine loss between a student and a teacher of different hidden sizes, through a "
+                             "learned linear projection (trained and checkpointed, not exported with the student).")
     parser.add_argument("--freeze_pos_embs", action="store_true",
                         help="Freeze positional embeddings during distillation. For student_type in ['roberta', 'gpt2'] only.")
     parser.add_argument("--freeze_token_type_embds", action="store_true",
@@ -154,28 +166,31 @@ def sanity_checks(args):
         if args.tokenizer_name is None and args.teacher_name is None:
             raise UserError("without a teacher (--alpha_ce, --alpha_mse and --alpha_cos all 0), --tokenizer_name "
                             "must name the tokenizer")
+    auto = AUTO in (args.student_type, args.teacher_type)
     if args.mlm:
         if args.token_counts is None:
             raise UserError("--mlm needs --token_counts (the output of scripts/token_counts.py)")
-        if args.student_type not in ("roberta", "distilbert", "bert") or args.teacher_type not in ("roberta", "bert"):
+        if not auto and (args.student_type not in ("roberta", "distilbert", "bert")
+                         or args.teacher_type not in ("roberta", "bert")):
             raise UserError(f"--mlm works with a distilbert/roberta student and a bert/roberta teacher, not "
                             f"--student_type {args.student_type} --teacher_type {args.teacher_type}")
         if args.alpha_clm != 0:
             raise UserError("--alpha_clm must be 0 with --mlm (the student is trained with the MLM loss)")
     else:
-        if args.student_type != "gpt2" or args.teacher_type != "gpt2":
+        if not auto and (args.student_type != "gpt2" or args.teacher_type != "gpt2"):
             raise UserError("without --mlm (causal LM) student and teacher must both be gpt2; add --mlm for "
                             f"--student_type {args.student_type} --teacher_type {args.teacher_type}")
         if args.alpha_mlm != 0:
             raise UserError("--alpha_mlm must be 0 without --mlm (the student is trained with the CLM loss)")
-    if not (args.teacher_type == args.student_type or (args.student_type == "distilbert" and args.teacher_type == "bert")):
+    if not (auto or args.teacher_type == args.student_type
+            or (args.student_type == "distilbert" and args.teacher_type == "bert")):
         raise UserError(f"--student_type {args.student_type} cannot learn from --teacher_type {args.teacher_type}")
     if not os.path.isfile(args.student_config):
         raise UserError(f"--student_config {args.student_config}: no such file")
     if args.student_pretrained_weights is not None and not os.path.exists(args.student_pretrained_weights):
         raise UserError(f"--student_pretrained_weights {args.student_pretrained_weights}: no such file or folder")
-    if args.freeze_token_type_embds and args.student_type != "roberta":
-        raise UserError("--freeze_token_type_embds only applies to --student_type roberta")
+    if args.freeze_token_type_embds and args.student_type not in ("roberta", AUTO):
+        raise UserError("--freeze_token_type_embds only applies to --student_type roberta (or auto)")
     for name in ("ce", "mlm", "clm", "mse", "cos"):
         if getattr(args, f"alpha_{name}") < 0:
             raise UserError(f"--alpha_{name} must be >= 0")
@@ -239,6 +254,23 @@ def _check_safe_to_clear(args):
 # ------------------------------------------------------------------------------------------------ models
 
 
+def framing_token_ids(ids, mlm):
+    """Special ids with the ones a causal LM's tokenizer may lack filled in from its others.
+
+    Many decoder tokenizers (Llama, Qwen, Mistral) have no pad token and some no BOS or unknown token: a
+    sequence is then framed by EOS, and padding (never seen by a loss) reuses an existing id.
+    """
+    ids = dict(ids)
+    if not mlm:
+        if "bos_token" not in ids and "eos_token" in ids:
+            ids["bos_token"] = ids["eos_token"]
+        if "eos_token" not in ids and "bos_token" in ids:
+            ids["eos_token"] = ids["bos_token"]
+        if "unk_token" not in ids and "eos_token" in ids:
+            ids["unk_token"] = ids["eos_token"]
+    return ids
+
+
 def max_input_size(config, tokenizer=None):
     """Longest sequence the model accepts, from its config (and tokenizer), not from a table of hub names."""
     n = 1 << 30
@@ -288,14 +320,14 @@ def load_student_weights(student, path):
 
 
 def build_student(args):
-    config_class, model_class, _ = model_classes(args.student_type)
+    config_class, model_class, _ = model_classes(args.student_type, args.mlm)
     config = config_class.from_pretrained(args.student_config)
     config.initializer_range = args.initializer_range
     if args.student_pretrained_weights and os.path.isdir(args.student_pretrained_weights):
         logger.info("Loading the student from the folder %s", args.student_pretrained_weights)
         student = model_class.from_pretrained(args.student_pretrained_weights, config=config)
     else:
-        student = model_class(config)
+        student = model_class.from_config(config) if args.student_type == AUTO else model_class(config)
         if args.student_pretrained_weights:
             logger.info("Loading student weights from %s", args.student_pretrained_weights)
             load_student_weights(student, args.student_pretrained_weights)
@@ -311,7 +343,7 @@ def build_student(args):
 
 
 def build_tokenizer(args):
-    _, _, tokenizer_class = model_classes(args.teacher_type)
+    _, _, tokenizer_class = model_classes(args.teacher_type, args.mlm)
     name, flag = (args.tokenizer_name, "--tokenizer_name") if args.tokenizer_name else (args.teacher_name, "--teacher_name")
     try:
         tokenizer = tokenizer_class.from_pretrained(name)
@@ -327,7 +359,7 @@ def build_teacher(args):
     if not needs_teacher(args):
         logger.info("No teacher: --alpha_ce, --alpha_mse and --alpha_cos are 0, training on the LM loss alone.")
         return None
-    _, model_class, _ = model_classes(args.teacher_type)
+    _, model_class, _ = model_classes(args.teacher_type, args.mlm)
     try:
         teacher, info = model_class.from_pretrained(args.teacher_name, output_loading_info=True)
     except (OSError, ValueError) as exc:
@@ -351,9 +383,10 @@ def check_compatibility(args, student, teacher, tokenizer, corpus, counts):
                         f"the teacher's ({t_vocab} tokens, --teacher_name {args.teacher_name})")
     if args.alpha_cos > 0:
         s_dim, t_dim = student.config.hidden_size, teacher.config.hidden_size
-        if s_dim != t_dim:
+        if s_dim != t_dim and not args.hidden_projection:
             raise UserError(f"--alpha_cos needs equal hidden sizes: student {s_dim} (--student_config "
-                            f"{args.student_config}) vs teacher {t_dim} (--teacher_name {args.teacher_name})")
+                            f"{args.student_config}) vs teacher {t_dim} (--teacher_name {args.teacher_name}); "
+                            "add --hidden_projection to learn a projection between them")
     if corpus.max_token_id >= t_vocab:
         raise UserError(f"--data_file {corpus.path}: token id {corpus.max_token_id} is outside the teacher's "
                         f"vocabulary of {t_vocab}; was it binarized with another tokenizer?")
@@ -364,10 +397,11 @@ def check_compatibility(args, student, teacher, tokenizer, corpus, counts):
     if counts is not None and len(counts) not in (t_vocab, len(tokenizer)):
         raise UserError(f"--token_counts {args.token_counts} holds counts for {len(counts)} ids; the vocabulary "
                         f"has {t_vocab}")
-    if args.mlm:
-        missing = [n for n in ("cls_token", "sep_token", "pad_token", "mask_token") if n not in args.special_tok_ids]
-        if missing:
-            raise UserError(f"--teacher_name {args.teacher_name}: its tokenizer lacks {', '.join(missing)}, needed for MLM")
+    needed = ("cls_token", "sep_token", "pad_token", "mask_token") if args.mlm else ("bos_token", "eos_token")
+    missing = [n for n in needed if n not in args.special_tok_ids]
+    if missing:
+        raise UserError(f"--teacher_name {args.teacher_name}: its tokenizer lacks {', '.join(missing)}, needed for "
+                        f"{'MLM' if args.mlm else 'CLM'}")
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -416,7 +450,7 @@ def main(argv=None):
 
     tokenizer = build_tokenizer(args)
     teacher = build_teacher(args)
-    args.special_tok_ids = special_token_ids(tokenizer)
+    args.special_tok_ids = framing_token_ids(special_token_ids(tokenizer), args.mlm)
     args.max_model_input_size = max_input_size(teacher.config if teacher is not None else None, tokenizer)
 
     logger.info("Loading data from %s", args.data_file)

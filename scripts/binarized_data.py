@@ -29,6 +29,9 @@ TOKENIZER_TYPES = {
     "bert": ("BertTokenizer", "cls_token", "sep_token", ""),
     "roberta": ("RobertaTokenizer", "bos_token", "sep_token", " "),
     "gpt2": ("GPT2Tokenizer", "bos_token", "eos_token", " "),
+    # any other model: its own tokenizer, framed like an encoder ([CLS]/[SEP]) when it has those tokens, else
+    # like a decoder (BOS, or EOS when there is no BOS, and EOS); no extra space, the tokenizer knows its rules
+    "auto": ("AutoTokenizer", None, None, ""),
 }
 
 
@@ -40,6 +43,12 @@ def load_tokenizer(tokenizer_type, tokenizer_name):
         tokenizer = getattr(transformers, class_name).from_pretrained(tokenizer_name)
     except (OSError, ValueError) as exc:
         raise ValueError(f"--tokenizer_name {tokenizer_name}: cannot load a {tokenizer_type} tokenizer ({exc})")
+    if start_attr is None:
+        if tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None:
+            start_attr, end_attr = "cls_token", "sep_token"
+        else:
+            start_attr = "bos_token" if tokenizer.bos_token_id is not None else "eos_token"
+            end_attr = "eos_token"
     start_id = getattr(tokenizer, start_attr + "_id")
     end_id = getattr(tokenizer, end_attr + "_id")
     if start_id is None or end_id is None:
@@ -56,9 +65,8 @@ def tokenizer_slug(tokenizer_name):
     return tokenizer_name.strip("/").replace("/", "_")
 
 
-def frame(encodings, start_id, end_id):
-    """Flat ids of the batch with each sequence wrapped in start/end ids, plus the new lengths."""
-    ids = [e.ids for e in encodings]
+def frame(ids, start_id, end_id):
+    """Flat ids of the batch (a list of id lists) with each sequence wrapped in start/end ids, plus lengths."""
     n = len(ids)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=n)
     body = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
@@ -94,11 +102,12 @@ def binarize(file_path, tokenizer_type, tokenizer_name, dump_file, batch_lines=1
     if os.path.getsize(file_path) == 0:
         raise ValueError(f"--file_path {file_path}: the file is empty")
     tokenizer, start_id, end_id, prefix = load_tokenizer(tokenizer_type, tokenizer_name)
-    backend = tokenizer.backend_tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
     # A tokenizer.json may switch on fixed padding/truncation (the real bert-base-uncased one pads to 128):
     # corpus sequences must keep their true length, long ones are chunked later by the dataset.
-    backend.no_padding()
-    backend.no_truncation()
+    if backend is not None:
+        backend.no_padding()
+        backend.no_truncation()
     out_path = f"{dump_file}.{tokenizer_slug(tokenizer_name)}.bin"
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     logger.info("Binarizing %s with %s (%s, %d tokens) into %s", file_path, tokenizer_name, type(tokenizer).__name__,
@@ -114,8 +123,10 @@ def binarize(file_path, tokenizer_type, tokenizer_name, dump_file, batch_lines=1
                     disable=None, mininterval=2)
 
     def encode(batch):
-        return backend.encode_batch_fast([prefix + line for line in batch] if prefix else batch,
-                                         add_special_tokens=False)
+        texts = [prefix + line for line in batch] if prefix else batch
+        if backend is None:  # a tokenizer without a Rust backend (auto only): slower, same result
+            return tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
     # The Rust tokenizer releases the GIL, so batch k+1 is tokenized while batch k is framed and written.
     with BinarizedWriter(out_path, vocab_size=len(tokenizer), metadata=metadata) as writer, \
