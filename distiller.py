@@ -39,57 +39,91 @@ _CHUNK_ELEMENTS = 1 << 22  # logits rows processed at once in the soft-target lo
 # ------------------------------------------------------------------------------------------ loss maths
 
 
-def _soft_target_chunk(s, t, temperature):
-    """KL and squared-error sums over rows of s and t (fp32), and the gradients of both w.r.t. s."""
-    log_p_s = F.log_softmax(s / temperature, dim=-1)
-    log_p_t = F.log_softmax(t / temperature, dim=-1)
-    p_t = log_p_t.exp()
-    kl = (p_t * (log_p_t - log_p_s)).sum()
-    diff = s - t
-    return kl, (diff * diff).sum(), log_p_s.exp_().sub_(p_t), diff
+def _logit_losses_chunk(s, t, labels, temperature):
+    """On a chunk of rows (fp32): sums of KL(p_t || p_s) at temperature T, squared error, and label
+    cross-entropy, with the gradient of each sum w.r.t. s (KL's without its T factor). t or labels may be None.
+    """
+    zero = s.new_zeros(())
+    kl = sq = ce = zero
+    d_kl = diff = d_ce = None
+    if t is not None:
+        log_p_s = F.log_softmax(s / temperature, dim=-1)
+        log_p_t = F.log_softmax(t / temperature, dim=-1)
+        p_t = log_p_t.exp()
+        kl = (p_t * (log_p_t - log_p_s)).sum()
+        d_kl = log_p_s.exp_().sub_(p_t)  # p_s - p_t
+        diff = s - t
+        sq = (diff * diff).sum()
+    if labels is not None:
+        has_label = labels != IGNORE_INDEX
+        safe = labels.clamp(min=0)
+        log_q = F.log_softmax(s, dim=-1)
+        ce = -(log_q.gather(1, safe[:, None]).squeeze(1) * has_label).sum()
+        d_ce = log_q.exp_()  # softmax - one-hot, on labelled rows only
+        d_ce[torch.arange(len(safe), device=s.device), safe] -= 1.0
+        d_ce *= has_label[:, None]
+    return kl, sq, ce, d_kl, diff, d_ce
 
 
-class _SoftTargetLosses(torch.autograd.Function):
-    """KD (KL) and MSE losses over selected rows of flat logits, computed in fp32 chunks.
+class _LogitLosses(torch.autograd.Function):
+    """KD (KL), MSE and LM cross-entropy over selected rows of flat logits, computed in fp32 chunks.
 
-    The straightforward version (masked_select both logit tensors, softmax them, KLDivLoss) allocates
-    several (positions x vocab) fp32 tensors and keeps them alive until backward. Here nothing but the
-    gradient itself is ever allocated at that size: forward keeps only the row indices, backward recomputes
-    each chunk. Gradients: d(KL*T^2/n)/ds = T/n (p_s - p_t);  d(MSE/n)/ds = 2/n (s - t).
+    The straightforward version (masked_select both logit tensors, softmax them, KLDivLoss, then a separate
+    cross-entropy) allocates several (positions x vocab) fp32 tensors and keeps them alive until backward.
+    Here the only tensor of that size is the gradient itself, shared by the three losses: forward keeps
+    only row indices, backward recomputes each chunk. With n rows and m labelled rows:
+        d(KL T^2 / n)/ds = T/n (p_s - p_t);   d(MSE / n)/ds = 2/n (s - t);   d(CE / m)/ds = (q - onehot)/m
     """
 
     @staticmethod
-    def forward(ctx, s_flat, t_flat, rows, temperature):
+    def forward(ctx, s_flat, t_flat, rows, labels, temperature):
         n = rows.numel()
-        ctx.save_for_backward(s_flat, t_flat, rows)
-        ctx.temperature = temperature
-        kl = s_flat.new_zeros((), dtype=torch.float32)
-        sq = s_flat.new_zeros((), dtype=torch.float32)
+        n_labels = int((labels != IGNORE_INDEX).sum()) if labels is not None else 0
+        ctx.save_for_backward(s_flat, t_flat, rows, labels)
+        ctx.temperature, ctx.n_labels = temperature, n_labels
+        sums = s_flat.new_zeros(3, dtype=torch.float32)
         step = max(1, _CHUNK_ELEMENTS // s_flat.size(-1))
         for i in range(0, n, step):
             r = rows[i: i + step]
-            k, q, _, _ = _soft_target_chunk(s_flat[r].float(), t_flat[r].float(), temperature)
-            kl += k
-            sq += q
-        denom = max(n, 1)
-        return kl * (temperature ** 2) / denom, sq / denom
+            t = t_flat[r].float() if t_flat is not None else None
+            lab = labels[i: i + step] if labels is not None else None
+            kl, sq, ce, _, _, _ = _logit_losses_chunk(s_flat[r].float(), t, lab, temperature)
+            sums += torch.stack([kl, sq, ce])
+        return sums[0] * temperature ** 2 / max(n, 1), sums[1] / max(n, 1), sums[2] / max(n_labels, 1)
 
     @staticmethod
-    def backward(ctx, grad_kl, grad_mse):
-        s_flat, t_flat, rows = ctx.saved_tensors
-        temperature = ctx.temperature
-        n = rows.numel()
+    def backward(ctx, grad_kl, grad_mse, grad_lm):
+        s_flat, t_flat, rows, labels = ctx.saved_tensors
+        temperature, n = ctx.temperature, rows.numel()
         grad = torch.zeros_like(s_flat)
-        if n == 0:
-            return grad, None, None, None
         step = max(1, _CHUNK_ELEMENTS // s_flat.size(-1))
-        w_kl = grad_kl * temperature / n
-        w_mse = grad_mse * 2.0 / n
+        w_kl, w_mse = grad_kl * temperature / max(n, 1), grad_mse * 2.0 / max(n, 1)
+        w_lm = grad_lm / max(ctx.n_labels, 1)
         for i in range(0, n, step):
             r = rows[i: i + step]
-            _, _, d_kl, diff = _soft_target_chunk(s_flat[r].float(), t_flat[r].float(), temperature)
-            grad[r] = (d_kl * w_kl + diff * w_mse).to(grad.dtype)
-        return grad, None, None, None
+            t = t_flat[r].float() if t_flat is not None else None
+            lab = labels[i: i + step] if labels is not None else None
+            _, _, _, d_kl, diff, d_ce = _logit_losses_chunk(s_flat[r].float(), t, lab, temperature)
+            g = 0
+            if d_kl is not None:
+                g = d_kl.mul_(w_kl).add_(diff.mul_(w_mse))
+            if d_ce is not None:
+                g = d_ce.mul_(w_lm).add_(g)
+            grad[r] = g.to(grad.dtype)
+        return grad, None, None, None, None
+
+
+def logit_losses(s_logits, t_logits, labels, temperature):
+    """(ce, mse, lm) over all rows of (n, vocab) logits, fused so backward writes one gradient buffer.
+
+    t_logits may be None (no teacher: ce = mse = 0) and labels None (lm = 0); labels is (n,) with
+    IGNORE_INDEX on rows that predict nothing. ce and mse are averaged over the n rows, lm over labelled rows.
+    """
+    vocab = s_logits.size(-1)
+    s_flat = s_logits.reshape(-1, vocab)
+    rows = torch.arange(s_flat.size(0), device=s_logits.device)
+    t_flat = t_logits.detach().reshape(-1, vocab) if t_logits is not None else None
+    return _LogitLosses.apply(s_flat, t_flat, rows, labels, float(temperature))
 
 
 def soft_target_losses(s_logits, t_logits, mask, temperature):
@@ -104,8 +138,9 @@ def soft_target_losses(s_logits, t_logits, mask, temperature):
         rows = torch.arange(s_logits.numel() // vocab, device=s_logits.device)
     else:
         rows = mask.reshape(-1).nonzero().squeeze(-1)  # (n,)
-    return _SoftTargetLosses.apply(s_logits.reshape(-1, vocab), t_logits.detach().reshape(-1, vocab), rows,
-                                   float(temperature))
+    ce, mse, _ = _LogitLosses.apply(s_logits.reshape(-1, vocab), t_logits.detach().reshape(-1, vocab), rows, None,
+                                    float(temperature))
+    return ce, mse
 
 
 def lm_loss(logits, labels):
@@ -438,13 +473,18 @@ class Distiller:
         """{name: scalar tensor} for every loss with a positive weight; logits are already row-selected."""
         (s_logits, s_hidden), (t_logits, t_hidden) = s_out, (t_out or (None, None))
         losses = {}
-        if self.alpha["ce"] > 0 or self.alpha["mse"] > 0:
-            losses["ce"], losses["mse"] = soft_target_losses(s_logits, t_logits, None, self.temperature)
-        if self.alpha["mlm"] > 0:
-            losses["mlm"] = lm_loss(s_logits, lm_labels.flatten()[rows])
-        if self.alpha["clm"] > 0:
-            next_labels = F.pad(lm_labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position i predicts token i + 1
-            losses["clm"] = lm_loss(s_logits, next_labels.flatten()[rows])
+        lm_name = "mlm" if self.alpha["mlm"] > 0 else "clm" if self.alpha["clm"] > 0 else None
+        labels = None
+        if lm_name == "mlm":
+            labels = lm_labels.flatten()[rows]
+        elif lm_name == "clm":
+            labels = F.pad(lm_labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()[rows]  # i predicts token i + 1
+        use_teacher_logits = self.alpha["ce"] > 0 or self.alpha["mse"] > 0
+        if use_teacher_logits or lm_name is not None:
+            losses["ce"], losses["mse"], lm = logit_losses(s_logits, t_logits if use_teacher_logits else None, labels,
+                                                           self.temperature)
+            if lm_name is not None:
+                losses[lm_name] = lm
         if self.alpha["cos"] > 0:
             losses["cos"] = cosine_loss(s_hidden, t_hidden, attn_mask)
         return {k: v for k, v in losses.items() if self.alpha[k] > 0}

@@ -154,13 +154,13 @@ def test_ce_hand_computed_two_token_vocab():
 class _ChunkCounter:
     def __init__(self, monkeypatch):
         self.calls = 0
-        original = distiller._soft_target_chunk
+        original = distiller._logit_losses_chunk
 
         def counting(*args, **kwargs):
             self.calls += 1
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(distiller, "_soft_target_chunk", counting)
+        monkeypatch.setattr(distiller, "_logit_losses_chunk", counting)
 
 
 @pytest.mark.parametrize("chunk_elements, rows_per_chunk", [(3 * VOCAB, 3), (VOCAB + 7, 1), (1, 1), (8 * VOCAB, 8)])
@@ -379,3 +379,54 @@ def test_empty_selection_inside_a_sum_with_other_losses_keeps_their_gradients():
     s2 = s.clone().requires_grad_(True)
     (g2,) = torch.autograd.grad(F.cross_entropy(s2.view(-1, VOCAB), labels.view(-1), ignore_index=-100), s2)
     _close(g1, g2, 1e-6)
+
+
+# ------------------------------------------------------------------------------ fused KD + MSE + LM loss
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 22, 1, 5 * VOCAB])
+@pytest.mark.parametrize("with_teacher", [True, False])
+def test_fused_logit_losses_equal_separate_references(monkeypatch, chunk_elements, with_teacher):
+    """logit_losses (one gradient buffer for all three terms) equals KLDivLoss / MSELoss / cross_entropy."""
+    from distiller import logit_losses
+
+    monkeypatch.setattr(distiller, "_CHUNK_ELEMENTS", chunk_elements)
+    gen = torch.Generator().manual_seed(3)
+    n = 23
+    s = torch.randn(n, VOCAB, generator=gen, dtype=torch.float64)
+    t = torch.randn(n, VOCAB, generator=gen, dtype=torch.float64) * 2
+    labels = torch.randint(0, VOCAB, (n,), generator=gen)
+    labels[torch.rand(n, generator=gen) < 0.6] = -100  # most rows predict nothing, as with MLM
+    temperature = 2.0
+
+    s_ref = s.clone().requires_grad_(True)
+    lm_ref = F.cross_entropy(s_ref, labels, ignore_index=-100)
+    terms_ref = [lm_ref]
+    if with_teacher:
+        ce_ref = nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s_ref / temperature, -1),
+                                                      F.softmax(t / temperature, -1)) * temperature ** 2
+        mse_ref = nn.MSELoss(reduction="sum")(s_ref, t) / n
+        terms_ref += [ce_ref, mse_ref]
+    weights = [0.7, 1.3, 0.2]
+    g_ref = torch.autograd.grad(sum(w * x for w, x in zip(weights, terms_ref)), s_ref)[0]
+
+    s_ours = s.clone().requires_grad_(True)
+    ce, mse, lm = logit_losses(s_ours, t if with_teacher else None, labels, temperature)
+    terms = [lm] + ([ce, mse] if with_teacher else [])
+    g = torch.autograd.grad(sum(w * x for w, x in zip(weights, terms)), s_ours)[0]
+    for ours, ref in zip(terms, terms_ref):
+        assert abs(ours.item() - ref.item()) < 1e-5 * max(1.0, abs(ref.item()))  # fp32 sums of ~250
+    if not with_teacher:
+        assert ce.item() == 0 and mse.item() == 0
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_logit_losses_with_nothing_to_predict_give_zero():
+    from distiller import logit_losses
+
+    s = torch.randn(4, VOCAB, requires_grad=True)
+    labels = torch.full((4,), -100)
+    ce, mse, lm = logit_losses(s, s.detach().clone(), labels, 2.0)
+    assert lm.item() == 0 and torch.isfinite(ce) and abs(ce.item()) < 1e-6
+    (g,) = torch.autograd.grad(ce + mse + lm, s)
+    assert torch.isfinite(g).all()
