@@ -265,9 +265,9 @@ def _sync(device):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate a (student) model on a binarized corpus.")
     parser.add_argument("--model", required=True, help="Model folder (from_pretrained), e.g. a training dump_path.")
-    parser.add_argument("--model_type", required=True, choices=["bert", "distilbert", "roberta", "gpt2"])
+    parser.add_argument("--model_type", required=True, choices=["bert", "distilbert", "roberta", "gpt2", "auto"])
     parser.add_argument("--teacher", default=None, help="Teacher folder: adds KL and top-1 agreement.")
-    parser.add_argument("--teacher_type", default=None, choices=["bert", "distilbert", "roberta", "gpt2"],
+    parser.add_argument("--teacher_type", default=None, choices=["bert", "distilbert", "roberta", "gpt2", "auto"],
                         help="Default: bert for a distilbert model, else --model_type.")
     parser.add_argument("--tokenizer", default=None,
                         help="Tokenizer folder (default: the model folder, else the teacher folder).")
@@ -287,13 +287,13 @@ def parse_args(argv=None):
 
 
 def _check_args(args):
-    mlm_type = args.model_type != "gpt2"
+    mlm_type = args.mlm if args.model_type == "auto" else args.model_type != "gpt2"  # auto: --mlm decides
     if args.mlm and not mlm_type:
         raise UserError("--mlm does not apply to --model_type gpt2 (a causal LM)")
     args.mlm = mlm_type
     if args.teacher_type is None:
         args.teacher_type = "bert" if args.model_type == "distilbert" else args.model_type
-    if args.teacher is not None and (args.teacher_type != "gpt2") != mlm_type:
+    if args.teacher is not None and args.teacher_type != "auto" and (args.teacher_type != "gpt2") != mlm_type:
         raise UserError(f"--teacher_type {args.teacher_type} and --model_type {args.model_type} are not both "
                         "masked or both causal LMs")
     if args.batch_size < 1:
@@ -312,20 +312,20 @@ def _check_args(args):
         raise UserError(f"--output {args.output} is a folder")
 
 
-def _load_config(path, model_type, flag):
+def _load_config(path, model_type, flag, mlm=True):
     import train
 
-    config_class, _, _ = train.model_classes(model_type)
+    config_class, _, _ = train.model_classes(model_type, mlm)
     try:
         return config_class.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise UserError(f"{flag} {path}: cannot load a {model_type} config ({str(exc).splitlines()[0]})") from None
 
 
-def _load_model(path, model_type, config, flag):
+def _load_model(path, model_type, config, flag, mlm=True):
     import train
 
-    _, model_class, _ = train.model_classes(model_type)
+    _, model_class, _ = train.model_classes(model_type, mlm)
     try:
         return model_class.from_pretrained(path, config=config)
     except (OSError, ValueError) as exc:
@@ -342,7 +342,7 @@ def _load_tokenizer(args):
     for path, flag, model_type in candidates:
         if path is None:
             continue
-        _, _, tokenizer_class = train.model_classes(model_type)
+        _, _, tokenizer_class = train.model_classes(model_type, args.mlm)
         try:
             return tokenizer_class.from_pretrained(path)
         except (OSError, ValueError, TypeError) as exc:
@@ -372,7 +372,7 @@ def run(args):
         raise UserError(f"vocabulary mismatch: --model {args.model} has {vocab} tokens, --teacher {args.teacher} "
                         f"has {t_config.vocab_size}")
     tokenizer = _load_tokenizer(args)
-    special = special_token_ids(tokenizer)
+    special = train.framing_token_ids(special_token_ids(tokenizer), args.mlm)
     if args.mlm and "mask_token" not in special:
         raise UserError("the tokenizer has no mask token, needed for MLM evaluation")
     if corpus.max_token_id >= vocab:
@@ -385,8 +385,8 @@ def run(args):
     if len(dataset) == 0:
         raise UserError(f"--data_file {args.data_file}: no sequence left after filtering (at least 12 tokens needed)")
 
-    model = _load_model(args.model, args.model_type, config, "--model").to(device)
-    teacher = _load_model(args.teacher, args.teacher_type, t_config, "--teacher").to(device) if t_config else None
+    model = _load_model(args.model, args.model_type, config, "--model", args.mlm).to(device)
+    teacher = _load_model(args.teacher, args.teacher_type, t_config, "--teacher", args.mlm).to(device) if t_config else None
     results = evaluate(model, dataset, mlm=args.mlm, batch_size=args.batch_size, device=device,
                        special_tok_ids=special, vocab_size=vocab, teacher=teacher, seed=args.seed,
                        mask_prop=args.mask_prop, max_batches=args.max_batches)

@@ -89,6 +89,11 @@ def test_llama_half_depth_distillation(tiny, llama_teacher, tmp_path):
     tok = AutoTokenizer.from_pretrained(dump)
     ids = torch.tensor([tok("the city of music")["input_ids"]])
     assert torch.isfinite(model(ids).logits).all()
+    out = tmp_path / "eval.json"
+    run_script("scripts/evaluate.py", "--model", dump, "--model_type", "auto", "--teacher", llama_teacher,
+               "--teacher_type", "auto", "--data_file", data, "--max_batches", "2", "--output", out)
+    record = json.loads(out.read_text())
+    assert record["perplexity"] > 1 and 0 <= record["top1_agreement"] <= 1
 
 
 def test_modernbert_half_depth_distillation(tiny, modernbert_teacher, tmp_path):
