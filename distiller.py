@@ -126,6 +126,58 @@ def logit_losses(s_logits, t_logits, labels, temperature):
     return _LogitLosses.apply(s_flat, t_flat, rows, labels, float(temperature))
 
 
+class _WeightedLogitLoss(torch.autograd.Function):
+    """w_ce * KD + w_mse * MSE + w_lm * LM over (n, vocab) logits, with its gradient computed in forward.
+
+    What the training step uses: the weights are known before backward, so forward writes the weighted
+    gradient into one buffer (the logits' dtype) chunk by chunk and keeps nothing else. Neither the student
+    nor the teacher logits are saved for backward, so both can be freed as soon as forward returns, and no
+    softmax is recomputed. Also returns the three unweighted terms (detached) for logging.
+    """
+
+    @staticmethod
+    def forward(ctx, s_flat, t_flat, labels, temperature, w_ce, w_mse, w_lm):
+        n = s_flat.size(0)
+        n_labels = int((labels != IGNORE_INDEX).sum()) if labels is not None else 0
+        c_kl = w_ce * temperature / max(n, 1)  # gradient factors, see _LogitLosses
+        c_mse = w_mse * 2.0 / max(n, 1)
+        c_lm = w_lm / max(n_labels, 1)
+        grad = torch.empty_like(s_flat)
+        sums = s_flat.new_zeros(3, dtype=torch.float32)
+        step = max(1, _CHUNK_ELEMENTS // s_flat.size(-1))
+        for i in range(0, n, step):
+            t = t_flat[i: i + step].float() if t_flat is not None else None
+            lab = labels[i: i + step] if labels is not None else None
+            kl, sq, ce, d_kl, diff, d_ce = _logit_losses_chunk(s_flat[i: i + step].float(), t, lab, temperature)
+            sums += torch.stack([kl, sq, ce])
+            g = torch.zeros_like(d_ce if d_ce is not None else d_kl)
+            if d_kl is not None:
+                g.add_(d_kl, alpha=c_kl).add_(diff, alpha=c_mse)
+            if d_ce is not None:
+                g.add_(d_ce, alpha=c_lm)
+            grad[i: i + step] = g
+        ctx.save_for_backward(grad)
+        ce = sums[0] * temperature ** 2 / max(n, 1)
+        mse = sums[1] / max(n, 1)
+        lm = sums[2] / max(n_labels, 1)
+        total = w_ce * ce + w_mse * mse + w_lm * lm
+        ctx.mark_non_differentiable(ce, mse, lm)
+        return total, ce, mse, lm
+
+    @staticmethod
+    def backward(ctx, grad_total, *unused):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None, None, None, None
+
+
+def weighted_logit_loss(s_logits, t_logits, labels, temperature, w_ce, w_mse, w_lm):
+    """(w_ce * ce + w_mse * mse + w_lm * lm, ce, mse, lm) over (n, vocab) logits; terms as in logit_losses."""
+    vocab = s_logits.size(-1)
+    t_flat = t_logits.detach().reshape(-1, vocab) if t_logits is not None and (w_ce or w_mse) else None
+    return _WeightedLogitLoss.apply(s_logits.reshape(-1, vocab), t_flat, labels if w_lm else None,
+                                    float(temperature), float(w_ce), float(w_mse), float(w_lm))
+
+
 def soft_target_losses(s_logits, t_logits, mask, temperature):
     """(ce, mse) between student and teacher logits over the positions where `mask` is true (all if None).
 
@@ -481,20 +533,24 @@ class Distiller:
             labels = F.pad(lm_labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()[rows]  # i predicts token i + 1
         use_teacher_logits = self.alpha["ce"] > 0 or self.alpha["mse"] > 0
         if use_teacher_logits or lm_name is not None:
-            losses["ce"], losses["mse"], lm = logit_losses(s_logits, t_logits if use_teacher_logits else None, labels,
-                                                           self.temperature)
+            # One fused term carries the gradient of ce + mse + mlm/clm; the others are logged detached.
+            w_lm = self.alpha[lm_name] if lm_name is not None else 0.0
+            losses["logits"], losses["ce"], losses["mse"], lm = weighted_logit_loss(
+                s_logits, t_logits, labels, self.temperature, self.alpha["ce"], self.alpha["mse"], w_lm)
             if lm_name is not None:
                 losses[lm_name] = lm
         if self.alpha["cos"] > 0:
             losses["cos"] = cosine_loss(s_hidden, t_hidden, attn_mask)
-        return {k: v for k, v in losses.items() if self.alpha[k] > 0}
+        return {k: v for k, v in losses.items() if k == "logits" or self.alpha[k] > 0}
 
     def step(self, input_ids, attention_mask, lm_labels):
         """One forward/backward on a batch; the optimizer steps every gradient_accumulation_steps batches."""
         rows = self.loss_rows(attention_mask, lm_labels)
         s_out, t_out = self._forward(input_ids, attention_mask, rows)
         losses = self.compute_losses(s_out, t_out, attention_mask, lm_labels, rows)
-        loss = sum(self.alpha[k] * v for k, v in losses.items())
+        del s_out, t_out  # the logits are not needed by backward: free them before it runs
+        # "logits" already holds alpha_ce * ce + alpha_mse * mse + alpha_lm * lm (and their gradient)
+        loss = losses.pop("logits", 0.0) + self.alpha["cos"] * losses.get("cos", 0.0)
         losses["total"] = loss.detach()
         for name, value in losses.items():
             total, count = self._running.get(name, (0.0, 0))

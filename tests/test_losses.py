@@ -430,3 +430,33 @@ def test_fused_logit_losses_with_nothing_to_predict_give_zero():
     assert lm.item() == 0 and torch.isfinite(ce) and abs(ce.item()) < 1e-6
     (g,) = torch.autograd.grad(ce + mse + lm, s)
     assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 22, 5 * VOCAB + 3])
+@pytest.mark.parametrize("weights", [(5.0, 0.1, 2.0), (1.0, 0.0, 0.0), (0.0, 0.0, 1.0)])
+def test_weighted_logit_loss_value_and_gradient(monkeypatch, chunk_elements, weights):
+    """The training step's fused term: w_ce*KD + w_mse*MSE + w_lm*CE, gradient computed in forward."""
+    from distiller import weighted_logit_loss
+
+    monkeypatch.setattr(distiller, "_CHUNK_ELEMENTS", chunk_elements)
+    w_ce, w_mse, w_lm = weights
+    gen = torch.Generator().manual_seed(5)
+    n, temperature = 19, 2.0
+    s = torch.randn(n, VOCAB, generator=gen, dtype=torch.float64)
+    t = torch.randn(n, VOCAB, generator=gen, dtype=torch.float64) * 2
+    labels = torch.randint(0, VOCAB, (n,), generator=gen)
+    labels[::3] = -100
+
+    s_ref = s.clone().requires_grad_(True)
+    ref = (w_ce * nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s_ref / temperature, -1),
+                                                       F.softmax(t / temperature, -1)) * temperature ** 2
+           + w_mse * nn.MSELoss(reduction="sum")(s_ref, t) / n
+           + w_lm * F.cross_entropy(s_ref, labels, ignore_index=-100))
+    (g_ref,) = torch.autograd.grad(3.0 * ref, s_ref)  # an outer factor, as gradient accumulation applies
+
+    s_ours = s.clone().requires_grad_(True)
+    total, ce, mse, lm = weighted_logit_loss(s_ours, t, labels, temperature, w_ce, w_mse, w_lm)
+    (g,) = torch.autograd.grad(3.0 * total, s_ours)
+    assert abs(total.item() - ref.item()) < 1e-5 * max(1.0, abs(ref.item()))
+    assert not ce.requires_grad and not lm.requires_grad
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
