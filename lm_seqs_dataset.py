@@ -13,7 +13,8 @@ integer numpy arrays) still load, through an unpickler that can only build numpy
 
 `LmSeqsDataset` turns a corpus into the training set the original scripts used: over-long sequences cut
 into chunks that keep their start and end special tokens, very short or mostly-unknown sequences dropped.
-The index is computed with vectorised numpy over the offsets; no per-sequence Python loop.
+The index is computed with vectorised numpy, a block of whole sequences at a time: no per-sequence Python
+loop, and besides the index itself (13 bytes a training sequence) memory stays bounded whatever the corpus.
 """
 import io
 import json
@@ -32,7 +33,12 @@ HEADER_BYTES = 4096
 FORMAT_VERSION = 1
 MIN_SEQ_LEN = 12  # the original dropped sequences of 11 tokens or fewer
 MAX_UNK_RATIO = 0.5  # ... and sequences whose tokens are half or more unknown
-_UNK_SCAN_TOKENS = 1 << 24  # block size when counting unknown tokens (bounds memory, not speed)
+# The index is built a block of whole sequences at a time so that only its result grows with the corpus.
+# A block holds at most this many tokens (unless it is one longer sequence), bounding the token buffer and
+# the unknown-token mask (a few bytes a token) ...
+_UNK_SCAN_TOKENS = 1 << 22
+# ... and at most this many sequences, bounding the per-sequence temporaries (a few int64 each).
+_OFFSETS_CHUNK = 1 << 18
 
 
 def token_dtype_for_vocab(vocab_size):
@@ -174,14 +180,16 @@ def resolve_data_file(path):
 
 
 class BinarizedCorpus:
-    """Read-only view of a binarized corpus: `tokens` (flat) and `offsets` (n_sequences + 1)."""
+    """Read-only view of a binarized corpus: `tokens` (flat) and `offsets` (n_sequences + 1).
+
+    Opened from a file, both are memory maps: nothing is read until used.
+    """
 
     def __init__(self, tokens, offsets, metadata, path):
         self.tokens = tokens
         self.offsets = offsets
         self.metadata = metadata
         self.path = path
-        self._file_backed = isinstance(tokens, np.memmap)
 
     @property
     def n_sequences(self):
@@ -200,14 +208,71 @@ class BinarizedCorpus:
     def sequence(self, i):
         return self.tokens[self.offsets[i]: self.offsets[i + 1]]
 
-    def iter_blocks(self, start, stop):
-        """Token ids [start, stop) as a private array (not a mapping of the file: keeps USS low)."""
-        if not self._file_backed:
-            return self.tokens[start:stop]
-        with open(self.path, "rb") as f:
-            itemsize = self.tokens.dtype.itemsize
-            return np.fromfile(f, dtype=self.tokens.dtype, count=stop - start,
-                               offset=HEADER_BYTES + start * itemsize)
+    def iter_blocks(self, start, stop, out=None):
+        """Token ids [start, stop) as a private array (not a mapping of the file: keeps USS low).
+
+        With `out` (a buffer of the token dtype) the ids are read into its beginning when they fit, so a
+        loop over blocks reuses one buffer instead of faulting in fresh pages for every block.
+        """
+        return self._read(self.tokens, HEADER_BYTES, start, stop, out)
+
+    def offsets_block(self, start, stop):
+        """offsets[start:stop] as a private array, read like `iter_blocks`."""
+        return self._read(self.offsets, self.metadata.get("offsets_at"), start, stop)
+
+    def iter_sequence_blocks(self, max_tokens=None):
+        """The corpus as consecutive runs of whole sequences, each given by its offsets (n + 1 of them).
+
+        A run has at most _OFFSETS_CHUNK sequences and, with max_tokens, at most that many tokens unless
+        it is one longer sequence: whatever the corpus, work done a run at a time stays bounded.
+        """
+        lo = 0
+        while lo < self.n_sequences:
+            off = self.offsets_block(lo, min(lo + _OFFSETS_CHUNK, self.n_sequences) + 1)
+            i = 0
+            while i < len(off) - 1:
+                j = len(off) - 1
+                if max_tokens is not None:
+                    j = min(j, int(np.searchsorted(off, off[i] + max_tokens, side="right")) - 1)
+                j = max(j, i + 1)
+                yield off[i: j + 1]
+                i = j
+            lo += len(off) - 1
+
+    def _read(self, array, file_pos, start, stop, out=None):
+        # Reading a memory map would make every page it touches count in this process's private memory
+        # (USS) while only this process maps it; read() goes through the page cache, which is not.
+        if not isinstance(array, np.memmap):
+            return array[start:stop]
+        n = stop - start
+        if out is not None and len(out) >= n and out.dtype == array.dtype:
+            out = out[:n]
+        else:
+            out = np.empty(n, dtype=array.dtype)
+        if n == 0:
+            return out
+        view = memoryview(out).cast("B")
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(file_pos + start * array.itemsize)
+            done = 0
+            while done < len(view):
+                got = f.readinto(view[done:])
+                if not got:
+                    raise ValueError(f"{self.path}: file shrank while being read")
+                done += got
+        return out
+
+    def _offsets_are_valid(self, n_tokens):
+        """offsets start at 0, never decrease and end at n_tokens (checked a chunk at a time)."""
+        previous = 0
+        for lo in range(0, len(self.offsets), _OFFSETS_CHUNK):
+            chunk = self.offsets_block(lo, min(lo + _OFFSETS_CHUNK, len(self.offsets)))
+            if lo == 0 and chunk[0] != 0:
+                return False
+            if chunk[0] < previous or np.any(chunk[1:] < chunk[:-1]):
+                return False
+            previous = chunk[-1]
+        return previous == n_tokens
 
     @classmethod
     def open(cls, path):
@@ -231,6 +296,8 @@ class BinarizedCorpus:
             meta = json.loads(head[len(MAGIC) + 4: len(MAGIC) + 4 + n].decode())
             dtype = np.dtype(meta["token_dtype"])
             n_seq, n_tok, off_at = int(meta["n_sequences"]), int(meta["n_tokens"]), int(meta["offsets_at"])
+            if min(n_seq, n_tok, off_at) < 0:
+                raise ValueError("negative size")
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             raise ValueError(f"{path}: corrupted header ({exc})") from None
         expected = off_at + (n_seq + 1) * 8
@@ -238,11 +305,12 @@ class BinarizedCorpus:
             raise ValueError(f"{path}: truncated or corrupted ({size} bytes, the header promises {expected})")
         tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(n_tok,)) if n_tok else \
             np.zeros(0, dtype=dtype)
-        with open(path, "rb") as f:
-            offsets = np.fromfile(f, dtype=np.int64, count=n_seq + 1, offset=off_at)
-        if offsets[0] != 0 or offsets[-1] != n_tok or (n_seq and np.any(offsets[1:] < offsets[:-1])):
+        # Mapped, not read: an index over billions of tokens need not sit in every process's memory.
+        offsets = np.memmap(path, dtype=np.int64, mode="r", offset=off_at, shape=(n_seq + 1,))
+        corpus = cls(tokens, offsets, meta, path)
+        if not corpus._offsets_are_valid(n_tok):
             raise ValueError(f"{path}: corrupted sequence offsets")
-        return cls(tokens, offsets, meta, path)
+        return corpus
 
     @classmethod
     def _open_legacy(cls, path):
@@ -322,71 +390,107 @@ class LmSeqsDataset(Dataset):
 
         # A view is a slice [start, start + length) of the flat token array; `wrapped` views are chunks
         # of a long sequence and get the start/end special tokens added around them when read.
-        self.starts, self.lengths, self.wrapped = self._split_long_sequences()
-        self._keep(self.lengths > MIN_SEQ_LEN - 1, "too short (11 tokens or fewer)")
-        self._remove_unknown_sequences()
+        self.starts, self.lengths, self.wrapped = self._build_index()
         self.print_statistics()
 
     # -- index construction ---------------------------------------------------------------------------
 
-    def _split_long_sequences(self):
-        offsets = self.corpus.offsets
-        starts = offsets[:-1]
-        lengths = np.diff(offsets)  # int64
-        long = lengths > self.max_len
-        n_long = int(long.sum())
-        if n_long == 0:
-            return starts.copy(), lengths, np.zeros(len(lengths), dtype=bool)
+    def _build_index(self):
+        """(starts int64, lengths int32, wrapped bool) of the views that pass every filter, in corpus order.
+
+        One pass over the corpus, a run of whole sequences at a time. The result arrays are allocated for
+        the most views there can be, filled from the front and trimmed in place at the end: pages never
+        written cost no memory, and no step holds a second copy of the index.
+        """
+        # Byte-level BPE (GPT-2, RoBERTa) has no unknown token: its "unk" is the boundary token itself.
+        scan_unk = self.unk_id is not None and self.unk_id not in (self.bos_id, self.eos_id)
+        capacity = self._max_views()
+        starts = np.empty(capacity, dtype=np.int64)
+        lengths = np.empty(capacity, dtype=np.int32 if self.max_len <= np.iinfo(np.int32).max else np.int64)
+        wrapped = np.empty(capacity, dtype=bool)
+        n = n_long = n_chunks = n_short = n_unk = 0
+        token_buf = mask_buf = None
+        for off in self.corpus.iter_sequence_blocks(_UNK_SCAN_TOKENS):
+            seq_lens = np.diff(off)
+            long = seq_lens > self.max_len
+            block = None
+            if scan_unk or long.any():
+                if token_buf is None:
+                    token_buf = np.empty(_UNK_SCAN_TOKENS, dtype=self.corpus.tokens.dtype)
+                block = self.corpus.iter_blocks(int(off[0]), int(off[-1]), out=token_buf)
+            v_starts, v_lens, v_wrapped = self._block_views(off, seq_lens, long, block)
+            n_long += int(np.count_nonzero(long))
+            n_chunks += int(np.count_nonzero(v_wrapped))
+
+            keep = v_lens >= MIN_SEQ_LEN
+            n_kept = int(np.count_nonzero(keep))
+            n_short += len(keep) - n_kept
+            if scan_unk and n_kept:
+                if mask_buf is None or len(mask_buf) <= len(block):
+                    mask_buf = np.empty(max(_UNK_SCAN_TOKENS, len(block)) + 1, dtype=bool)
+                candidates = np.flatnonzero(keep)
+                # a wrapped view's slice holds no wrapping tokens; the ratio is still over its full length
+                body_lens = v_lens[candidates] - 2 * v_wrapped[candidates]
+                unk = _count_in_slices(block, self.unk_id, v_starts[candidates] - off[0], body_lens, mask_buf)
+                keep[candidates] = unk / v_lens[candidates] < MAX_UNK_RATIO
+                still = int(np.count_nonzero(keep))
+                n_unk += n_kept - still
+                n_kept = still
+
+            starts[n: n + n_kept] = v_starts[keep]
+            lengths[n: n + n_kept] = v_lens[keep]
+            wrapped[n: n + n_kept] = v_wrapped[keep]
+            n += n_kept
+
+        for array in (starts, lengths, wrapped):
+            array.resize(n, refcheck=False)  # in place (no copy): nothing else refers to them yet
+        if n_long:
+            logger.info("Splitting %d too-long sequences into %d chunks.", n_long, n_chunks)
+        for removed, reason in ((n_short, "too short (11 tokens or fewer)"), (n_unk, "half or more unknown tokens")):
+            if removed:
+                logger.info("Removed %d sequences: %s.", removed, reason)
+        return starts, lengths, wrapped
+
+    def _max_views(self):
+        """How many views there are at most: long sequences count as if none had boundary tokens to drop."""
+        piece = self.max_len - 2
+        total = 0
+        for off in self.corpus.iter_sequence_blocks():
+            lens = np.diff(off)
+            long = lens > self.max_len
+            total += len(lens) - int(np.count_nonzero(long)) + int((-(-lens[long] // piece)).sum())
+        return total
+
+    def _block_views(self, off, seq_lens, long, block):
+        """(starts, lengths, wrapped) of the views of a run of sequences, in corpus order.
+
+        off: the run's offsets; seq_lens, long: its sequences' lengths and which are too long; block: its
+        token ids (read only when some are).
+        """
+        seq_starts = off[:-1]
+        if not long.any():
+            return seq_starts, seq_lens, np.zeros(len(seq_lens), dtype=bool)
 
         # Long sequences: drop their own boundary tokens, cut the content into max_len - 2 pieces, and
         # re-wrap every piece so each chunk starts and ends like a real sequence.
-        l_starts, l_lens = starts[long], lengths[long]
-        tokens = self.corpus.tokens
-        has_bos = np.asarray(tokens[l_starts]) == self.bos_id
-        has_eos = np.asarray(tokens[l_starts + l_lens - 1]) == self.eos_id
-        c_starts = l_starts + has_bos
-        c_lens = l_lens - has_bos - has_eos
+        first = seq_starts[long] - off[0]
+        has_bos = block[first] == self.bos_id
+        has_eos = block[first + seq_lens[long] - 1] == self.eos_id
+        body_starts, body_lens = seq_starts.copy(), seq_lens.copy()
+        body_starts[long] += has_bos
+        body_lens[long] -= has_bos
+        body_lens[long] -= has_eos
         piece = self.max_len - 2
-        n_pieces = -(-c_lens // piece)
-        first_view = np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)
-        k = np.arange(int(n_pieces.sum())) - first_view  # index of the piece inside its sequence
-        seq = np.repeat(np.arange(n_long), n_pieces)
-        p_starts = c_starts[seq] + k * piece
-        p_lens = np.minimum(piece, c_lens[seq] - k * piece) + 2
-
-        # Merge: short sequences as they are, long ones replaced by their pieces; keep corpus order.
-        short = ~long
-        all_starts = np.concatenate([starts[short], p_starts])
-        all_lens = np.concatenate([lengths[short], p_lens])
-        all_wrapped = np.concatenate([np.zeros(int(short.sum()), bool), np.ones(len(p_starts), bool)])
-        order = np.argsort(all_starts, kind="stable")
-        logger.info("Splitting %d too-long sequences into %d chunks.", n_long, len(p_starts))
-        return all_starts[order], all_lens[order], all_wrapped[order]
-
-    def _keep(self, keep, reason):
-        n_before = len(self.lengths)
-        self.starts, self.lengths, self.wrapped = self.starts[keep], self.lengths[keep], self.wrapped[keep]
-        if n_before != len(self.lengths):
-            logger.info("Removed %d sequences: %s.", n_before - len(self.lengths), reason)
-
-    def _remove_unknown_sequences(self):
-        # Byte-level BPE (GPT-2, RoBERTa) has no unknown token: its "unk" is the boundary token itself.
-        if self.unk_id is None or self.unk_id in (self.bos_id, self.eos_id) or len(self.lengths) == 0:
-            return
-        body_starts = self.starts  # wrapped views' stored slice excludes the wrapping tokens
-        body_lens = self.lengths - 2 * self.wrapped
-        body_ends = body_starts + body_lens
-        unk = np.zeros(len(body_starts), dtype=np.int64)
-        i, n = 0, len(body_starts)
-        while i < n:  # blocks of whole views, bounded memory
-            j = max(i + 1, int(np.searchsorted(body_ends, body_starts[i] + _UNK_SCAN_TOKENS, side="right")))
-            lo, hi = int(body_starts[i]), int(body_ends[j - 1])
-            block = self.corpus.iter_blocks(lo, hi)
-            csum = np.zeros(hi - lo + 1, dtype=np.int64)
-            np.cumsum(block == self.unk_id, out=csum[1:])
-            unk[i:j] = csum[body_ends[i:j] - lo] - csum[body_starts[i:j] - lo]
-            i = j
-        self._keep(unk / self.lengths < MAX_UNK_RATIO, "half or more unknown tokens")
+        per_seq = np.ones_like(seq_lens)
+        per_seq[long] = -(-body_lens[long] // piece)
+        # Expanding each sequence into its views in place keeps corpus order without sorting.
+        seq = np.repeat(np.arange(len(seq_lens)), per_seq)
+        k = np.arange(len(seq)) - np.repeat(np.cumsum(per_seq) - per_seq, per_seq)  # piece index in its sequence
+        starts = body_starts[seq] + k * piece
+        lens = body_lens[seq] - k * piece
+        wrapped = long[seq]
+        lens[wrapped] = np.minimum(lens[wrapped], piece) + 2
+        return starts, lens, wrapped
 
     # -- access -----------------------------------------------------------------------------------------
 
@@ -421,6 +525,24 @@ class LmSeqsDataset(Dataset):
         for row, (ids, n) in enumerate(batch):
             out[row, :n] = ids
         return torch.from_numpy(out), torch.from_numpy(lengths)
+
+
+def _count_in_slices(block, value, starts, lens, mask):
+    """How many ids equal `value` in each block[starts[i]: starts[i] + lens[i]] (every lens[i] > 0).
+
+    mask: a bool buffer of at least len(block) + 1 items, overwritten.
+    """
+    if len(starts) == 0:
+        return np.zeros(0, dtype=np.int32)
+    mask = mask[: len(block) + 1]
+    np.equal(block, value, out=mask[:-1])
+    mask[-1] = False  # reduceat takes only indices inside the array: this lets a slice end at the block's end
+    bounds = np.empty(2 * len(starts), dtype=np.int64)
+    bounds[0::2] = starts
+    bounds[1::2] = starts + lens
+    # reduceat sums from each bound to the next: the even results are the slices, the odd ones the gaps
+    # between them (an empty gap gives one item instead of 0; those are dropped anyway).
+    return np.add.reduceat(mask, bounds, dtype=np.int32)[0::2]
 
 
 def _corpus_from_list(sequences):

@@ -587,3 +587,75 @@ def test_binarization_ignores_padding_and_truncation_in_tokenizer_json(tiny, tmp
     for i, line in enumerate(lines):
         expected = [plain.cls_token_id] + plain(line, add_special_tokens=False)["input_ids"] + [plain.sep_token_id]
         assert data.sequence(i).tolist() == expected
+
+
+# ------------------------------------------------------------------------------ index built block-wise
+
+
+class _Untouchable(np.memmap):
+    """A memory map that refuses to be indexed: proves the index build reads the file, not the mapping."""
+
+    def __getitem__(self, key):
+        raise AssertionError("read through the memory map")
+
+
+@pytest.mark.parametrize("scan_tokens, chunk", [(1, 1), (40, 3), (500, 64), (1 << 22, 1 << 18)])
+@pytest.mark.parametrize("special", ["bert", "gpt2", "no_unk"])
+def test_index_built_block_by_block_matches_the_reference(tmp_path, monkeypatch, scan_tokens, chunk, special):
+    rng = np.random.default_rng(9)
+    seqs = _random_corpus(rng, n_seqs=300)
+    seqs[5], seqs[40] = [], [CLS]  # sequences too short to have both boundary tokens
+    seqs[60] = [CLS] + [UNK] * 200 + [SEP]  # longer than a block of every size tried
+    ids = {"bert": dict(BERT_IDS), "gpt2": {"bos_token": SEP, "eos_token": SEP, "unk_token": SEP},
+           "no_unk": {"pad_token": PAD, "cls_token": CLS, "sep_token": SEP}}[special]
+    mlm = special != "gpt2"
+    bos, eos = (CLS, SEP) if mlm else (SEP, SEP)
+    expected = _reference_dataset(seqs, 32, bos, eos, ids.get("unk_token"))
+    params = types.SimpleNamespace(max_model_input_size=32, mlm=mlm, special_tok_ids=ids)
+    path = str(tmp_path / "c.bin")
+    with BinarizedWriter(path, vocab_size=200) as w:
+        w.add_batch(seqs)
+    monkeypatch.setattr(lm_seqs_dataset, "_UNK_SCAN_TOKENS", scan_tokens)
+    monkeypatch.setattr(lm_seqs_dataset, "_OFFSETS_CHUNK", chunk)
+    corpus = BinarizedCorpus.open(path)
+    assert isinstance(corpus.offsets, np.memmap)
+    corpus.tokens, corpus.offsets = corpus.tokens.view(_Untouchable), corpus.offsets.view(_Untouchable)
+    built = LmSeqsDataset(params, corpus)
+    assert built.starts.dtype == np.int64 and built.lengths.dtype == np.int32 and built.wrapped.dtype == bool
+    assert len(built.starts) == len(built.lengths) == len(built.wrapped) == len(expected)
+
+    in_memory = LmSeqsDataset(params, seqs)
+    assert _items(in_memory) == expected
+    for name in ("starts", "lengths", "wrapped"):
+        np.testing.assert_array_equal(getattr(built, name), getattr(in_memory, name))
+
+
+def test_sequence_blocks_respect_both_bounds(tmp_path, monkeypatch):
+    monkeypatch.setattr(lm_seqs_dataset, "_OFFSETS_CHUNK", 4)
+    lens = [3, 0, 5, 9, 1, 1, 1, 1, 1, 20, 2, 0, 0, 4]
+    path = str(tmp_path / "c.bin")
+    with BinarizedWriter(path, vocab_size=100) as w:
+        w.add_batch([[1] * n for n in lens])
+    corpus = BinarizedCorpus.open(path)
+    for max_tokens in (None, 1, 6, 10, 1000):
+        runs = list(corpus.iter_sequence_blocks(max_tokens))
+        assert np.concatenate([r[:-1] for r in runs] + [runs[-1][-1:]]).tolist() == corpus.offsets.tolist()
+        for r in runs:
+            assert 1 <= len(r) - 1 <= 4
+            assert max_tokens is None or len(r) == 2 or r[-1] - r[0] <= max_tokens
+
+
+@pytest.mark.parametrize("where", ["first", "last", "inside_a_chunk", "across_chunks"])
+def test_corrupted_offsets_are_found_in_any_chunk(tmp_path, monkeypatch, where):
+    monkeypatch.setattr(lm_seqs_dataset, "_OFFSETS_CHUNK", 4)
+    path = tmp_path / "c.bin"
+    with BinarizedWriter(str(path), vocab_size=100) as w:
+        w.add_batch([[1, 2, 3]] * 11)  # offsets 0, 3, ..., 33: chunks [0:4) [4:8) [8:12)
+    at, offsets = BinarizedCorpus.open(str(path)).metadata["offsets_at"], list(range(0, 34, 3))
+    index, value = {"first": (0, 1), "last": (11, 32), "inside_a_chunk": (6, 14), "across_chunks": (4, 8)}[where]
+    offsets[index] = value
+    blob = bytearray(path.read_bytes())
+    blob[at:] = np.array(offsets, dtype=np.int64).tobytes()
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="corrupted sequence offsets"):
+        BinarizedCorpus.open(str(path))
