@@ -18,19 +18,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lm_seqs_dataset import BinarizedCorpus, save_token_counts  # noqa: E402
 from utils import fail, logger  # noqa: E402
 
-_BLOCK = 1 << 25  # tokens counted per block: bincount widens to int64, so bound that copy
+_READ_BLOCK = 1 << 24  # tokens read from the file at once, into one reused buffer
+_COUNT_BLOCK = 1 << 20  # tokens per bincount: its int64 widening then stays in cache (about 2x faster)
 
 
 def count_tokens(corpus, vocab_size):
     counts = np.zeros(vocab_size, dtype=np.int64)
-    for lo in range(0, corpus.n_tokens, _BLOCK):
-        block = corpus.iter_blocks(lo, min(lo + _BLOCK, corpus.n_tokens))
-        block_counts = np.bincount(block, minlength=vocab_size)
-        if len(block_counts) > vocab_size:
-            bad = int(np.flatnonzero(block_counts[vocab_size:])[0]) + vocab_size
-            raise ValueError(f"{corpus.path}: token id {bad} is outside the vocabulary of {vocab_size} "
-                             f"(--vocab_size)")
-        counts += block_counts
+    buffer = np.empty(min(_READ_BLOCK, max(corpus.n_tokens, 1)), dtype=corpus.tokens.dtype)
+    for lo in range(0, corpus.n_tokens, _READ_BLOCK):
+        block = corpus.iter_blocks(lo, min(lo + _READ_BLOCK, corpus.n_tokens), out=buffer)
+        for i in range(0, len(block), _COUNT_BLOCK):
+            block_counts = np.bincount(block[i: i + _COUNT_BLOCK], minlength=vocab_size)
+            if len(block_counts) > vocab_size:
+                bad = int(np.flatnonzero(block_counts[vocab_size:])[0]) + vocab_size
+                raise ValueError(f"{corpus.path}: token id {bad} is outside the vocabulary of {vocab_size} "
+                                 f"(--vocab_size)")
+            counts += block_counts
     return counts
 
 
