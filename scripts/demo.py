@@ -1,0 +1,602 @@
+#!/usr/bin/env python
+"""The whole distillation workflow on one CPU, offline, in about ten minutes: `make demo` runs this.
+
+    python scripts/demo.py                      # full demo, writes demo_output/
+    python scripts/demo.py --quick              # seconds-scale smoke run (CI)
+    python scripts/demo.py --corpus my.txt      # your own text, one sequence per line
+
+There is no hub and no data set to download, so everything is made here: a corpus of real English prose
+(the docstrings and comments of the Python standard library, which every Python installation ships), a
+WordPiece tokenizer trained on it, and a small BERT teacher pretrained on it from scratch. Then the
+DistilBERT recipe: a 2-layer student initialised from teacher layers, distilled; and, for comparison, the
+same student from the same initialisation trained for the same steps without the teacher. Every step
+after the tokenizer is a real command of this repository (printed before it runs), so the output doubles
+as a worked example of the README. The results table lands in <workdir>/results.md and results.json.
+"""
+import argparse
+import ast
+import json
+import math
+import os
+import random
+import re
+import shlex
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Two sizes of the same pipeline. The full one is sized for ~8-10 minutes on 2 CPU cores; the quick one only
+# proves every step runs and produces a table (its numbers mean little).
+PRESETS = {
+    "full": {
+        "max_lines": None, "vocab_size": 4000, "max_len": 128,
+        "teacher": {"layers": 4, "hidden": 128, "heads": 4, "ffn": 512},
+        "student_layers": [0, 3],
+        "batch_size": 32,
+        "teacher_epochs": 14, "teacher_lr": 1e-3,
+        "student_epochs": 3, "student_lr": 5e-4,
+        "eval_batch_size": 32, "speed_batches": 10, "speed_rounds": 7,
+    },
+    "quick": {
+        "max_lines": 1200, "vocab_size": 600, "max_len": 64,
+        "teacher": {"layers": 4, "hidden": 64, "heads": 2, "ffn": 128},
+        "student_layers": [0, 3],
+        "batch_size": 16,
+        "teacher_epochs": 1, "teacher_lr": 1e-3,
+        "student_epochs": 1, "student_lr": 5e-4,
+        "eval_batch_size": 32, "speed_batches": 2, "speed_rounds": 2,
+    },
+}
+HELDOUT_FRACTION = 0.05
+MIN_WORDS = 8
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# The stdlib's test suites are half its files but mostly code and fixtures, not prose; skipping them also
+# cuts parsing from ~20 s to ~2 s.
+SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+# ============================================================================================ corpus
+
+
+def _docstrings(source):
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc:
+                yield doc
+
+
+def _comment_blocks(source):
+    """Runs of consecutive full-line comments, each joined into one paragraph (trailing code comments are
+    mostly fragments like `# noqa` or `# type: ignore`, so only whole-line ones are kept)."""
+    block = []
+    for line in source.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#") and not stripped.startswith("#!"):
+            text = stripped.lstrip("#").strip()
+            if text:
+                block.append(text)
+                continue
+        if block:
+            yield " ".join(block)
+            block = []
+    if block:
+        yield " ".join(block)
+
+
+_WORD = re.compile(r"^[(\"']?[A-Za-z][a-z]*(?:'[a-z]+)?[)\"']?[.,;:!?]?[)\"']?$")
+
+
+def looks_like_english(line):
+    """Mostly plain words and no doctest or code markers: docstrings also hold signatures, tables and code."""
+    if any(marker in line for marker in (">>>", "...", "::", "---", "\\")):
+        return False
+    words = line.split()
+    if len(words) < MIN_WORDS:
+        return False
+    plain = sum(1 for w in words if _WORD.match(w))
+    symbols = sum(line.count(c) for c in "=_{}[]<>|*#@$%^~`")
+    return plain >= 0.75 * len(words) and symbols <= 2
+
+
+def stdlib_files(root=None):
+    root = root or sysconfig.get_paths()["stdlib"]
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)  # sorted: the same walk on every run
+        files.extend(os.path.join(folder, n) for n in sorted(names) if n.endswith(".py"))
+    return files
+
+
+def stdlib_corpus(seed=0, root=None):
+    """English paragraphs from the standard library's docstrings and comments: deduplicated, shuffled
+    with `seed`. The same Python installation always gives the same list."""
+    lines, seen = [], set()
+    for path in stdlib_files(root):
+        try:
+            with open(path, encoding="utf-8") as f:
+                source = f.read()
+            texts = list(_docstrings(source))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue  # e.g. lib2to3's deliberately broken fixtures
+        texts.extend(_comment_blocks(source))
+        for text in texts:
+            for paragraph in re.split(r"\n\s*\n", text):
+                line = " ".join(paragraph.split())
+                if line not in seen and looks_like_english(line):
+                    seen.add(line)
+                    lines.append(line)
+    random.Random(seed).shuffle(lines)
+    return lines
+
+
+def read_corpus(path, seed=0):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [" ".join(line.split()) for line in f]
+    lines = [line for line in lines if line]
+    random.Random(seed).shuffle(lines)  # a file sorted by topic would otherwise hold out one topic
+    return lines
+
+
+def split_heldout(lines, fraction=HELDOUT_FRACTION):
+    """(train, held-out): the first `fraction` of the (already shuffled) lines are held out."""
+    n_heldout = max(1, round(fraction * len(lines)))
+    return lines[n_heldout:], lines[:n_heldout]
+
+
+# ============================================================================================ steps
+
+
+class StepFailed(Exception):
+    def __init__(self, step, message, command=None, log=None):
+        super().__init__(message)
+        self.step, self.command, self.log = step, command, log
+
+
+class Pipeline:
+    def __init__(self, workdir, verbose=False):
+        self.workdir = workdir
+        self.verbose = verbose
+        self.timings = {}
+        self.n_steps = 9
+        self.step_no = 0
+        self.step_name = None
+
+    def rel(self, path):
+        """Paths inside the repository are shown (and passed) relative to it, as a user would type them."""
+        path = os.path.abspath(path)
+        rel = os.path.relpath(path, REPO)
+        return path if rel.startswith("..") else rel
+
+    def begin(self, name):
+        self.step_no += 1
+        self.step_name = name
+        self._t0 = time.time()
+        print(f"\n[{self.step_no}/{self.n_steps}] {name}", flush=True)
+
+    def end(self):
+        elapsed = time.time() - self._t0
+        self.timings[self.step_name] = round(elapsed, 1)
+        print(f"    done in {elapsed:.1f}s", flush=True)
+
+    def run(self, script, args, log_name, progress_file=None):
+        """Run a repository script with this interpreter; output goes to a log (and the console with
+        --verbose). While training, a progress line is printed from the run's metrics.jsonl now and then."""
+        cmd = [sys.executable, script, *[str(a) for a in args]]
+        shown = "python " + shlex.join(cmd[1:])
+        print(_wrap_command(shown), flush=True)
+        log_path = os.path.join(self.workdir, "logs", log_name)
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+                   HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        captured = []
+        with open(log_path, "w") as log:
+            log.write(f"$ {shown}\n")
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, errors="replace")
+
+            def pump():
+                for line in proc.stdout:
+                    log.write(line)
+                    log.flush()
+                    captured.append(line)
+                    if self.verbose:
+                        sys.stdout.write("      " + line)
+
+            reader = threading.Thread(target=pump, daemon=True)
+            reader.start()
+            last_report = time.time()
+            while True:
+                try:
+                    proc.wait(timeout=2)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if progress_file and not self.verbose and time.time() - last_report >= 30:
+                    last_report = time.time()
+                    self._report_progress(progress_file, captured)
+            reader.join()
+        if proc.returncode != 0:
+            raise StepFailed(self.step_name, f"exit status {proc.returncode}", shown, log_path)
+        return "".join(captured)
+
+    def _report_progress(self, metrics_path, captured):
+        total = _optimizer_steps("".join(captured))
+        record = _last_metrics(metrics_path)
+        if record is not None:
+            of = f"/{total}" if total else ""
+            print(f"      step {record['step']}{of}  train loss {record.get('loss', float('nan')):.3f}  "
+                  f"({time.time() - self._t0:.0f}s)", flush=True)
+
+
+def _wrap_command(command, width=110):
+    """Shell-pasteable, one `--flag value` group never split across lines."""
+    lines, current = [], "    $"
+    for part in re.split(r" (?=--)", command):
+        if len(current) + 1 + len(part) > width and current.strip() != "$":
+            lines.append(current + " \\")
+            current = "       "
+        current += " " + part
+    return "\n".join(lines + [current])
+
+
+def _optimizer_steps(output):
+    found = re.findall(r"(\d+) optimizer steps", output)
+    return int(found[-1]) if found else None
+
+
+def _last_metrics(path):
+    try:
+        with open(path) as f:
+            lines = [line for line in f if line.strip()]
+        return json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError):
+        return None
+
+
+def train_tokenizer(lines, folder, vocab_size, max_len):
+    """A lowercase WordPiece vocabulary learnt from the training lines, saved as a BertTokenizer folder."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizer
+
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
+                                  show_progress=False)
+    os.makedirs(folder, exist_ok=True)
+    wordpiece.save_model(folder)
+    tokenizer = BertTokenizer(os.path.join(folder, "vocab.txt"), do_lower_case=True, model_max_length=max_len)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def write_model_configs(folder, tokenizer, preset):
+    from transformers import BertConfig, DistilBertConfig
+
+    t = preset["teacher"]
+    teacher = BertConfig(vocab_size=len(tokenizer), hidden_size=t["hidden"], num_hidden_layers=t["layers"],
+                         num_attention_heads=t["heads"], intermediate_size=t["ffn"],
+                         max_position_embeddings=preset["max_len"], pad_token_id=tokenizer.pad_token_id,
+                         # A few minutes of pretraining is far from overfitting: dropout would only slow it.
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    # The student has the teacher's width (the cosine loss compares hidden states) and fewer layers.
+    student = DistilBertConfig(vocab_size=len(tokenizer), dim=t["hidden"], n_layers=len(preset["student_layers"]),
+                               n_heads=t["heads"], hidden_dim=t["ffn"], max_position_embeddings=preset["max_len"],
+                               sinusoidal_pos_embds=False, pad_token_id=tokenizer.pad_token_id)
+    paths = os.path.join(folder, "teacher_config.json"), os.path.join(folder, "student_config.json")
+    os.makedirs(folder, exist_ok=True)
+    teacher.to_json_file(paths[0])
+    student.to_json_file(paths[1])
+    return paths
+
+
+# ============================================================================================ results
+
+COLUMNS = ["model", "layers", "parameters", "held-out MLM loss", "pseudo-perplexity", "KL to teacher",
+           "top-1 agreement with teacher", "inference seq/s", "speed-up vs teacher"]
+
+
+def _fmt(value, spec):
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def results_markdown(rows):
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|"]
+    for r in rows:
+        cells = [r["label"], str(r["layers"]), f"{r['parameters']:,}", _fmt(r["mlm_loss"], ".3f"),
+                 _fmt(r["pseudo_perplexity"], ".1f"), _fmt(r["kl_to_teacher"], ".3f"),
+                 _fmt(r["top1_agreement"], ".1%"), _fmt(r["sequences_per_second"], ".0f"),
+                 _fmt(r["speedup_vs_teacher"], ".2f") + ("x" if r["speedup_vs_teacher"] else "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def measure_speed(model_dirs, data_file, batch_size, n_batches, rounds):
+    """Sequences/s of each model on the held-out batches, with evaluate.inference_speed.
+
+    The models take turns, round after round, and each keeps its median: on a shared machine a burst of
+    load then slows every model alike instead of whichever was being timed (two identical students timed
+    one after the other easily differ by 10%).
+    """
+    import logging
+    import statistics
+    from types import SimpleNamespace
+
+    for path in (REPO, os.path.join(REPO, "scripts")):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    import torch
+    import train
+    from evaluate import inference_speed
+    from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset
+    from utils import special_token_ids
+
+    import transformers
+
+    logging.getLogger("distil").setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
+    models = {}
+    for name, (folder, model_type) in model_dirs.items():
+        models[name] = train.model_classes(model_type)[1].from_pretrained(folder).eval()
+    teacher_folder, teacher_type = model_dirs["teacher"]
+    tokenizer = train.model_classes(teacher_type)[2].from_pretrained(teacher_folder)
+    max_len = min(train.max_input_size(m.config, tokenizer) for m in models.values())
+    params = SimpleNamespace(max_model_input_size=max_len, mlm=True, special_tok_ids=special_token_ids(tokenizer))
+    dataset = LmSeqsDataset(params=params, data=BinarizedCorpus.open(data_file))
+    samples = {name: [] for name in models}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, model in models.items():
+                samples[name].append(inference_speed(model, dataset, batch_size, "cpu", n_batches))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def build_rows(evals, layers):
+    teacher_speed = evals["teacher"]["sequences_per_second"]
+    labels = {"teacher": "teacher (BERT, pretrained here)", "distilled": "distilled student (DistilBERT)",
+              "baseline": "baseline student (same init, no teacher)"}
+    rows = []
+    for name in ("teacher", "distilled", "baseline"):
+        e = evals[name]
+        rows.append({
+            "name": name, "label": labels[name], "layers": layers[name], "parameters": e["n_parameters"],
+            "mlm_loss": e["mlm_loss"], "pseudo_perplexity": e["pseudo_perplexity"],
+            "kl_to_teacher": e.get("kl_teacher_student"), "top1_agreement": e.get("top1_agreement"),
+            "sequences_per_second": e["sequences_per_second"],
+            "speedup_vs_teacher": e["sequences_per_second"] / teacher_speed,
+        })
+    return rows
+
+
+# ============================================================================================ main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Offline end-to-end DistilBERT demo on the CPU.")
+    parser.add_argument("--workdir", default=os.path.join(REPO, "demo_output"),
+                        help="Where everything is written (default: demo_output/ in the repository). It is "
+                             "cleared first if it holds a previous demo.")
+    parser.add_argument("--corpus", default=None,
+                        help="A text file, one sequence per line (default: the Python standard library's "
+                             "docstrings and comments).")
+    parser.add_argument("--quick", action="store_true", help="A tiny run that only checks the pipeline (~1 min).")
+    parser.add_argument("--steps_scale", type=float, default=1.0,
+                        help="Multiply the number of training epochs of every stage (rounded, at least 1).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", action="store_true", help="Echo every step's output, not only its log file.")
+    return parser.parse_args(argv)
+
+
+def prepare_workdir(workdir):
+    """A previous demo's folder is replaced; anything else that happens to be there is not deleted."""
+    import shutil
+
+    marker = os.path.join(workdir, ".distil-demo")
+    if os.path.exists(workdir) and os.listdir(workdir):
+        if not os.path.exists(marker):
+            raise StepFailed("setup", f"--workdir {workdir} is not empty and was not made by this demo; "
+                                      "choose another folder")
+        shutil.rmtree(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    open(marker, "w").close()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    preset = dict(PRESETS["quick" if args.quick else "full"])
+    scale = lambda epochs: max(1, round(epochs * args.steps_scale))  # noqa: E731
+    workdir = os.path.abspath(args.workdir)
+    pipe = Pipeline(workdir, verbose=args.verbose)
+    t_start = time.time()
+    try:
+        prepare_workdir(workdir)
+        print(f"Distil* demo ({'quick' if args.quick else 'full'}), interpreter {sys.executable}, "
+              f"workdir {pipe.rel(workdir)}", flush=True)
+        data = os.path.join(workdir, "data")
+        os.makedirs(data, exist_ok=True)
+
+        # 1. corpus ---------------------------------------------------------------------------------
+        pipe.begin("Corpus: " + (args.corpus if args.corpus else "Python standard library docstrings and comments"))
+        lines = read_corpus(args.corpus, args.seed) if args.corpus else stdlib_corpus(args.seed)
+        if preset["max_lines"]:
+            lines = lines[:preset["max_lines"]]
+        if len(lines) < 40:
+            raise StepFailed(pipe.step_name, f"only {len(lines)} usable lines; the demo needs at least 40")
+        train_lines, heldout_lines = split_heldout(lines)
+        train_txt, heldout_txt = os.path.join(data, "train.txt"), os.path.join(data, "heldout.txt")
+        for path, subset in ((train_txt, train_lines), (heldout_txt, heldout_lines)):
+            with open(path, "w", encoding="utf-8") as f:
+                f.write("\n".join(subset) + "\n")
+        n_words = [sum(len(x.split()) for x in subset) for subset in (train_lines, heldout_lines)]
+        print(f"    {len(train_lines):,} training lines ({n_words[0]:,} words), {len(heldout_lines):,} held-out "
+              f"lines ({n_words[1]:,} words)\n    e.g. \"{train_lines[0][:110]}\"", flush=True)
+        pipe.end()
+
+        # 2. tokenizer ------------------------------------------------------------------------------
+        pipe.begin(f"WordPiece tokenizer ({preset['vocab_size']:,} tokens, lowercase) trained with `tokenizers`")
+        tok_dir = os.path.join(workdir, "tokenizer")
+        tokenizer = train_tokenizer(train_lines, tok_dir, preset["vocab_size"], preset["max_len"])
+        print(f"    {len(tokenizer):,} tokens -> {pipe.rel(tok_dir)}\n    e.g. "
+              f"{tokenizer.tokenize(heldout_lines[0])[:14]}", flush=True)
+        pipe.end()
+
+        # 3. binarize + counts ----------------------------------------------------------------------
+        pipe.begin("Binarize the text and count tokens")
+        for name, txt in (("train", train_txt), ("heldout", heldout_txt)):
+            pipe.run("scripts/binarized_data.py", ["--file_path", pipe.rel(txt), "--tokenizer_type", "bert",
+                                                   "--tokenizer_name", pipe.rel(tok_dir),
+                                                   "--dump_file", pipe.rel(os.path.join(data, name))],
+                     f"03_binarize_{name}.log")
+        slug = os.path.basename(tok_dir)
+        train_bin, heldout_bin = (os.path.join(data, f"{n}.{slug}.bin") for n in ("train", "heldout"))
+        counts = os.path.join(data, f"token_counts.{slug}.pickle")
+        pipe.run("scripts/token_counts.py", ["--data_file", pipe.rel(train_bin), "--token_counts_dump",
+                                             pipe.rel(counts)], "03_token_counts.log")
+        pipe.end()
+
+        teacher_config, student_config = write_model_configs(os.path.join(workdir, "configs"), tokenizer, preset)
+        runs = os.path.join(workdir, "runs")
+        batch = preset["batch_size"]
+        # Shared by every training run: one process on the CPU, an optimizer step per batch, no mid-run
+        # checkpoints (the epoch-end ones are enough for a demo). --mlm_smoothing 0 masks tokens uniformly,
+        # as the held-out evaluation does: the recipe's rare-token emphasis (0.7) trades frequent-word accuracy
+        # for rare words, which needs far more training than a demo has to pay off.
+        common = ["--mlm", "--alpha_clm", "0", "--mlm_smoothing", "0", "--data_file", pipe.rel(train_bin), "--token_counts", pipe.rel(counts),
+                  "--n_gpu", "0", "--batch_size", batch, "--gradient_accumulation_steps", "1",
+                  "--log_interval", "10", "--checkpoint_interval", "100000", "--save_total_limit", "1",
+                  "--seed", args.seed, "--force"]
+
+        # 4. teacher --------------------------------------------------------------------------------
+        t = preset["teacher"]
+        pipe.begin(f"Pretrain the teacher: BERT, {t['layers']} layers, hidden {t['hidden']}, MLM only (no teacher "
+                   "of its own)")
+        teacher_dir = os.path.join(runs, "teacher")
+        # --restrict_ce_to_mask: the MLM loss only reads the masked positions, so the LM head is only run there.
+        pipe.run("train.py", ["--student_type", "bert", "--student_config", pipe.rel(teacher_config),
+                              "--tokenizer_name", pipe.rel(tok_dir), "--alpha_mlm", "1", "--alpha_ce", "0",
+                              "--alpha_cos", "0", "--restrict_ce_to_mask", "--n_epoch", scale(preset["teacher_epochs"]),
+                              "--learning_rate", preset["teacher_lr"], "--warmup_prop", "0.05",
+                              "--weight_decay", "0.01", "--dump_path", pipe.rel(teacher_dir), *common],
+                 "04_teacher.log", progress_file=os.path.join(teacher_dir, "metrics.jsonl"))
+        pipe.end()
+
+        # 5. extraction -----------------------------------------------------------------------------
+        layers = ",".join(map(str, preset["student_layers"]))
+        pipe.begin(f"Initialise a {len(preset['student_layers'])}-layer DistilBERT from teacher layers {layers}")
+        student_init = os.path.join(workdir, "student_init.pth")
+        pipe.run("scripts/extract_distilbert.py", ["--model_type", "bert", "--model_name", pipe.rel(teacher_dir),
+                                                   "--dump_checkpoint", pipe.rel(student_init), "--layers", layers,
+                                                   "--vocab_transform", "--student_config", pipe.rel(student_config)],
+                 "05_extract.log")
+        pipe.end()
+
+        # 6-7. distilled and baseline students: same init, data, batches, schedule and steps ---------
+        student_args = ["--student_type", "distilbert", "--student_config", pipe.rel(student_config),
+                        "--student_pretrained_weights", pipe.rel(student_init),
+                        "--n_epoch", scale(preset["student_epochs"]), "--learning_rate", preset["student_lr"],
+                        "--warmup_prop", "0.05", "--weight_decay", "0.01", *common]
+        distilled_dir, baseline_dir = os.path.join(runs, "distilled"), os.path.join(runs, "baseline")
+        pipe.begin("Distil the student from the teacher (soft targets + MLM + hidden-state cosine)")
+        out_distilled = pipe.run(
+            "train.py", ["--teacher_type", "bert", "--teacher_name", pipe.rel(teacher_dir), "--alpha_ce", "5",
+                         "--alpha_mlm", "2", "--alpha_cos", "1", "--temperature", "2",
+                         "--dump_path", pipe.rel(distilled_dir), *student_args],
+            "06_distill.log", progress_file=os.path.join(distilled_dir, "metrics.jsonl"))
+        pipe.end()
+        pipe.begin("Baseline: the same student, same steps, MLM only (no teacher)")
+        out_baseline = pipe.run(
+            "train.py", ["--tokenizer_name", pipe.rel(tok_dir), "--alpha_ce", "0", "--alpha_mlm", "1",
+                         "--alpha_cos", "0", "--restrict_ce_to_mask", "--dump_path", pipe.rel(baseline_dir),
+                         *student_args],
+            "07_baseline.log", progress_file=os.path.join(baseline_dir, "metrics.jsonl"))
+        steps = {"distilled": _optimizer_steps(out_distilled), "baseline": _optimizer_steps(out_baseline)}
+        if steps["distilled"] != steps["baseline"]:
+            raise StepFailed(pipe.step_name, f"the students trained for different numbers of steps: {steps}")
+        pipe.end()
+
+        # 8. evaluation -----------------------------------------------------------------------------
+        pipe.begin("Evaluate on the held-out lines (fixed seeded masking of 15% of the tokens)")
+        evals = {}
+        for name, model_dir, model_type in (("teacher", teacher_dir, "bert"), ("distilled", distilled_dir, "distilbert"),
+                                            ("baseline", baseline_dir, "distilbert")):
+            out_json = os.path.join(workdir, "eval", f"{name}.json")
+            vs_teacher = [] if name == "teacher" else ["--teacher", pipe.rel(teacher_dir), "--teacher_type", "bert"]
+            pipe.run("scripts/evaluate.py", ["--model", pipe.rel(model_dir), "--model_type", model_type, *vs_teacher,
+                                             "--data_file", pipe.rel(heldout_bin), "--batch_size",
+                                             preset["eval_batch_size"], "--seed", "0", "--device", "cpu",
+                                             "--output", pipe.rel(out_json)], f"08_evaluate_{name}.log")
+            with open(out_json) as f:
+                evals[name] = json.load(f)
+        print(f"    inference speed: batches of {preset['eval_batch_size']} held-out sequences, "
+              f"{preset['speed_rounds']} interleaved rounds (scripts/evaluate.py's inference_speed)", flush=True)
+        speeds = measure_speed({"teacher": (teacher_dir, "bert"), "distilled": (distilled_dir, "distilbert"),
+                                "baseline": (baseline_dir, "distilbert")}, heldout_bin, preset["eval_batch_size"],
+                               preset["speed_batches"], preset["speed_rounds"])
+        for name, speed in speeds.items():
+            evals[name]["sequences_per_second"] = speed
+        pipe.end()
+
+        # 9. table ----------------------------------------------------------------------------------
+        pipe.begin("Results")
+        n_student_layers = len(preset["student_layers"])
+        rows = build_rows(evals, {"teacher": t["layers"], "distilled": n_student_layers,
+                                  "baseline": n_student_layers})
+        table = results_markdown(rows)
+        chance = math.log(len(tokenizer))
+        teacher_steps = _optimizer_steps(open(os.path.join(workdir, "logs", "04_teacher.log")).read())
+        d, b = evals["distilled"], evals["baseline"]
+        verdict = (f"The distilled student {'beats' if d['mlm_loss'] < b['mlm_loss'] else 'does NOT beat'} the "
+                   f"no-teacher baseline on held-out MLM loss ({d['mlm_loss']:.3f} vs {b['mlm_loss']:.3f}); top-1 "
+                   f"agreement with the teacher {d['top1_agreement']:.1%} vs {b['top1_agreement']:.1%}.")
+        if args.quick:
+            verdict += " (--quick: far too little training for this comparison to mean anything.)"
+        notes = (f"Held-out: {len(heldout_lines):,} lines never seen in training, {evals['teacher']['n_tokens']:,} "
+                 f"masked tokens (the same for every model). A uniform guess over the {len(tokenizer):,}-token "
+                 f"vocabulary scores an MLM loss of {chance:.3f}. Teacher: {teacher_steps} steps; each student: "
+                 f"{steps['distilled']} steps of {batch} sequences from the same initialisation (teacher layers "
+                 f"{layers}). Inference on the CPU, batches of {preset['eval_batch_size']} sequences: half the layers "
+                 "is less than half the compute, as the embeddings and the output layer over the whole vocabulary "
+                 "are a large share of such a small model.")
+        with open(os.path.join(workdir, "results.md"), "w") as f:
+            f.write(f"# Distil* demo results ({'quick' if args.quick else 'full'})\n\n{table}\n{notes}\n\n{verdict}\n")
+        pipe.timings[pipe.step_name] = round(time.time() - pipe._t0, 1)
+        record = {
+            "preset": "quick" if args.quick else "full", "config": preset, "steps_scale": args.steps_scale,
+            "seed": args.seed, "corpus": args.corpus or "python-stdlib",
+            "corpus_lines": {"train": len(train_lines), "heldout": len(heldout_lines)},
+            "corpus_words": {"train": n_words[0], "heldout": n_words[1]},
+            "vocab_size": len(tokenizer), "chance_mlm_loss": chance,
+            "steps": {"teacher": teacher_steps, **steps}, "columns": COLUMNS, "rows": rows,
+            "timings_s": pipe.timings, "total_s": round(time.time() - t_start, 1),
+        }
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(record, f, indent=2)
+        print("\n" + table + "\n" + notes + "\n\n" + verdict, flush=True)
+        print(f"\nTotal {time.time() - t_start:.0f}s. Table: {pipe.rel(os.path.join(workdir, 'results.md'))}; "
+              f"models and logs: {pipe.rel(workdir)}/", flush=True)
+        return 0
+    except StepFailed as exc:
+        print(f"\nerror: step {pipe.step_no} ({exc.step}) failed: {exc}", file=sys.stderr)
+        if exc.command:
+            print(f"command: {exc.command}", file=sys.stderr)
+        if exc.log:
+            with open(exc.log, errors="replace") as f:
+                tail = f.readlines()[-25:]
+            print(f"last lines of {exc.log}:\n" + "".join("  " + line for line in tail), file=sys.stderr)
+        return 1
+    except Exception as exc:  # in-process steps (corpus, tokenizer, table): name the step, keep the traceback
+        import traceback
+
+        traceback.print_exc()
+        print(f"\nerror: step {pipe.step_no} ({pipe.step_name}) failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
