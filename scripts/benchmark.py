@@ -425,8 +425,10 @@ def capture_first_losses(distiller):
         losses = original(*a, **kw)
         if not captured:
             captured.update({k: float(v.detach()) for k, v in losses.items()})
-            total = sum(getattr(distiller.params, f"alpha_{k}") * v for k, v in captured.items())
-            captured["total"] = total
+            # "logits" is the Distiller's fused, already weighted ce + mse + lm term; the others are unweighted
+            fused = captured.pop("logits", None)
+            weighted = {k: getattr(distiller.params, f"alpha_{k}") * v for k, v in captured.items()}
+            captured["total"] = fused + weighted.get("cos", 0.0) if fused is not None else sum(weighted.values())
         return losses
 
     distiller.compute_losses = wrapped

@@ -307,7 +307,7 @@ def _fmt(value, spec):
 
 
 def results_markdown(rows):
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|"]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
     for r in rows:
         cells = [r["label"], str(r["layers"]), f"{r['parameters']:,}", _fmt(r["mlm_loss"], ".3f"),
                  _fmt(r["pseudo_perplexity"], ".1f"), _fmt(r["kl_to_teacher"], ".3f"),
@@ -423,6 +423,8 @@ def main(argv=None):
 
         # 1. corpus ---------------------------------------------------------------------------------
         pipe.begin("Corpus: " + (args.corpus if args.corpus else "Python standard library docstrings and comments"))
+        if args.corpus and not os.path.isfile(args.corpus):
+            raise StepFailed(pipe.step_name, f"--corpus {args.corpus}: no such file")
         lines = read_corpus(args.corpus, args.seed) if args.corpus else stdlib_corpus(args.seed)
         if preset["max_lines"]:
             lines = lines[:preset["max_lines"]]
@@ -467,7 +469,8 @@ def main(argv=None):
         # checkpoints (the epoch-end ones are enough for a demo). --mlm_smoothing 0 masks tokens uniformly,
         # as the held-out evaluation does: the recipe's rare-token emphasis (0.7) trades frequent-word accuracy
         # for rare words, which needs far more training than a demo has to pay off.
-        common = ["--mlm", "--alpha_clm", "0", "--mlm_smoothing", "0", "--data_file", pipe.rel(train_bin), "--token_counts", pipe.rel(counts),
+        common = ["--mlm", "--alpha_clm", "0", "--mlm_smoothing", "0", "--data_file", pipe.rel(train_bin),
+                  "--token_counts", pipe.rel(counts),
                   "--n_gpu", "0", "--batch_size", batch, "--gradient_accumulation_steps", "1",
                   "--log_interval", "10", "--checkpoint_interval", "100000", "--save_total_limit", "1",
                   "--seed", args.seed, "--force"]
@@ -523,8 +526,9 @@ def main(argv=None):
         # 8. evaluation -----------------------------------------------------------------------------
         pipe.begin("Evaluate on the held-out lines (fixed seeded masking of 15% of the tokens)")
         evals = {}
-        for name, model_dir, model_type in (("teacher", teacher_dir, "bert"), ("distilled", distilled_dir, "distilbert"),
-                                            ("baseline", baseline_dir, "distilbert")):
+        models = (("teacher", teacher_dir, "bert"), ("distilled", distilled_dir, "distilbert"),
+                  ("baseline", baseline_dir, "distilbert"))
+        for name, model_dir, model_type in models:
             out_json = os.path.join(workdir, "eval", f"{name}.json")
             vs_teacher = [] if name == "teacher" else ["--teacher", pipe.rel(teacher_dir), "--teacher_type", "bert"]
             pipe.run("scripts/evaluate.py", ["--model", pipe.rel(model_dir), "--model_type", model_type, *vs_teacher,
