@@ -179,17 +179,14 @@ def weighted_logit_loss(s_logits, t_logits, labels, temperature, w_ce, w_mse, w_
 
 
 def soft_target_losses(s_logits, t_logits, mask, temperature):
-    """(ce, mse) between student and teacher logits over the positions where `mask` is true (all if None).
+    """(ce, mse) between student and teacher logits over the positions where `mask` is true.
 
     s_logits, t_logits: (..., vocab); mask: (...) bool. ce is KL(p_t || p_s) at temperature T, summed over
     the vocabulary, averaged over positions, times T^2 (so gradients keep their scale as T changes);
     mse is the squared error summed over the vocabulary, averaged over positions. No position gives 0, 0.
     """
     vocab = s_logits.size(-1)
-    if mask is None:
-        rows = torch.arange(s_logits.numel() // vocab, device=s_logits.device)
-    else:
-        rows = mask.reshape(-1).nonzero().squeeze(-1)  # (n,)
+    rows = mask.reshape(-1).nonzero().squeeze(-1)  # (n,)
     ce, mse, _ = _LogitLosses.apply(s_logits.reshape(-1, vocab), t_logits.detach().reshape(-1, vocab), rows, None,
                                     float(temperature))
     return ce, mse

@@ -15,7 +15,6 @@ Flow: parse -> sanity_checks (flags alone) -> load and check everything (tokeniz
 teacher) -> only then prepare the dump folder -> Distiller(...).train().
 """
 import argparse
-import json
 import os
 import shutil
 import sys

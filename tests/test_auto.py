@@ -1,6 +1,5 @@
 """Beyond BERT and GPT-2: distil tiny Llama-style (causal) and ModernBERT-style (masked) models end to end."""
 import json
-import shutil
 
 import numpy as np
 import pytest

@@ -1,7 +1,5 @@
 """Two processes with gloo on the CPU: the run finishes and both ranks hold the same student."""
-import os
 import socket
-import sys
 
 import torch
 
