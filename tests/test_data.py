@@ -200,6 +200,21 @@ def test_token_counts_script_on_a_handwritten_corpus(tmp_path):
     assert os.listdir(out.parent) == ["counts.pickle"]
 
 
+@pytest.mark.parametrize("vocab_size", [300, 70000])  # uint16 and uint32 token files
+def test_count_tokens_across_blocks_matches_numpy(tmp_path, monkeypatch, vocab_size):
+    token_counts = _load_script("token_counts")
+    monkeypatch.setattr(token_counts, "_BLOCK", 7)  # many blocks, the last one partial
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, vocab_size, size=n).tolist() for n in (5, 13, 1, 40, 8)]
+    seqs[2] = [vocab_size - 1]
+    path = str(tmp_path / "c.bin")
+    with BinarizedWriter(path, vocab_size=vocab_size) as w:
+        w.add_batch(seqs)
+    counts = token_counts.count_tokens(BinarizedCorpus.open(path), vocab_size)
+    assert counts.dtype == np.int64 and counts.shape == (vocab_size,)
+    assert counts.tolist() == np.bincount(np.concatenate(seqs), minlength=vocab_size).tolist()
+
+
 def test_token_counts_refuses_an_id_outside_vocab_size(tmp_path):
     data = tmp_path / "legacy.pickle"  # a legacy corpus records no vocabulary size
     with open(data, "wb") as f:
