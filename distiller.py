@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import time
+from typing import NamedTuple
 
 import numpy as np
 import psutil
@@ -39,9 +40,10 @@ _CHUNK_ELEMENTS = 1 << 22  # logits rows processed at once in the soft-target lo
 # ------------------------------------------------------------------------------------------ loss maths
 
 
-def _logit_losses_chunk(s, t, labels, temperature):
+def _logit_losses_chunk(s, t, labels, temperature, row_weight=None):
     """On a chunk of rows (fp32): sums of KL(p_t || p_s) at temperature T, squared error, and label
     cross-entropy, with the gradient of each sum w.r.t. s (KL's without its T factor). t or labels may be None.
+    row_weight (rows,) in {0, 1} drops rows from the KL and squared-error terms (and their gradients).
     """
     zero = s.new_zeros(())
     kl = sq = ce = zero
@@ -50,9 +52,14 @@ def _logit_losses_chunk(s, t, labels, temperature):
         log_p_s = F.log_softmax(s / temperature, dim=-1)
         log_p_t = F.log_softmax(t / temperature, dim=-1)
         p_t = log_p_t.exp()
-        kl = (p_t * (log_p_t - log_p_s)).sum()
+        kl_rows = (p_t * (log_p_t - log_p_s)).sum(-1)
         d_kl = log_p_s.exp_().sub_(p_t)  # p_s - p_t
         diff = s - t
+        if row_weight is not None:
+            kl_rows = kl_rows * row_weight
+            d_kl.mul_(row_weight[:, None])
+            diff.mul_(row_weight[:, None])
+        kl = kl_rows.sum()
         sq = (diff * diff).sum()
     if labels is not None:
         has_label = labels != IGNORE_INDEX
@@ -133,33 +140,39 @@ class _WeightedLogitLoss(torch.autograd.Function):
     gradient into one buffer (the logits' dtype) chunk by chunk and keeps nothing else. Neither the student
     nor the teacher logits are saved for backward, so both can be freed as soon as forward returns, and no
     softmax is recomputed. Also returns the three unweighted terms (detached) for logging.
+
+    The row counts that normalise the terms stay on the device (no host synchronisation): KD and MSE
+    average over the rows with kd_rows true (all rows when None), LM over the labelled rows.
     """
 
     @staticmethod
-    def forward(ctx, s_flat, t_flat, labels, temperature, w_ce, w_mse, w_lm):
+    def forward(ctx, s_flat, t_flat, labels, temperature, w_ce, w_mse, w_lm, kd_rows):
         n = s_flat.size(0)
-        n_labels = int((labels != IGNORE_INDEX).sum()) if labels is not None else 0
-        c_kl = w_ce * temperature / max(n, 1)  # gradient factors, see _LogitLosses
-        c_mse = w_mse * 2.0 / max(n, 1)
-        c_lm = w_lm / max(n_labels, 1)
+        row_weight = kd_rows.to(torch.float32) if kd_rows is not None else None
+        n_kd = row_weight.sum().clamp(min=1) if row_weight is not None else float(max(n, 1))
+        n_labels = (labels != IGNORE_INDEX).sum().clamp(min=1) if labels is not None else 1.0
+        c_kl = w_ce * temperature / n_kd  # gradient factors, see _LogitLosses
+        c_mse = w_mse * 2.0 / n_kd
+        c_lm = w_lm / n_labels
         grad = torch.empty_like(s_flat)
         sums = s_flat.new_zeros(3, dtype=torch.float32)
         step = max(1, _CHUNK_ELEMENTS // s_flat.size(-1))
         for i in range(0, n, step):
             t = t_flat[i: i + step].float() if t_flat is not None else None
             lab = labels[i: i + step] if labels is not None else None
-            kl, sq, ce, d_kl, diff, d_ce = _logit_losses_chunk(s_flat[i: i + step].float(), t, lab, temperature)
+            w = row_weight[i: i + step] if row_weight is not None else None
+            kl, sq, ce, d_kl, diff, d_ce = _logit_losses_chunk(s_flat[i: i + step].float(), t, lab, temperature, w)
             sums += torch.stack([kl, sq, ce])
             g = torch.zeros_like(d_ce if d_ce is not None else d_kl)
             if d_kl is not None:
-                g.add_(d_kl, alpha=c_kl).add_(diff, alpha=c_mse)
+                g.add_(d_kl.mul_(c_kl)).add_(diff.mul_(c_mse))
             if d_ce is not None:
-                g.add_(d_ce, alpha=c_lm)
+                g.add_(d_ce.mul_(c_lm))
             grad[i: i + step] = g
         ctx.save_for_backward(grad)
-        ce = sums[0] * temperature ** 2 / max(n, 1)
-        mse = sums[1] / max(n, 1)
-        lm = sums[2] / max(n_labels, 1)
+        ce = sums[0] * temperature ** 2 / n_kd
+        mse = sums[1] / n_kd
+        lm = sums[2] / n_labels
         total = w_ce * ce + w_mse * mse + w_lm * lm
         ctx.mark_non_differentiable(ce, mse, lm)
         return total, ce, mse, lm
@@ -167,15 +180,19 @@ class _WeightedLogitLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, *unused):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None, None, None, None
+        return grad * grad_total.to(grad.dtype), None, None, None, None, None, None, None
 
 
-def weighted_logit_loss(s_logits, t_logits, labels, temperature, w_ce, w_mse, w_lm):
-    """(w_ce * ce + w_mse * mse + w_lm * lm, ce, mse, lm) over (n, vocab) logits; terms as in logit_losses."""
+def weighted_logit_loss(s_logits, t_logits, labels, temperature, w_ce, w_mse, w_lm, kd_rows=None):
+    """(w_ce * ce + w_mse * mse + w_lm * lm, ce, mse, lm) over (n, vocab) logits; terms as in logit_losses.
+
+    kd_rows (n,) bool, optional: the rows ce and mse average over (default: all of them).
+    """
     vocab = s_logits.size(-1)
     t_flat = t_logits.detach().reshape(-1, vocab) if t_logits is not None and (w_ce or w_mse) else None
     return _WeightedLogitLoss.apply(s_logits.reshape(-1, vocab), t_flat, labels if w_lm else None,
-                                    float(temperature), float(w_ce), float(w_mse), float(w_lm))
+                                    float(temperature), float(w_ce), float(w_mse), float(w_lm),
+                                    kd_rows if t_flat is not None else None)
 
 
 def soft_target_losses(s_logits, t_logits, mask, temperature):
@@ -207,12 +224,14 @@ def clm_loss(logits, labels):
 
 
 def cosine_loss(s_hidden, t_hidden, mask):
-    """Mean (1 - cos) between student and teacher hidden states at the positions where mask is true."""
-    s = s_hidden[mask].float()  # (n, dim)
-    t = t_hidden[mask].float()
-    if s.size(0) == 0:
-        return s_hidden.sum() * 0.0
-    return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
+    """Mean (1 - cos) between student and teacher hidden states at the positions where mask is true.
+
+    Computed at every position and averaged with the mask as weights: selecting the positions first would
+    need their count on the host (a device synchronisation every step).
+    """
+    cos = F.cosine_similarity(s_hidden.float(), t_hidden.float(), dim=-1)  # (..., )
+    weight = mask.to(cos.dtype)
+    return torch.where(mask, 1.0 - cos, 0.0).sum() / weight.sum().clamp(min=1)
 
 
 class TrainingError(Exception):
@@ -246,6 +265,12 @@ def split_lm_head(model):
     return None
 
 
+def _is_plain_bidirectional(model):
+    from transformers import BertForMaskedLM, DistilBertForMaskedLM, RobertaForMaskedLM
+
+    return isinstance(model, (BertForMaskedLM, DistilBertForMaskedLM, RobertaForMaskedLM))
+
+
 class RowLogitsLM(torch.nn.Module):
     """Wraps a LM: forward returns (logits at the selected flat rows (n, vocab), last hidden states).
 
@@ -258,9 +283,12 @@ class RowLogitsLM(torch.nn.Module):
         self.model = model
         self.hidden_projection = hidden_projection  # student dim -> teacher dim, for the cosine loss
         self._split = (split_lm_head(model),)  # a tuple: not registered twice as submodules
+        self._prepare_mask = _is_plain_bidirectional(model)
 
     def forward(self, input_ids, attention_mask, rows):
         split = self._split[0]
+        if attention_mask is not None and self._prepare_mask:
+            attention_mask = self.prepared_attention_mask(attention_mask)
         if split is None:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
             logits, hidden = out.logits.flatten(0, 1)[rows], out.hidden_states[-1]
@@ -271,6 +299,32 @@ class RowLogitsLM(torch.nn.Module):
         if self.hidden_projection is not None:
             hidden = self.hidden_projection(hidden)  # (bs, seq, teacher dim)
         return logits, hidden
+
+    def prepared_attention_mask(self, attention_mask):
+        """The 4D mask the encoder would build from the 2D one, built without checking for padding first.
+
+        Given a 2D mask, transformers tests `mask.all()` to drop it when nothing is padded: a device
+        synchronisation in every forward. The caller knows that on the host (and passes no mask then);
+        a prepared 4D mask is used as it is.
+        """
+        from transformers.masking_utils import create_bidirectional_mask
+
+        bs, seq = attention_mask.shape
+        shape_only = torch.empty((bs, seq, 0), dtype=self.model.dtype, device=attention_mask.device)
+        return create_bidirectional_mask(config=self.model.config, inputs_embeds=shape_only,
+                                         attention_mask=attention_mask, allow_is_bidirectional_skip=False)
+
+
+class TeacherLM(RowLogitsLM):
+    """RowLogitsLM for the frozen teacher: the same forward, without autograd.
+
+    Its own forward (a distinct code object) also gives a compiled teacher its own compilation cache, so
+    the teacher's and the student's graphs do not evict each other (they differ at least in grad mode).
+    """
+
+    def forward(self, input_ids, attention_mask, rows):
+        with torch.no_grad():
+            return super().forward(input_ids, attention_mask, rows)
 
 
 # ---------------------------------------------------------------------------------------- batch preparation
@@ -287,7 +341,8 @@ def attention_mask_from_lengths(lengths, max_len):
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]  # (bs, max_len)
 
 
-def mask_tokens(token_ids, lengths, token_probs, mask_prop, split, mask_id, vocab_size, generator=None):
+def mask_tokens(token_ids, lengths, token_probs, mask_prop, split, mask_id, vocab_size, generator=None,
+                return_positions=False):
     """MLM corruption. Returns (corrupted ids, labels with IGNORE_INDEX where nothing is predicted).
 
     ceil(mask_prop * real tokens) positions are drawn without replacement with weights token_probs[id]
@@ -295,10 +350,14 @@ def mask_tokens(token_ids, lengths, token_probs, mask_prop, split, mask_id, voca
     token, kept, or replaced by a random token with probabilities split = (mask, keep, rand). Sampling uses
     the exponential-race trick (top-k of weight / Exp(1)), which draws exactly like
     torch.multinomial(replacement=False) but never fails when fewer positions are eligible than asked for
-    and needs no host synchronisation.
+    and needs no host synchronisation. lengths is a CPU tensor: the number to draw is known on the host.
+
+    With return_positions, also returns the drawn flat positions, sorted: every masked position, and, when
+    fewer positions were eligible than asked for, some that are not masked (their label is IGNORE_INDEX).
+    Their number is known on the host, which is what lets the step select them without a synchronisation.
     """
     bs, max_len = token_ids.shape
-    n_target = math.ceil(mask_prop * int(lengths.sum()))  # lengths lives on the CPU: no device sync
+    n_target = math.ceil(mask_prop * int(lengths.numpy().sum()))
     weights = token_probs[token_ids].flatten()  # (bs * max_len,)
     race = torch.empty_like(weights).exponential_(generator=generator) / weights  # inf where weight is 0
     picked = torch.topk(race, min(n_target, race.numel()), largest=False).indices
@@ -314,7 +373,24 @@ def mask_tokens(token_ids, lengths, token_probs, mask_prop, split, mask_id, voca
                             torch.where(u < p_keep, token_ids, random_ids))
     corrupted = torch.where(pred_mask, corrupted, token_ids)
     labels = torch.where(pred_mask, token_ids, torch.full_like(token_ids, IGNORE_INDEX))
+    if return_positions:
+        return corrupted, labels, picked.sort().values
     return corrupted, labels
+
+
+def non_padding_positions(lengths, max_len):
+    """Flat positions (row-major over (bs, max_len)) of the real tokens, computed on the host from CPU lengths."""
+    lengths = lengths.numpy()
+    return torch.from_numpy(np.flatnonzero(np.arange(max_len)[None, :] < lengths[:, None]))
+
+
+class Batch(NamedTuple):
+    """What Distiller.step takes: device tensors, and facts about them known on the host."""
+    input_ids: torch.Tensor  # (bs, seq), MLM-corrupted for MLM
+    attention_mask: torch.Tensor  # (bs, seq) bool, true at real tokens
+    lm_labels: torch.Tensor  # (bs, seq), IGNORE_INDEX where nothing is predicted
+    rows: torch.Tensor  # flat positions whose logits a loss reads
+    padded: bool  # whether any sequence is shorter than seq
 
 
 def clm_labels(token_ids, attention_mask):
@@ -378,6 +454,8 @@ class Distiller:
         self.total_loss_epoch = 0.0
         self.last_log = time.time()
         self._running = {}  # loss name -> (sum tensor, count) since the last log, kept on the device
+        self._pending_outcomes = []  # (iteration, host copy of "skipped", event) not yet read by the host
+        self._host_group = None  # process group for host-side agreement (stop signals)
 
         self._setup_precision()
         self._setup_models()
@@ -410,8 +488,9 @@ class Distiller:
         n_trainable = sum(x.numel() for x in decay + no_decay)
         n_total = sum(x.numel() for x in self.student.parameters())
         logger.info("Student: %d trainable parameters out of %d.", n_trainable, n_total)
+        # Fused (CPU and CUDA): one kernel per step, and it can skip a step on a device-side flag.
         self.optimizer = torch.optim.AdamW(groups, lr=p.learning_rate, eps=p.adam_epsilon, betas=(0.9, 0.98),
-                                           fused=self.device.type == "cuda")
+                                           fused=True)
         from transformers import get_linear_schedule_with_warmup
 
         self.scheduler = get_linear_schedule_with_warmup(
@@ -427,7 +506,7 @@ class Distiller:
             logger.info("Cosine loss through a learned %d -> %d projection (not part of the exported student).",
                         s_dim, t_dim)
         self.student_lm = RowLogitsLM(self.student, self.hidden_projection)
-        self.teacher_lm = RowLogitsLM(self.teacher) if self.teacher is not None else None
+        self.teacher_lm = TeacherLM(self.teacher) if self.teacher is not None else None
 
     def _setup_ddp(self):
         self.model = self.student_lm
@@ -440,21 +519,46 @@ class Distiller:
             self.model = DistributedDataParallel(self.model, device_ids=device_ids,
                                                  output_device=device_ids[0] if device_ids else None,
                                                  find_unused_parameters=head_unused)
+            # Agreeing on a stop through NCCL would mean reading a GPU tensor (a sync) every optimizer step.
+            backend = torch.distributed.get_backend()
+            self._host_group = None if backend == "gloo" else torch.distributed.new_group(backend="gloo")
+        if getattr(self.params, "compile", False):
+            # The wrappers, not the bare models: what is compiled is the forward the step really runs (the
+            # encoder, then the head at the loss rows). The DDP module compiles with graph breaks at its buckets.
+            logger.info("torch.compile: the forwards compile during the first batches of each new shape.")
+            # dynamic=True: batch length and row count change every batch; one graph serves them all.
+            self.model = torch.compile(self.model, dynamic=True)
+            if self.teacher_lm is not None:
+                self.teacher_lm = torch.compile(self.teacher_lm, dynamic=True)
 
     # -- batches ----------------------------------------------------------------------------------------
 
     def prepare_batch_mlm(self, token_ids, lengths):
-        """(bs, seq) ids and CPU lengths -> corrupted ids, attention mask, MLM labels (all on device)."""
-        attn_mask = attention_mask_from_lengths(lengths, token_ids.size(1)).to(self.device, non_blocking=True)
+        """(bs, seq) ids and CPU lengths -> a Batch on the device: corrupted ids, attention mask, MLM labels,
+        and the flat positions whose logits a loss reads (masked ones with --restrict_ce_to_mask, else real
+        tokens). Every size is known on the host, so the step that follows makes no device synchronisation.
+        """
+        max_len = token_ids.size(1)
+        attn_mask = attention_mask_from_lengths(lengths, max_len).to(self.device, non_blocking=True)
         token_ids = token_ids.to(self.device, non_blocking=True)
-        token_ids, labels = mask_tokens(token_ids, lengths, self.token_probs, self.params.mlm_mask_prop,
-                                        self.mask_split, self.mask_id, self.vocab_size)
-        return token_ids, attn_mask, labels
+        token_ids, labels, drawn = mask_tokens(token_ids, lengths, self.token_probs, self.params.mlm_mask_prop,
+                                               self.mask_split, self.mask_id, self.vocab_size, return_positions=True)
+        if self.params.restrict_ce_to_mask:
+            rows = drawn
+        else:
+            rows = non_padding_positions(lengths, max_len).to(self.device, non_blocking=True)
+        return Batch(token_ids, attn_mask, labels, rows, self._padded(lengths, max_len))
 
     def prepare_batch_clm(self, token_ids, lengths):
-        attn_mask = attention_mask_from_lengths(lengths, token_ids.size(1)).to(self.device, non_blocking=True)
+        max_len = token_ids.size(1)
+        attn_mask = attention_mask_from_lengths(lengths, max_len).to(self.device, non_blocking=True)
         token_ids = token_ids.to(self.device, non_blocking=True)
-        return token_ids, attn_mask, clm_labels(token_ids, attn_mask)
+        rows = non_padding_positions(lengths, max_len).to(self.device, non_blocking=True)
+        return Batch(token_ids, attn_mask, clm_labels(token_ids, attn_mask), rows, self._padded(lengths, max_len))
+
+    @staticmethod
+    def _padded(lengths, max_len):
+        return bool((lengths.numpy() < max_len).any())
 
     # -- training ---------------------------------------------------------------------------------------
 
@@ -499,17 +603,21 @@ class Distiller:
             self.tensorboard.close()
 
     def loss_rows(self, attn_mask, lm_labels):
-        """Flat positions whose logits some loss reads: masked ones with --restrict_ce_to_mask, else non-padding."""
+        """Flat positions whose logits some loss reads, found on the device (one synchronisation).
+
+        Only for a batch given without them: prepare_batch_mlm/clm compute them without a synchronisation.
+        """
         if self.params.restrict_ce_to_mask and self.mlm:
             return (lm_labels != IGNORE_INDEX).flatten().nonzero().squeeze(-1)
         return attn_mask.flatten().nonzero().squeeze(-1)
 
-    def _forward(self, token_ids, attn_mask, rows):
+    def _forward(self, token_ids, attn_mask, rows, padded=True):
         """Student and teacher (logits at rows, last hidden states) under autocast.
 
-        CLM needs no attention mask: padding is on the right, so causal attention never sees it.
+        CLM needs no attention mask: padding is on the right, so causal attention never sees it. Neither does
+        a batch without padding (known on the host), which also lets SDPA pick its fastest kernel.
         """
-        mask = attn_mask if self.mlm else None
+        mask = attn_mask if (self.mlm and padded) else None
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             s_out = self.model(token_ids, mask, rows)
             t_out = None
@@ -523,9 +631,12 @@ class Distiller:
         (s_logits, s_hidden), (t_logits, t_hidden) = s_out, (t_out or (None, None))
         losses = {}
         lm_name = "mlm" if self.alpha["mlm"] > 0 else "clm" if self.alpha["clm"] > 0 else None
-        labels = None
-        if lm_name == "mlm":
-            labels = lm_labels.flatten()[rows]
+        labels = kd_rows = None
+        if self.mlm:
+            row_labels = lm_labels.flatten()[rows]
+            if self.params.restrict_ce_to_mask:
+                kd_rows = row_labels != IGNORE_INDEX  # drawn positions that were not eligible carry no loss
+            labels = row_labels if lm_name == "mlm" else None
         elif lm_name == "clm":
             labels = F.pad(lm_labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()[rows]  # i predicts token i + 1
         use_teacher_logits = self.alpha["ce"] > 0 or self.alpha["mse"] > 0
@@ -533,17 +644,21 @@ class Distiller:
             # One fused term carries the gradient of ce + mse + mlm/clm; the others are logged detached.
             w_lm = self.alpha[lm_name] if lm_name is not None else 0.0
             losses["logits"], losses["ce"], losses["mse"], lm = weighted_logit_loss(
-                s_logits, t_logits, labels, self.temperature, self.alpha["ce"], self.alpha["mse"], w_lm)
+                s_logits, t_logits, labels, self.temperature, self.alpha["ce"], self.alpha["mse"], w_lm, kd_rows)
             if lm_name is not None:
                 losses[lm_name] = lm
         if self.alpha["cos"] > 0:
             losses["cos"] = cosine_loss(s_hidden, t_hidden, attn_mask)
         return {k: v for k, v in losses.items() if k == "logits" or self.alpha[k] > 0}
 
-    def step(self, input_ids, attention_mask, lm_labels):
-        """One forward/backward on a batch; the optimizer steps every gradient_accumulation_steps batches."""
-        rows = self.loss_rows(attention_mask, lm_labels)
-        s_out, t_out = self._forward(input_ids, attention_mask, rows)
+    def step(self, input_ids, attention_mask, lm_labels, rows=None, padded=True):
+        """One forward/backward on a batch; the optimizer steps every gradient_accumulation_steps batches.
+
+        rows and padded come with a Batch from prepare_batch_mlm/clm; without rows they are found here.
+        """
+        if rows is None:
+            rows = self.loss_rows(attention_mask, lm_labels)
+        s_out, t_out = self._forward(input_ids, attention_mask, rows, padded)
         losses = self.compute_losses(s_out, t_out, attention_mask, lm_labels, rows)
         del s_out, t_out  # the logits are not needed by backward: free them before it runs
         # "logits" already holds alpha_ce * ce + alpha_mse * mse + alpha_lm * lm (and their gradient)
@@ -555,10 +670,14 @@ class Distiller:
         self.optimize(loss)
 
     def optimize(self, loss):
-        """Backward, and on accumulation boundaries: unscale, clip, step unless gradients are not finite.
+        """Backward, and on accumulation boundaries: unscale, clip, then an optimizer step that is skipped when
+        the gradient norm is not finite.
 
-        The decision uses the gradient norm after DDP's all-reduce, which is the same on every rank, so a
-        non-finite loss on one rank makes all ranks skip the same step instead of one rank exiting.
+        The skip is decided on the device (the fused AdamW reads a found_inf flag, as under a GradScaler), so
+        the loop never waits for the GPU here; the host learns the outcome from a copy made without blocking
+        (see _settle_outcomes). The norm is the one after DDP's all-reduce, the same on every rank, so a
+        non-finite loss on one rank makes all ranks skip the same step instead of one rank exiting. The
+        learning-rate schedule advances at every boundary, skipped or not (as in PyTorch's AMP recipe).
         """
         acc = self.params.gradient_accumulation_steps
         # The last batch of an epoch always closes an accumulation group, so an epoch ends on a real step.
@@ -574,18 +693,46 @@ class Distiller:
         max_norm = self.params.max_grad_norm if self.params.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         self._last_grad_norm = grad_norm.detach()
-        if torch.isfinite(grad_norm):
-            self.scaler.step(self.optimizer)
-            self.scheduler.step()
-            self.n_optimizer_steps += 1
-            self.n_consecutive_bad_steps = 0
-        else:
-            self.n_skipped_steps += 1
-            self.n_consecutive_bad_steps += 1
-            logger.warning("Non-finite loss or gradient at iteration %d: step skipped on every rank (%d so far, %d "
-                           "in a row).", self.n_total_iter, self.n_skipped_steps, self.n_consecutive_bad_steps)
+        bad = ~torch.isfinite(grad_norm)
+        self.optimizer.grad_scale, self.optimizer.found_inf = None, bad.to(torch.float32)
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.grad_scale, self.optimizer.found_inf
+        self.scheduler.step()
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self._pending_outcomes.append((self.n_total_iter + 1, *self._host_copy(bad)))
+
+    @staticmethod
+    def _host_copy(flag):
+        """(host tensor, event): a copy of a device flag that is valid once event has completed."""
+        if flag.device.type != "cuda":
+            return flag, None
+        host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    def _settle_outcomes(self, keep_last=0):
+        """Count the skipped and the applied optimizer steps whose outcome the host has not read yet.
+
+        With keep_last=1 the newest one is left pending: every older one finished on the device long ago,
+        so reading it does not stall the loop.
+        """
+        while len(self._pending_outcomes) > keep_last:
+            iteration, host, event = self._pending_outcomes.pop(0)
+            if event is not None:
+                event.synchronize()
+            if bool(host.numpy()):
+                self.n_skipped_steps += 1
+                self.n_consecutive_bad_steps += 1
+                logger.warning("Non-finite loss or gradient at iteration %d: step skipped on every rank (%d so far, "
+                               "%d in a row).", iteration, self.n_skipped_steps, self.n_consecutive_bad_steps)
+            else:
+                self.n_optimizer_steps += 1
+                self.n_consecutive_bad_steps = 0
 
     def iter(self, bar=None):
         """Counters, periodic logging and checkpointing after each batch."""
@@ -625,6 +772,9 @@ class Distiller:
         Returns True when the run must stop now (a signal). Every decision here is the same on all ranks:
         the stop flag is all-reduced and the bad-step counter follows the all-reduced gradient norm.
         """
+        self._settle_outcomes(keep_last=1)
+        if self.n_consecutive_bad_steps + len(self._pending_outcomes) >= self.params.max_bad_steps:
+            self._settle_outcomes()  # waits for this step, but only when the limit may be reached now
         if self.n_consecutive_bad_steps >= self.params.max_bad_steps:
             self.save_training_state()
             raise TrainingError(f"{self.n_consecutive_bad_steps} consecutive steps with a non-finite loss or "
@@ -645,10 +795,12 @@ class Distiller:
         return False
 
     def _agree_to_stop(self):
-        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
-        if self.multi_gpu:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        """Whether a stop signal reached any rank. Host-side only: over NCCL it goes through a gloo group."""
+        if not self.multi_gpu:
+            return self.stop_signal is not None
+        flag = torch.tensor([1 if self.stop_signal else 0], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._host_group)
+        return bool(flag.numpy()[0])
 
     def _install_signal_handlers(self):
         def request_stop(signum, frame):
@@ -667,6 +819,7 @@ class Distiller:
 
     def log_tensorboard(self, bar=None):
         """Averages since the last log (the only host sync of the loop), learning rate, memory, speed."""
+        self._settle_outcomes()
         averages = {name: (total / max(count, 1)).item() if torch.is_tensor(total) else 0.0
                     for name, (total, count) in self._running.items()}
         self._running = {}
@@ -732,6 +885,7 @@ class Distiller:
 
         Collective (every rank contributes its RNG state); only the master writes, atomically, then rotates.
         """
+        self._settle_outcomes()
         rngs = [rng_state()]
         if self.multi_gpu:
             rngs = [None] * self.params.world_size

@@ -215,7 +215,7 @@ def step_flops(teacher, student, batches):
     n_t, n_s = matmul_params(teacher), matmul_params(student)
     (l_t, d_t), (l_s, d_s) = model_shape(teacher), model_shape(student)
     total = 0
-    for ids, _, _ in batches:
+    for ids, *_ in batches:
         bs, s = ids.shape
         total += bs * s * (2 * n_t + 6 * n_s + 4 * l_t * s * d_t + 12 * l_s * s * d_s)
     return total
@@ -272,6 +272,8 @@ def make_params(config_name, student_type, device, args, special, max_len, dump_
         flags.append("--restrict_ce_to_mask")
     if args.bf16:
         flags.append("--bf16")
+    if args.compile:
+        flags.append("--compile")
     params = train.parse_args(flags)
     # The fields init_distributed and main() add; is_master False keeps the Distiller from opening TensorBoard.
     params.world_size, params.global_rank, params.local_rank, params.n_nodes, params.node_id = 1, 0, 0, 1, 0
@@ -397,7 +399,7 @@ class ReferenceStep:
                                                          num_steps)
         self.first_losses = None
 
-    def step(self, input_ids, attention_mask, lm_labels):
+    def step(self, input_ids, attention_mask, lm_labels, *unused):  # unused: our Batch's host-side extras
         p = self.p
         mask = attention_mask if p.mlm else None  # the original gave GPT-2 no attention mask
         with torch.autocast(p.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -466,6 +468,25 @@ def timed_run(step, batches, warmup, device):
     return seconds, rss.peak - rss.start_value
 
 
+def count_cuda_syncs(step, batch):
+    """Host synchronisations one step makes, as CUDA's sync debug mode reports them (None off CUDA).
+
+    tests/test_host_syncs.py checks the same on the CPU; this confirms it on the device itself.
+    """
+    if not batch[0].is_cuda:
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(*batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def step_alloc_peak(step, batch, device):
     """Peak tensor memory one more step allocates (CPU: profiler; CUDA: the timed peak is already exact)."""
     if device.type != "cpu":
@@ -520,7 +541,7 @@ def loss_only_inputs(batch, student, p, device):
 
     Returns the full-logit inputs (both sides) and the row-selected ones (ours as the step feeds it).
     """
-    ids, attn_mask, labels = batch
+    ids, attn_mask, labels = batch[:3]
     bs, s = ids.shape
     vocab = student.config.vocab_size
     _, d = model_shape(student)
@@ -576,17 +597,18 @@ def bench_config(config_name, args, device):
         torch.manual_seed(args.seed)
         prepare = distiller.prepare_batch_mlm if mlm else distiller.prepare_batch_clm
         batches = [prepare(*dataset.batch_sequences([(s, len(s)) for s in batch])) for batch in sequences]
-        real_tokens = sum(int(m.sum()) for _, m, _ in batches[args.warmup:])
+        real_tokens = sum(int(b.attention_mask.sum()) for b in batches[args.warmup:])
         n_seqs = args.batch_size * args.steps
-        if args.compile:
-            distiller.model = torch.compile(distiller.model)
         student.train()
+        if args.compile:  # every batch shape compiles once before anything is timed
+            for batch in batches:
+                distiller.step(*batch)
         first = capture_first_losses(distiller)
         torch.manual_seed(args.seed)
         seconds, peak = timed_run(distiller.step, batches, args.warmup, device)
         alloc = step_alloc_peak(distiller.step, batches[-1], device)
         result["ours"] = {"seconds": seconds, "peak_step_bytes": peak, "alloc_peak_bytes": alloc,
-                          "first_losses": dict(first)}
+                          "first_losses": dict(first), "host_syncs": count_cuda_syncs(distiller.step, batches[-1])}
         del distiller, dataset
         student.to("cpu")
         del student
@@ -678,6 +700,10 @@ def print_table(results, args, device):
         q = res["ratios"]
         print(f"{'':<18} {'ratio':<10} {_fmt(q['throughput'], '.2f'):>8} {_fmt(q['throughput'], '.2f'):>9} "
               f"{_fmt(q['peak_step_mem'], '.2f'):>12} {_fmt(q['alloc_peak'], '.2f'):>13}")
+    syncs = [(res["config"], res["ours"].get("host_syncs")) for res in results]
+    if any(n is not None for _, n in syncs):
+        print("host synchronisations in one of our steps (CUDA sync debug mode): "
+              + ", ".join(f"{name} {n}" for name, n in syncs))
     if any(r["peak_flops"] for r in results):
         print(f"MFU against {results[0]['peak_flops'] / 1e12:.0f} TFLOP/s (dense bf16 peak, or --peak_flops)")
 
@@ -727,7 +753,9 @@ def parse_args(argv=None):
     parser.add_argument("--teacher_layers", type=int, default=None, help="Override the teacher depth.")
     parser.add_argument("--student_layers", type=int, default=None, help="Override the student depth.")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for both sides (CUDA).")
-    parser.add_argument("--compile", action="store_true", help="torch.compile our student forward (ours only).")
+    parser.add_argument("--compile", action="store_true",
+                        help="train.py --compile for ours (student and teacher forwards); the batches run once "
+                             "untimed first, so compilation is not timed. The reference stays eager.")
     parser.add_argument("--peak_flops", type=float, default=None, help="Device peak FLOP/s for MFU (else a table).")
     parser.add_argument("--seed", type=int, default=56, help="Seed of the models, batches, masking and dropout.")
     parser.add_argument("--json", type=str, default=None, help="Also write every figure to this JSON file.")

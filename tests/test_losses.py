@@ -460,3 +460,38 @@ def test_weighted_logit_loss_value_and_gradient(monkeypatch, chunk_elements, wei
     assert abs(total.item() - ref.item()) < 1e-5 * max(1.0, abs(ref.item()))
     assert not ce.requires_grad and not lm.requires_grad
     torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 22, 4 * VOCAB + 1])
+def test_weighted_logit_loss_kd_rows_restrict_ce_and_mse(monkeypatch, chunk_elements):
+    """kd_rows: KD and MSE over the chosen rows only (the others get no KD gradient); LM over labelled rows."""
+    from distiller import weighted_logit_loss
+
+    monkeypatch.setattr(distiller, "_CHUNK_ELEMENTS", chunk_elements)
+    gen = torch.Generator().manual_seed(7)
+    n, temperature, (w_ce, w_mse, w_lm) = 13, 3.0, (5.0, 0.5, 2.0)
+    s = torch.randn(n, VOCAB, generator=gen, dtype=torch.float64)
+    t = torch.randn(n, VOCAB, generator=gen, dtype=torch.float64) * 2
+    labels = torch.randint(0, VOCAB, (n,), generator=gen)
+    labels[[1, 4, 9]] = -100
+    kd_rows = torch.ones(n, dtype=torch.bool)
+    kd_rows[[0, 4, 12]] = False
+    keep = kd_rows.nonzero().squeeze(-1)
+
+    s_ref = s.clone().requires_grad_(True)
+    ref = (w_ce * nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s_ref[keep] / temperature, -1),
+                                                       F.softmax(t[keep] / temperature, -1)) * temperature ** 2
+           + w_mse * nn.MSELoss(reduction="sum")(s_ref[keep], t[keep]) / len(keep)
+           + w_lm * F.cross_entropy(s_ref, labels, ignore_index=-100))
+    (g_ref,) = torch.autograd.grad(ref, s_ref)
+
+    s_ours = s.clone().requires_grad_(True)
+    total, ce, mse, lm = weighted_logit_loss(s_ours, t, labels, temperature, w_ce, w_mse, w_lm, kd_rows=kd_rows)
+    (g,) = torch.autograd.grad(total, s_ours)
+    assert abs(total.item() - ref.item()) < 1e-5 * max(1.0, abs(ref.item()))
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+    # no row chosen: ce and mse are 0, not NaN
+    none = torch.zeros(n, dtype=torch.bool)
+    total, ce, mse, lm = weighted_logit_loss(s.clone().requires_grad_(True), t, labels, temperature, w_ce, w_mse,
+                                             w_lm, kd_rows=none)
+    assert ce.item() == 0 and mse.item() == 0 and torch.isfinite(total)

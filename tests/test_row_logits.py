@@ -19,10 +19,14 @@ def _models():
     }
 
 
-@pytest.mark.parametrize("name", ["bert", "distilbert", "roberta", "gpt2", "llama"])
-def test_row_logits_equal_full_forward(name):
+@pytest.mark.parametrize("name, attention", [(name, "sdpa") for name in ("bert", "distilbert", "roberta", "gpt2", "llama")]
+                         + [(name, "eager") for name in ("bert", "distilbert", "roberta")])
+def test_row_logits_equal_full_forward(name, attention):
+    """Also checks the 4D mask the wrapper prepares for encoders, in each attention implementation's format."""
     torch.manual_seed(0)
     model = _models()[name].eval()
+    model.set_attn_implementation(attention)
+    assert model.config._attn_implementation == attention
     assert split_lm_head(model) is not None  # the fast path is the one under test
     ids = torch.randint(5, 97, (3, 11))
     mask = torch.ones(3, 11, dtype=torch.bool)
