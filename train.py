@@ -122,6 +122,9 @@ def parse_args(argv=None):
     parser.add_argument("--fp16_opt_level", type=str, default="O1",
                         help="Accepted for compatibility with apex command lines; ignored (torch.amp is used).")
     parser.add_argument("--bf16", action="store_true", help="Mixed precision in bfloat16 (torch.amp, no scaler).")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the student and teacher forwards. Each new batch shape compiles at first "
+                             "(lengths vary; after the first recompilation shapes are treated as dynamic).")
     parser.add_argument("--n_gpu", type=int, default=1, help="Number of GPUs in the node (0: CPU).")
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
                         help="Set by torch.distributed.launch; torchrun sets LOCAL_RANK instead.")

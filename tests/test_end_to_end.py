@@ -150,3 +150,19 @@ def test_extraction_then_training_recipe(tiny, binarized, tmp_path):
     trained = DistilBertForMaskedLM.from_pretrained(dump).state_dict()
     pos = "distilbert.embeddings.position_embeddings.weight"
     torch.testing.assert_close(trained[pos], extracted[pos], rtol=0, atol=0)  # frozen by --freeze_pos_embs
+
+
+def test_compiled_training_runs_and_learns(tiny, binarized, tmp_path):
+    """--compile (inductor, on the CPU here): the compiled forwards train like the eager ones."""
+    from transformers import DistilBertForMaskedLM
+
+    dump = tmp_path / "run"
+    proc = _train(tiny, binarized, dump, "distilbert", "bert",
+                  ["--mlm", "--alpha_ce", "5.0", "--alpha_mlm", "2.0", "--alpha_clm", "0.0", "--alpha_cos", "1.0",
+                   "--compile"])
+    assert "torch.compile" in proc.stderr
+    _assert_complete_dump(dump, DistilBertForMaskedLM)
+    losses = [r["loss"] for r in map(json.loads, (dump / "metrics.jsonl").read_text().splitlines())
+              if r["split"] == "train"]
+    assert len(losses) >= 5 and all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
