@@ -685,6 +685,8 @@ def print_table(results, args, device):
           f"{', ours compiled' if args.compile else ''}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"step peak: what a step adds at its peak above weights + optimizer state ({mem_note}); alloc peak: "
           "torch CPU allocations live at once in one step (profiler). ratio = ours / reference.")
+    if args.compile:
+        print("compiled: ours ran every batch once, untimed, to compile, so its 1st loss is a later step's.")
     header = (f"{'config':<18} {'side':<10} {'seq/s':>8} {'tok/s':>9} {'step peak MB':>12} {'alloc peak MB':>13} "
               f"{'MFU':>6} {'1st loss':>9}")
     print(header)
