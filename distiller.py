@@ -34,10 +34,26 @@ RESUMABLE_COUNTERS = ("epoch", "n_iter", "n_total_iter", "n_optimizer_steps", "n
                       "n_consecutive_bad_steps", "n_sequences_epoch", "total_loss_epoch")
 MUST_MATCH_ON_RESUME = ("world_size", "batch_size", "gradient_accumulation_steps", "seed", "group_by_size", "mlm",
                         "student_type", "n_epoch")
-_CHUNK_ELEMENTS = 1 << 22  # logits rows processed at once in the soft-target loss: ~16 MB of fp32
+_CHUNK_ELEMENTS = 1 << 22  # logits elements processed at once in the fused losses: ~16 MB of fp32
+_GPU_CHUNKS = 16  # on a GPU, the rows are split in about this many chunks instead (see _rows_per_chunk)
+_GPU_MAX_CHUNK_ELEMENTS = 1 << 26
 
 
 # ------------------------------------------------------------------------------------------ loss maths
+
+
+def _rows_per_chunk(n, vocab, device):
+    """Rows of (n, vocab) logits each chunk of the fused losses takes.
+
+    A chunk costs about fifteen kernel launches. On the CPU small chunks stay in cache. On a GPU, 16k rows at
+    _CHUNK_ELEMENTS would be a hundred chunks of tiny kernels, bound by launch latency, so the rows are cut in
+    about _GPU_CHUNKS chunks instead: the chunk temporaries then add up to about half of one (n, vocab) fp32
+    tensor, and never more than _GPU_MAX_CHUNK_ELEMENTS per temporary.
+    """
+    rows = max(1, _CHUNK_ELEMENTS // vocab)
+    if device.type == "cuda":
+        rows = max(rows, min(math.ceil(n / _GPU_CHUNKS), _GPU_MAX_CHUNK_ELEMENTS // vocab))
+    return rows
 
 
 def _logit_losses_chunk(s, t, labels, temperature, row_weight=None):
@@ -89,7 +105,7 @@ class _LogitLosses(torch.autograd.Function):
         ctx.save_for_backward(s_flat, t_flat, rows, labels)
         ctx.temperature, ctx.n_labels = temperature, n_labels
         sums = s_flat.new_zeros(3, dtype=torch.float32)
-        step = max(1, _CHUNK_ELEMENTS // s_flat.size(-1))
+        step = _rows_per_chunk(n, s_flat.size(-1), s_flat.device)
         for i in range(0, n, step):
             r = rows[i: i + step]
             t = t_flat[r].float() if t_flat is not None else None
@@ -103,7 +119,7 @@ class _LogitLosses(torch.autograd.Function):
         s_flat, t_flat, rows, labels = ctx.saved_tensors
         temperature, n = ctx.temperature, rows.numel()
         grad = torch.zeros_like(s_flat)
-        step = max(1, _CHUNK_ELEMENTS // s_flat.size(-1))
+        step = _rows_per_chunk(n, s_flat.size(-1), s_flat.device)
         w_kl, w_mse = grad_kl * temperature / max(n, 1), grad_mse * 2.0 / max(n, 1)
         w_lm = grad_lm / max(ctx.n_labels, 1)
         for i in range(0, n, step):
@@ -156,7 +172,7 @@ class _WeightedLogitLoss(torch.autograd.Function):
         c_lm = w_lm / n_labels
         grad = torch.empty_like(s_flat)
         sums = s_flat.new_zeros(3, dtype=torch.float32)
-        step = max(1, _CHUNK_ELEMENTS // s_flat.size(-1))
+        step = _rows_per_chunk(n, s_flat.size(-1), s_flat.device)
         for i in range(0, n, step):
             t = t_flat[i: i + step].float() if t_flat is not None else None
             lab = labels[i: i + step] if labels is not None else None

@@ -495,3 +495,17 @@ def test_weighted_logit_loss_kd_rows_restrict_ce_and_mse(monkeypatch, chunk_elem
     total, ce, mse, lm = weighted_logit_loss(s.clone().requires_grad_(True), t, labels, temperature, w_ce, w_mse,
                                              w_lm, kd_rows=none)
     assert ce.item() == 0 and mse.item() == 0 and torch.isfinite(total)
+
+
+def test_chunking_cpu_cache_sized_gpu_few_chunks():
+    """CPU: ~16 MB fp32 chunks. GPU: about 16 chunks (launch latency), never over 2**26 elements per chunk."""
+    from distiller import _rows_per_chunk
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # a device object: no GPU needed
+    vocab = 30522
+    assert _rows_per_chunk(32768, vocab, cpu) == (1 << 22) // vocab
+    rows = _rows_per_chunk(32768, vocab, gpu)
+    assert -(-32768 // rows) <= 16 and rows * vocab <= 1 << 26
+    assert _rows_per_chunk(10**6, vocab, gpu) * vocab <= 1 << 26  # huge batches: capped, more chunks
+    assert _rows_per_chunk(100, vocab, gpu) == (1 << 22) // vocab  # small batches: as on the CPU
+    assert _rows_per_chunk(5, 10**8, cpu) == 1 and _rows_per_chunk(5, 10**8, gpu) == 1
