@@ -20,17 +20,22 @@ import benchmark  # noqa: E402
 ALLOWED = ("transformers/masking_utils.py", "find_packed_sequence_indices")
 
 
-def _distiller(config_name, tmp_path, extra=None):
+def _distiller(config_name, tmp_path, extra=None, device="cpu", bf16=False):
+    """A Distiller on tiny random models, its prepare function, and six collated batches (one unpadded)."""
+    device = torch.device(device)
     args = benchmark.parse_args(["--size", "tiny", "--config", config_name, "--batch_size", "3", "--seq_len", "24",
                                  "--hidden", "32", "--heads", "2", "--ffn", "64", "--teacher_layers", "2",
-                                 "--student_layers", "1", "--vocab_size", "300"])
+                                 "--student_layers", "1", "--vocab_size", "300", "--device", device.type]
+                                + (["--bf16"] if bf16 else []))
     torch.manual_seed(0)
     teacher, student, student_type = benchmark.build_models(config_name, "tiny", args)
+    teacher.to(device).eval().requires_grad_(False)
+    student.to(device)
     special = benchmark.special_ids(config_name, 300)
     mlm = config_name.startswith("bert")
     sequences = benchmark.make_sequences(6, 3, 24, 300, special, mlm, seed=0)
     sequences[1] = [s[:12] for s in sequences[1]]  # one batch without padding: every sequence 12 tokens
-    params = benchmark.make_params(config_name, student_type, torch.device("cpu"), args, special, 24, str(tmp_path))
+    params = benchmark.make_params(config_name, student_type, device, args, special, 24, str(tmp_path))
     params.log_interval = 10_000
     for key, value in (extra or {}).items():
         setattr(params, key, value)
