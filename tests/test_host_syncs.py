@@ -120,3 +120,30 @@ def test_a_skipped_step_leaves_the_weights_and_is_counted(tmp_path):
     distiller._settle_outcomes()
     assert distiller.n_optimizer_steps == 2 and distiller.n_consecutive_bad_steps == 0
     assert any(not torch.equal(v, before[k]) for k, v in distiller.student.state_dict().items())
+
+
+@pytest.mark.parametrize("config_name, mask_prop", [("bert_mlm_restrict", 0.15), ("bert_mlm_restrict", 0.95),
+                                                     ("bert_mlm", 0.15), ("gpt2_clm", None)])
+def test_host_known_rows_give_the_same_losses(tmp_path, config_name, mask_prop):
+    """The rows a Batch carries (found without a sync) give the losses of the rows found with nonzero.
+
+    At mask_prop 0.95 more positions are drawn than are eligible (specials are never masked), so the drawn
+    rows include unmasked ones, which must count for no loss.
+    """
+    extra = {"mlm_mask_prop": mask_prop} if mask_prop else None
+    distiller, prepare, batches = _distiller(config_name, tmp_path, extra)
+    distiller.student.eval()  # no dropout: the two forwards must agree
+    for token_ids, lengths in batches[:3]:
+        batch = prepare(token_ids, lengths)
+        exact = distiller.loss_rows(batch.attention_mask, batch.lm_labels)
+        if mask_prop == 0.95:
+            assert len(batch.rows) > len(exact)
+        with torch.no_grad():
+            ours = distiller.compute_losses(*distiller._forward(batch.input_ids, batch.attention_mask, batch.rows,
+                                                                batch.padded),
+                                            batch.attention_mask, batch.lm_labels, batch.rows)
+            ref = distiller.compute_losses(*distiller._forward(batch.input_ids, batch.attention_mask, exact),
+                                           batch.attention_mask, batch.lm_labels, exact)
+        assert set(ours) == set(ref)
+        for name in ref:
+            torch.testing.assert_close(ours[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
