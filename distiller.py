@@ -557,12 +557,11 @@ class Distiller:
         max_len = token_ids.size(1)
         attn_mask = attention_mask_from_lengths(lengths, max_len).to(self.device, non_blocking=True)
         token_ids = token_ids.to(self.device, non_blocking=True)
-        token_ids, labels, drawn = mask_tokens(token_ids, lengths, self.token_probs, self.params.mlm_mask_prop,
-                                               self.mask_split, self.mask_id, self.vocab_size, return_positions=True)
-        if self.params.restrict_ce_to_mask:
-            rows = drawn
-        else:
-            rows = non_padding_positions(lengths, max_len).to(self.device, non_blocking=True)
+        restrict = self.params.restrict_ce_to_mask
+        token_ids, labels, *drawn = mask_tokens(token_ids, lengths, self.token_probs, self.params.mlm_mask_prop,
+                                                self.mask_split, self.mask_id, self.vocab_size,
+                                                return_positions=restrict)
+        rows = drawn[0] if restrict else non_padding_positions(lengths, max_len).to(self.device, non_blocking=True)
         return Batch(token_ids, attn_mask, labels, rows, self._padded(lengths, max_len))
 
     def prepare_batch_clm(self, token_ids, lengths):

@@ -4,24 +4,14 @@ These need a GPU and are skipped (and reported as skipped) without one; scripts/
 together with the GPU benchmark.
 """
 import json
-import warnings
 
 import pytest
 import torch
 
 from conftest import run_script
-from test_host_syncs import _distiller
+from test_host_syncs import _distiller, _loop, benchmark
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _loop(distiller, prepare, batches):
-    distiller.student.train()
-    for token_ids, lengths in batches:
-        distiller.step(*prepare(token_ids, lengths))
-        distiller.iter()
-        if distiller._at_boundary:
-            distiller.after_optimizer_step()
 
 
 @pytest.mark.parametrize("config_name", ["bert_mlm", "bert_mlm_restrict", "gpt2_clm"])
@@ -30,14 +20,7 @@ def test_cuda_step_synchronises_only_where_documented(tmp_path, config_name):
     distiller, prepare, batches = _distiller(config_name, tmp_path, device="cuda", bf16=True)
     _loop(distiller, prepare, batches[:2])  # warm-up: lazy CUDA initialisation synchronises
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            _loop(distiller, prepare, batches[2:])
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    syncs = benchmark.cuda_sync_warnings(lambda: _loop(distiller, prepare, batches[2:]))
     per_forward = 0 if config_name.startswith("bert") else 1  # transformers' packed-sequence check
     assert len(syncs) <= per_forward * 2 * len(batches[2:]), syncs
     distiller._settle_outcomes()

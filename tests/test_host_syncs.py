@@ -45,16 +45,20 @@ def _distiller(config_name, tmp_path, extra=None, device="cpu", bf16=False):
     return distiller, prepare, batches
 
 
-def _run(distiller, prepare, batches):
-    """The body of Distiller.train's loop for each batch, recording host synchronisations."""
+def _loop(distiller, prepare, batches):
+    """The body of Distiller.train's loop, for each batch."""
     distiller.student.train()
-    recorder = HostSyncRecorder()
-    with recorder:
-        for token_ids, lengths in batches:
-            distiller.step(*prepare(token_ids, lengths))
-            distiller.iter()
-            if distiller._at_boundary:
-                distiller.after_optimizer_step()
+    for token_ids, lengths in batches:
+        distiller.step(*prepare(token_ids, lengths))
+        distiller.iter()
+        if distiller._at_boundary:
+            distiller.after_optimizer_step()
+
+
+def _run(distiller, prepare, batches):
+    """_loop, recording host synchronisations."""
+    with HostSyncRecorder() as recorder:
+        _loop(distiller, prepare, batches)
     return recorder.events
 
 
@@ -95,17 +99,12 @@ def test_the_recorder_sees_synchronisations(tmp_path):
 def test_a_skipped_step_leaves_the_weights_and_is_counted(tmp_path):
     """The optimizer step is skipped on the device when the gradient norm is not finite."""
     distiller, prepare, batches = _distiller("bert_mlm", tmp_path)
-    distiller.student.train()
-    distiller.step(*prepare(*batches[0]))
-    distiller.iter()
-    distiller.after_optimizer_step()
+    _loop(distiller, prepare, batches[:1])
     before = {k: v.clone() for k, v in distiller.student.state_dict().items()}
     lr_before = distiller.scheduler.get_last_lr()[0]
     original = distiller.compute_losses
     distiller.compute_losses = lambda *a: {k: v * float("nan") for k, v in original(*a).items()}
-    distiller.step(*prepare(*batches[2]))
-    distiller.iter()
-    distiller.after_optimizer_step()
+    _loop(distiller, prepare, batches[2:3])
     distiller._settle_outcomes()
     assert distiller.n_skipped_steps == 1 and distiller.n_consecutive_bad_steps == 1
     assert distiller.n_optimizer_steps == 1
@@ -114,9 +113,7 @@ def test_a_skipped_step_leaves_the_weights_and_is_counted(tmp_path):
     assert all(int(s["step"]) == 1 for s in distiller.optimizer.state.values())
     assert distiller.scheduler.get_last_lr()[0] != lr_before  # the schedule moves on, as documented
     distiller.compute_losses = original
-    distiller.step(*prepare(*batches[3]))
-    distiller.iter()
-    distiller.after_optimizer_step()
+    _loop(distiller, prepare, batches[3:4])
     distiller._settle_outcomes()
     assert distiller.n_optimizer_steps == 2 and distiller.n_consecutive_bad_steps == 0
     assert any(not torch.equal(v, before[k]) for k, v in distiller.student.state_dict().items())
