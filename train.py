@@ -496,6 +496,11 @@ def main(argv=None):
         distiller.load_training_state(resume_state, resume_path)
         del resume_state
     distiller.train()
+    if args.multi_gpu:
+        # Every rank leaves together. A rank that exits right after the last collective (the checkpoint's
+        # all_gather_object) can otherwise finalise Python while a gloo worker thread still releases that
+        # collective's tensors, which needs the GIL: the worker then aborts the process (SIGABRT).
+        torch.distributed.barrier()
     if not distiller.interrupted:
         logger.info("Let's go get some drinks.")
     return distiller
