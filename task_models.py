@@ -1,0 +1,102 @@
+"""Building the student, the teacher and the tokenizer of a task run, with the checks that pair them.
+
+    tokenizer = load_tokenizer(args)
+    student = load_student(args, AutoModelForQuestionAnswering)
+    teacher = load_teacher(args, AutoModelForQuestionAnswering, tokenizer, student)  # None without a teacher
+
+The student may come from any checkpoint of its architecture (a pretrained or distilled masked LM: its task
+head then starts from random init). The teacher must already be fine-tuned on the task: a teacher whose
+task head would be randomly initialised is refused, since distilling from it would teach noise. Teacher
+and student must share the tokenizer's vocabulary, token for token.
+"""
+import os
+
+from transformers import AutoConfig, AutoTokenizer
+
+from utils import UserError, logger
+
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+def _cache(args):
+    return args.cache_dir or None
+
+
+def load_tokenizer(args):
+    name = args.tokenizer_name or args.model_name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, cache_dir=_cache(args))
+    except (OSError, ValueError, TypeError) as error:
+        flag = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
+        raise UserError(f"{flag} {name}: no tokenizer loads from it ({_first_line(error)})") from None
+    if tokenizer.pad_token_id is None:
+        raise UserError(f"the tokenizer of {name} has no padding token")
+    return tokenizer
+
+
+def load_config(name, flag, model_type, cache_dir=None, **overrides):
+    try:
+        config = AutoConfig.from_pretrained(name, cache_dir=cache_dir, **overrides)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{flag} {name}: not a model folder or hub name ({_first_line(error)})") from None
+    if model_type not in (None, "auto") and model_type != config.model_type:
+        raise UserError(f"{flag} {name} is a {config.model_type} model, but its type flag says {model_type}")
+    return config
+
+
+def load_student(args, model_class, **config_overrides):
+    """The student with a task head (random if its checkpoint has none, which is the usual case)."""
+    config = load_config(args.config_name or args.model_name_or_path,
+                         "--config_name" if args.config_name else "--model_name_or_path",
+                         args.model_type, _cache(args), **config_overrides)
+    try:
+        model, info = model_class.from_pretrained(args.model_name_or_path, config=config, cache_dir=_cache(args),
+                                                  output_loading_info=True)
+    except (OSError, ValueError) as error:
+        raise UserError(f"--model_name_or_path {args.model_name_or_path}: {_first_line(error)}") from None
+    if info.get("missing_keys"):
+        logger.info("Student: %d tensor(s) start from random init (the task head): %s", len(info["missing_keys"]),
+                    ", ".join(sorted(info["missing_keys"])[:6]))
+    return model
+
+
+def load_teacher(args, model_class, tokenizer, student, **config_overrides):
+    """The fine-tuned teacher in eval mode, or None when --teacher_name_or_path is not given."""
+    name = args.teacher_name_or_path
+    if name is None:
+        return None
+    config = load_config(name, "--teacher_name_or_path", args.teacher_type, _cache(args), **config_overrides)
+    try:
+        teacher, info = model_class.from_pretrained(name, config=config, cache_dir=_cache(args),
+                                                    output_loading_info=True)
+    except (OSError, ValueError) as error:
+        raise UserError(f"--teacher_name_or_path {name}: {_first_line(error)}") from None
+    missing = sorted(info.get("missing_keys", ())) + sorted(info.get("mismatched_keys", ()))
+    if missing:
+        raise UserError(f"--teacher_name_or_path {name}: its checkpoint has no {model_class.__name__[len('AutoModelFor'):]} "
+                        f"head ({missing[0]} would be random); fine-tune the teacher on the task first")
+    check_same_vocabulary(name, teacher, tokenizer, student)
+    return teacher.eval()
+
+
+def check_same_vocabulary(teacher_name, teacher, tokenizer, student):
+    """Same token ids on both sides: equal embedding sizes, and equal vocabularies when the teacher ships one."""
+    t_size, s_size = teacher.config.vocab_size, student.config.vocab_size
+    if t_size != s_size:
+        raise UserError(f"--teacher_name_or_path {teacher_name}: teacher vocabulary of {t_size} tokens, student "
+                        f"vocabulary of {s_size}; teacher and student must share the tokenizer")
+    if not os.path.isdir(teacher_name):
+        return
+    try:
+        teacher_tok = AutoTokenizer.from_pretrained(teacher_name)
+    except (OSError, ValueError, TypeError):
+        return  # a teacher folder without tokenizer files: the embedding sizes are all we can compare
+    if teacher_tok.get_vocab() != tokenizer.get_vocab():
+        ours, theirs = tokenizer.get_vocab(), teacher_tok.get_vocab()
+        differing = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda kv: kv[1])
+        token, index = differing[0]
+        raise UserError(f"--teacher_name_or_path {teacher_name}: the teacher's tokenizer differs from the student's "
+                        f"(e.g. token {token!r} has id {theirs.get(token)} for the teacher, {ours.get(token)} for "
+                        f"the student); teacher and student must share the tokenizer")
