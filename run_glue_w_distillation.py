@@ -1,0 +1,245 @@
+#!/usr/bin/env python
+"""Fine-tune a student for sentence(-pair) classification or regression (GLUE), optionally distilling a teacher.
+
+    # a GLUE task from the hub
+    python run_glue_w_distillation.py --task_name mrpc --model_name_or_path distilbert-base-uncased \\
+        --teacher_name_or_path bert-base-uncased-finetuned-mrpc --do_train --do_eval --output_dir mrpc_distilled
+    # your own files: tsv, csv or json lines with `sentence` (or `sentence1`/`sentence2`) and `label` columns
+    python run_glue_w_distillation.py --task_name sst2 --train_file SST-2/train.tsv --validation_file SST-2/dev.tsv \\
+        --model_name_or_path distilbert-base-uncased --do_train --do_eval --output_dir sst2_student
+    torchrun --nproc_per_node 4 run_glue_w_distillation.py <the same flags>
+
+Loss with a teacher: alpha_task * task loss + alpha_ce * distillation term, where the task loss is the
+cross-entropy (squared error for regression) and the distillation term T^2 * KL(teacher_T || student_T) on
+the class distribution (for regression the squared error to the teacher's prediction). Without a teacher:
+the task loss alone. A --task_name that is not a GLUE task names a task of your own, read from the files:
+classification over integer labels 0..max or over the names of string labels, regression for non-integer
+numbers or --num_labels 1. Evaluation writes eval_results.json. See README section H.
+"""
+import argparse
+import os
+import sys
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+from glue import (GLUE_TASKS, Task, get_task, glue_metrics, infer_custom_task, label_ids, load_file,  # noqa: E402
+                  load_hub_split, task_score, text_columns)
+from losses import classification_kd_loss, classification_loss, task_distillation_loss  # noqa: E402
+from task_evaluation import predict, write_eval_results  # noqa: E402
+from task_models import load_student, load_teacher, load_tokenizer  # noqa: E402
+from task_training import (TaskTrainer, TokenizedSet, add_training_arguments, check_training_args,  # noqa: E402
+                           clear_old_checkpoints, list_checkpoints, newest_checkpoint, prepare_output_dir)
+from utils import UserError, cleanup_distributed, fail, init_distributed, logger, set_seed  # noqa: E402
+
+COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "labels")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_training_arguments(parser, max_seq_length=128)
+    add = parser.add_argument
+    add("--task_name", required=True,
+        help="A GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli), or the name of a task of your own "
+             "given by --train_file / --validation_file.")
+    add("--alpha_task", default=0.5, type=float, help="Weight of the task loss (with a teacher).")
+    add("--train_file", default=None, help="Training data (.tsv, .csv, .json/.jsonl); default: the GLUE task from the hub.")
+    add("--validation_file", default=None, help="Evaluation data, same formats.")
+    add("--text_column", default=None, help="Column of the (first) sentence (default: sentence or sentence1).")
+    add("--text_pair_column", default=None, help="Column of the second sentence of a pair (default: sentence2).")
+    add("--label_column", default="label")
+    add("--num_labels", default=None, type=int, help="Classes of a task of your own (1: regression); default: "
+                                                     "inferred from the training labels.")
+    return parser.parse_args(argv)
+
+
+def check_args(args):
+    check_training_args(args)
+    task = get_task(args.task_name)
+    if task is None and ((args.do_train and not args.train_file) or (args.do_eval and not args.validation_file)):
+        raise UserError(f"--task_name {args.task_name} is not a GLUE task ({', '.join(GLUE_TASKS)}); a "
+                        f"task of your own needs --train_file and --validation_file")
+    if args.num_labels is not None and args.num_labels < 1:
+        raise UserError(f"--num_labels must be at least 1, got {args.num_labels}")
+    if task is not None and args.num_labels not in (None, task.num_labels):
+        raise UserError(f"--num_labels {args.num_labels}: {task.display} has {task.num_labels} label(s)")
+    for flag, path in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
+        if path is not None and not os.path.isfile(path):
+            raise UserError(f"{flag} {path}: no such file")
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def load_split(args, task, evaluate):
+    """(raw datasets.Dataset, a name for error messages): from the given file, else from the hub."""
+    flag, path = ("--validation_file", args.validation_file) if evaluate else ("--train_file", args.train_file)
+    if path is not None:
+        return load_file(path, flag, args.cache_dir or None), f"{flag} {path}"
+    split = ("validation_matched" if task.name == "mnli" else "validation") if evaluate else "train"
+    return load_hub_split(task, split, args.cache_dir or None), f"{task.display} {split}"
+
+
+def resolve_task(args, train_raw, model_config=None):
+    """The GLUE task, or a task of your own inferred from the training labels (or the model's config)."""
+    task = get_task(args.task_name)
+    if task is not None:
+        return task
+    if train_raw is not None:
+        return infer_custom_task(args.task_name, list(train_raw[args.label_column]), args.num_labels)
+    names = tuple(model_config.id2label[i] for i in range(model_config.num_labels))
+    generic = all(n == f"LABEL_{i}" for i, n in enumerate(names))
+    metrics = ("pearson", "spearmanr") if model_config.num_labels == 1 else ("accuracy",)
+    return Task(args.task_name, ("", None), model_config.num_labels, metrics, () if generic else names, args.task_name)
+
+
+def tokenize(args, tokenizer, raw, task, source):
+    """input_ids / attention_mask / token_type_ids / labels, truncated to --max_seq_length, checked labels."""
+    first, second = text_columns(raw, task if get_task(args.task_name) else None, args, source)
+    labels = label_ids(list(raw[args.label_column]), task, source, task.label_names)
+
+    def encode(batch, indices):
+        texts = [str(t) for t in batch[first]]
+        pairs = [str(t) for t in batch[second]] if second else None
+        enc = tokenizer(texts, pairs, truncation=True, max_length=args.max_seq_length)
+        enc["labels"] = [labels[i] for i in indices]
+        return dict(enc)
+
+    return raw.map(encode, batched=True, with_indices=True, remove_columns=raw.column_names,
+                   load_from_cache_file=not args.overwrite_cache, num_proc=args.threads if args.threads > 1 else None,
+                   desc="tokenising")
+
+
+# ---------------------------------------------------------------------------------------------------- loss
+
+
+def make_loss_fn(args):
+    def loss_fn(student_out, teacher_out, batch):
+        task = classification_loss(student_out.logits, batch["labels"])
+        if teacher_out is None:
+            return task, {"loss_task": task}
+        kd = classification_kd_loss(student_out.logits, teacher_out.logits, args.temperature)
+        return task_distillation_loss(task, kd, args.alpha_task, args.alpha_ce), {"loss_task": task, "loss_ce": kd}
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(args, model, tokenizer, ctx, task, eval_set, out_folder, model_path=None):
+    """The task's metrics for `model`; the master writes out_folder/eval_results.json. Collective."""
+    amp = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    logits = predict(model, eval_set, ["logits"], tokenizer.pad_token_id, args.per_gpu_eval_batch_size, ctx,
+                     amp_dtype=amp)["logits"]
+    if not ctx.is_master:
+        return None
+    labels = [eval_set.data[i]["labels"] for i in range(len(eval_set))]
+    metrics = glue_metrics(task, logits, labels)
+    from evaluation import count_parameters
+
+    score = task_score(task, metrics)
+    write_eval_results(out_folder, {"task": task.name, "metrics": metrics, "score": score,
+                                    "score_name": "+".join(task.metrics), "n_examples": len(eval_set),
+                                    "model": model_path, "n_parameters": count_parameters(model),
+                                    "data": args.validation_file or f"{task.name} (hub)"})
+    logger.info("%s (%d examples): %s; score %.2f", task.display, len(eval_set),
+                ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), score)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def run(args):
+    check_args(args)
+    prepare_output_dir(args, inputs=[args.model_name_or_path, args.teacher_name_or_path, args.train_file,
+                                     args.validation_file])
+    ctx = init_distributed(n_gpu=0 if args.no_cuda or not torch.cuda.is_available() else 1,
+                           local_rank=args.local_rank)
+    set_seed(args.seed)
+    resume_from = newest_checkpoint(args.output_dir) if args.resume else None
+    if resume_from:
+        args.model_name_or_path = resume_from
+    tokenizer = load_tokenizer(args)
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    train_raw = source = None
+    if args.do_train:
+        train_raw, source = load_split(args, get_task(args.task_name), evaluate=False)
+        if args.label_column not in train_raw.column_names:
+            raise UserError(f"{source}: no column {args.label_column!r} (columns: {', '.join(train_raw.column_names)}); "
+                            f"name it with --label_column")
+        if args.max_train_samples and args.max_train_samples < len(train_raw):
+            train_raw = train_raw.shuffle(seed=args.seed).select(range(args.max_train_samples))
+    config = None if train_raw is not None else AutoConfig.from_pretrained(args.model_name_or_path)
+    task = resolve_task(args, train_raw, config)
+    overrides = {"num_labels": task.num_labels}
+    if task.label_names:
+        overrides.update(id2label=dict(enumerate(task.label_names)),
+                         label2id={n: i for i, n in enumerate(task.label_names)})
+    student = load_student(args, AutoModelForSequenceClassification, **overrides).to(ctx.device)
+    teacher = None
+    if args.do_train and args.teacher_name_or_path:
+        teacher = load_teacher(args, AutoModelForSequenceClassification, tokenizer, student)
+        if teacher.config.num_labels != task.num_labels:
+            raise UserError(f"--teacher_name_or_path {args.teacher_name_or_path}: the teacher predicts "
+                            f"{teacher.config.num_labels} label(s), the task has {task.num_labels}")
+        teacher.to(ctx.device)
+
+    eval_set = None
+    if args.do_eval or args.evaluate_during_training:
+        eval_raw, eval_source = load_split(args, task, evaluate=True)
+        if args.label_column not in eval_raw.column_names:
+            raise UserError(f"{eval_source}: no column {args.label_column!r} (columns: "
+                            f"{', '.join(eval_raw.column_names)}); name it with --label_column")
+        if args.max_eval_samples:
+            eval_raw = eval_raw.select(range(min(args.max_eval_samples, len(eval_raw))))
+        eval_set = TokenizedSet(tokenize(args, tokenizer, eval_raw, task, eval_source), COLUMNS)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    if args.do_train:
+        train_set = TokenizedSet(tokenize(args, tokenizer, train_raw, task, source), COLUMNS)
+        if ctx.is_master and args.overwrite_output_dir and not args.resume:
+            clear_old_checkpoints(args.output_dir)
+        trainer = TaskTrainer(args, ctx, student, teacher, train_set, make_loss_fn(args), tokenizer,
+                              tokenizer.pad_token_id)
+        if resume_from:
+            trainer.load_checkpoint(resume_from)
+
+        def on_log(step):
+            if args.evaluate_during_training:
+                metrics = evaluate(args, student, tokenizer, ctx, task, eval_set, os.path.join(args.output_dir, "eval"))
+                if metrics is not None:
+                    trainer.write_metrics({"step": step, "split": "eval", **metrics})
+
+        trainer.train(on_log=on_log)
+        if ctx.is_master:
+            trainer.save_model(args.output_dir)
+            logger.info("Saved the fine-tuned student to %s", args.output_dir)
+
+    if args.do_eval:
+        if args.eval_all_checkpoints:
+            for _, folder in list_checkpoints(args.output_dir):
+                model = load_student(argparse.Namespace(**dict(vars(args), model_name_or_path=folder, config_name="")),
+                                     AutoModelForSequenceClassification, **overrides).to(ctx.device)
+                evaluate(args, model, tokenizer, ctx, task, eval_set, folder, folder)
+        evaluate(args, student, tokenizer, ctx, task, eval_set, args.output_dir,
+                 args.output_dir if args.do_train else args.model_name_or_path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UserError as error:
+        fail(str(error))
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
