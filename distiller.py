@@ -1,460 +1,113 @@
 """The distillation loop: a student learns from a frozen teacher's soft predictions.
 
-The loss is a weighted sum of five terms (weights --alpha_*):
-    ce   KL(teacher || student) of the temperature-softened next-token distributions, times T^2
-    mlm  cross-entropy of the student on the masked tokens (masked language modelling)
-    clm  cross-entropy of the student on the next token (causal language modelling)
-    mse  squared error between student and teacher logits
-    cos  1 - cosine similarity between student and teacher last hidden states
-Every term is an average over the positions it covers, so batch shape does not change its scale. The maths
-lives in plain functions of tensors at the top of this file; `Distiller` only feeds them.
+    distiller = Distiller(config, ctx, dataset, student, teacher, masking=masking)   # setup
+    distiller.train()                                                               # epochs, then the final save
+
+`train.py` builds everything a run needs (flags, models, data, the evaluation) and hands it over; this file
+only runs the loop, in XLM's verbs: `step` (forward, losses, backward) -> `optimize` (accumulate, clip, step)
+-> `iter` (counters, log, checkpoint) -> `end_epoch`. The loss maths is in losses.py, the masking in
+masking.py, the model wrappers in models.py, the checkpoint format in checkpointing.py. One process is just
+a world of size 1: the same code runs under torchrun with DDP.
 """
 import contextlib
+import dataclasses
 import math
 import os
 import signal
 import time
-from typing import NamedTuple
 
-import numpy as np
 import psutil
 import torch
-import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader
 
-from grouped_batch_sampler import GroupedBatchSampler, SkippableBatchSampler, create_lengths_groups
-from lm_seqs_dataset import LmSeqsDataset
-from utils import checkpoint_path, logger, rng_state, rotate_checkpoints, save_atomic, set_rng_state
+import checkpointing
+from grouped_batch_sampler import training_batch_sampler
+from losses import IGNORE_INDEX, distillation_losses
+from masking import prepare_batch_clm, prepare_batch_mlm
+from models import RowLogitsLM, TeacherLM
+from utils import logger
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-IGNORE_INDEX = -100
-RESUMABLE_COUNTERS = ("epoch", "n_iter", "n_total_iter", "n_optimizer_steps", "n_skipped_steps",
-                      "n_consecutive_bad_steps", "n_sequences_epoch", "total_loss_epoch")
-MUST_MATCH_ON_RESUME = ("world_size", "batch_size", "gradient_accumulation_steps", "seed", "group_by_size", "mlm",
-                        "student_type", "n_epoch")
-_CHUNK_ELEMENTS = 1 << 22  # logits elements processed at once in the fused losses: ~16 MB of fp32
-_GPU_CHUNKS = 16  # on a GPU, the rows are split in about this many chunks instead (see _rows_per_chunk)
-_GPU_MAX_CHUNK_ELEMENTS = 1 << 26
+LOSS_NAMES = ("ce", "mlm", "clm", "mse", "cos")
 
 
-# ------------------------------------------------------------------------------------------ loss maths
+@dataclasses.dataclass(frozen=True)
+class DistillationConfig:
+    """Everything the loop reads, with train.py's defaults (its flags of the same names fill it in)."""
+    dump_path: str
+    mlm: bool  # MLM (masked tokens) or CLM (next token) as the LM loss and the batch preparation
+    student_type: str = "distilbert"  # only checked on resume
+    temperature: float = 2.0
+    alpha_ce: float = 0.5
+    alpha_mlm: float = 0.0
+    alpha_clm: float = 0.5
+    alpha_mse: float = 0.0
+    alpha_cos: float = 0.0
+    restrict_ce_to_mask: bool = False
+    n_epoch: int = 3
+    batch_size: int = 5
+    group_by_size: bool = True
+    max_model_input_size: int = 512  # bucket boundaries of group_by_size
+    gradient_accumulation_steps: int = 50
+    warmup_prop: float = 0.05
+    weight_decay: float = 0.0
+    learning_rate: float = 5e-4
+    adam_epsilon: float = 1e-6
+    max_grad_norm: float = 5.0
+    fp16: bool = False
+    bf16: bool = False
+    compile: bool = False
+    num_workers: int = 0
+    seed: int = 56
+    log_interval: int = 500
+    checkpoint_interval: int = 4000
+    save_total_limit: int = 3
+    max_bad_steps: int = 20
+    eval_interval: int = 0
 
+    @classmethod
+    def from_args(cls, args, **resolved):
+        """From train.py's parsed flags (same names); `resolved` gives the fields no flag sets."""
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in resolved}
+        return cls(**values, **resolved)
 
-def _rows_per_chunk(n, vocab, device):
-    """Rows of (n, vocab) logits each chunk of the fused losses takes.
-
-    A chunk costs about fifteen kernel launches. On the CPU small chunks stay in cache. On a GPU, 16k rows at
-    _CHUNK_ELEMENTS would be a hundred chunks of tiny kernels, bound by launch latency, so the rows are cut in
-    about _GPU_CHUNKS chunks instead: the chunk temporaries then add up to about half of one (n, vocab) fp32
-    tensor, and never more than _GPU_MAX_CHUNK_ELEMENTS per temporary.
-    """
-    rows = max(1, _CHUNK_ELEMENTS // vocab)
-    if device.type == "cuda":
-        rows = max(rows, min(math.ceil(n / _GPU_CHUNKS), _GPU_MAX_CHUNK_ELEMENTS // vocab))
-    return rows
-
-
-def _logit_losses_chunk(s, t, labels, temperature, row_weight=None):
-    """On a chunk of rows (fp32): sums of KL(p_t || p_s) at temperature T, squared error, and label
-    cross-entropy, with the gradient of each sum w.r.t. s (KL's without its T factor). t or labels may be None.
-    row_weight (rows,) in {0, 1} drops rows from the KL and squared-error terms (and their gradients).
-    """
-    zero = s.new_zeros(())
-    kl = sq = ce = zero
-    d_kl = diff = d_ce = None
-    if t is not None:
-        log_p_s = F.log_softmax(s / temperature, dim=-1)
-        log_p_t = F.log_softmax(t / temperature, dim=-1)
-        p_t = log_p_t.exp()
-        kl_rows = (p_t * (log_p_t - log_p_s)).sum(-1)
-        d_kl = log_p_s.exp_().sub_(p_t)  # p_s - p_t
-        diff = s - t
-        if row_weight is not None:
-            kl_rows = kl_rows * row_weight
-            d_kl.mul_(row_weight[:, None])
-            diff.mul_(row_weight[:, None])
-        kl = kl_rows.sum()
-        sq = (diff * diff).sum()
-    if labels is not None:
-        has_label = labels != IGNORE_INDEX
-        safe = labels.clamp(min=0)
-        log_q = F.log_softmax(s, dim=-1)
-        ce = -(log_q.gather(1, safe[:, None]).squeeze(1) * has_label).sum()
-        d_ce = log_q.exp_()  # softmax - one-hot, on labelled rows only
-        d_ce[torch.arange(len(safe), device=s.device), safe] -= 1.0
-        d_ce *= has_label[:, None]
-    return kl, sq, ce, d_kl, diff, d_ce
-
-
-class _LogitLosses(torch.autograd.Function):
-    """KD (KL), MSE and LM cross-entropy over selected rows of flat logits, computed in fp32 chunks.
-
-    The straightforward version (masked_select both logit tensors, softmax them, KLDivLoss, then a separate
-    cross-entropy) allocates several (positions x vocab) fp32 tensors and keeps them alive until backward.
-    Here the only tensor of that size is the gradient itself, shared by the three losses: forward keeps
-    only row indices, backward recomputes each chunk. With n rows and m labelled rows:
-        d(KL T^2 / n)/ds = T/n (p_s - p_t);   d(MSE / n)/ds = 2/n (s - t);   d(CE / m)/ds = (q - onehot)/m
-    """
-
-    @staticmethod
-    def forward(ctx, s_flat, t_flat, rows, labels, temperature):
-        n = rows.numel()
-        n_labels = int((labels != IGNORE_INDEX).sum()) if labels is not None else 0
-        ctx.save_for_backward(s_flat, t_flat, rows, labels)
-        ctx.temperature, ctx.n_labels = temperature, n_labels
-        sums = s_flat.new_zeros(3, dtype=torch.float32)
-        step = _rows_per_chunk(n, s_flat.size(-1), s_flat.device)
-        for i in range(0, n, step):
-            r = rows[i: i + step]
-            t = t_flat[r].float() if t_flat is not None else None
-            lab = labels[i: i + step] if labels is not None else None
-            kl, sq, ce, _, _, _ = _logit_losses_chunk(s_flat[r].float(), t, lab, temperature)
-            sums += torch.stack([kl, sq, ce])
-        return sums[0] * temperature ** 2 / max(n, 1), sums[1] / max(n, 1), sums[2] / max(n_labels, 1)
-
-    @staticmethod
-    def backward(ctx, grad_kl, grad_mse, grad_lm):
-        s_flat, t_flat, rows, labels = ctx.saved_tensors
-        temperature, n = ctx.temperature, rows.numel()
-        grad = torch.zeros_like(s_flat)
-        step = _rows_per_chunk(n, s_flat.size(-1), s_flat.device)
-        w_kl, w_mse = grad_kl * temperature / max(n, 1), grad_mse * 2.0 / max(n, 1)
-        w_lm = grad_lm / max(ctx.n_labels, 1)
-        for i in range(0, n, step):
-            r = rows[i: i + step]
-            t = t_flat[r].float() if t_flat is not None else None
-            lab = labels[i: i + step] if labels is not None else None
-            _, _, _, d_kl, diff, d_ce = _logit_losses_chunk(s_flat[r].float(), t, lab, temperature)
-            g = 0
-            if d_kl is not None:
-                g = d_kl.mul_(w_kl).add_(diff.mul_(w_mse))
-            if d_ce is not None:
-                g = d_ce.mul_(w_lm).add_(g)
-            grad[r] = g.to(grad.dtype)
-        return grad, None, None, None, None
-
-
-def logit_losses(s_logits, t_logits, labels, temperature):
-    """(ce, mse, lm) over all rows of (n, vocab) logits, fused so backward writes one gradient buffer.
-
-    t_logits may be None (no teacher: ce = mse = 0) and labels None (lm = 0); labels is (n,) with
-    IGNORE_INDEX on rows that predict nothing. ce and mse are averaged over the n rows, lm over labelled rows.
-    """
-    vocab = s_logits.size(-1)
-    s_flat = s_logits.reshape(-1, vocab)
-    rows = torch.arange(s_flat.size(0), device=s_logits.device)
-    t_flat = t_logits.detach().reshape(-1, vocab) if t_logits is not None else None
-    return _LogitLosses.apply(s_flat, t_flat, rows, labels, float(temperature))
-
-
-class _WeightedLogitLoss(torch.autograd.Function):
-    """w_ce * KD + w_mse * MSE + w_lm * LM over (n, vocab) logits, with its gradient computed in forward.
-
-    What the training step uses: the weights are known before backward, so forward writes the weighted
-    gradient into one buffer (the logits' dtype) chunk by chunk and keeps nothing else. Neither the student
-    nor the teacher logits are saved for backward, so both can be freed as soon as forward returns, and no
-    softmax is recomputed. Also returns the three unweighted terms (detached) for logging.
-
-    The row counts that normalise the terms stay on the device (no host synchronisation): KD and MSE
-    average over the rows with kd_rows true (all rows when None), LM over the labelled rows.
-    """
-
-    @staticmethod
-    def forward(ctx, s_flat, t_flat, labels, temperature, w_ce, w_mse, w_lm, kd_rows):
-        n = s_flat.size(0)
-        row_weight = kd_rows.to(torch.float32) if kd_rows is not None else None
-        n_kd = row_weight.sum().clamp(min=1) if row_weight is not None else float(max(n, 1))
-        n_labels = (labels != IGNORE_INDEX).sum().clamp(min=1) if labels is not None else 1.0
-        c_kl = w_ce * temperature / n_kd  # gradient factors, see _LogitLosses
-        c_mse = w_mse * 2.0 / n_kd
-        c_lm = w_lm / n_labels
-        grad = torch.empty_like(s_flat)
-        sums = s_flat.new_zeros(3, dtype=torch.float32)
-        step = _rows_per_chunk(n, s_flat.size(-1), s_flat.device)
-        for i in range(0, n, step):
-            t = t_flat[i: i + step].float() if t_flat is not None else None
-            lab = labels[i: i + step] if labels is not None else None
-            w = row_weight[i: i + step] if row_weight is not None else None
-            kl, sq, ce, d_kl, diff, d_ce = _logit_losses_chunk(s_flat[i: i + step].float(), t, lab, temperature, w)
-            sums += torch.stack([kl, sq, ce])
-            g = torch.zeros_like(d_ce if d_ce is not None else d_kl)
-            if d_kl is not None:
-                g.add_(d_kl.mul_(c_kl)).add_(diff.mul_(c_mse))
-            if d_ce is not None:
-                g.add_(d_ce.mul_(c_lm))
-            grad[i: i + step] = g
-        ctx.save_for_backward(grad)
-        ce = sums[0] * temperature ** 2 / n_kd
-        mse = sums[1] / n_kd
-        lm = sums[2] / n_labels
-        total = w_ce * ce + w_mse * mse + w_lm * lm
-        ctx.mark_non_differentiable(ce, mse, lm)
-        return total, ce, mse, lm
-
-    @staticmethod
-    def backward(ctx, grad_total, *unused):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None, None, None, None, None
-
-
-def weighted_logit_loss(s_logits, t_logits, labels, temperature, w_ce, w_mse, w_lm, kd_rows=None):
-    """(w_ce * ce + w_mse * mse + w_lm * lm, ce, mse, lm) over (n, vocab) logits; terms as in logit_losses.
-
-    kd_rows (n,) bool, optional: the rows ce and mse average over (default: all of them).
-    """
-    vocab = s_logits.size(-1)
-    t_flat = t_logits.detach().reshape(-1, vocab) if t_logits is not None and (w_ce or w_mse) else None
-    return _WeightedLogitLoss.apply(s_logits.reshape(-1, vocab), t_flat, labels if w_lm else None,
-                                    float(temperature), float(w_ce), float(w_mse), float(w_lm),
-                                    kd_rows if t_flat is not None else None)
-
-
-def soft_target_losses(s_logits, t_logits, mask, temperature):
-    """(ce, mse) between student and teacher logits over the positions where `mask` is true.
-
-    s_logits, t_logits: (..., vocab); mask: (...) bool. ce is KL(p_t || p_s) at temperature T, summed over
-    the vocabulary, averaged over positions, times T^2 (so gradients keep their scale as T changes);
-    mse is the squared error summed over the vocabulary, averaged over positions. No position gives 0, 0.
-    """
-    vocab = s_logits.size(-1)
-    rows = mask.reshape(-1).nonzero().squeeze(-1)  # (n,)
-    ce, mse, _ = _LogitLosses.apply(s_logits.reshape(-1, vocab), t_logits.detach().reshape(-1, vocab), rows, None,
-                                    float(temperature))
-    return ce, mse
-
-
-def lm_loss(logits, labels):
-    """Mean cross-entropy over positions whose label is not IGNORE_INDEX (0 if there are none)."""
-    logits = logits.reshape(-1, logits.size(-1))  # (n, vocab)
-    labels = labels.reshape(-1)
-    rows = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
-    total = F.cross_entropy(logits[rows].float(), labels[rows], reduction="sum")
-    return total / max(rows.numel(), 1)
-
-
-def clm_loss(logits, labels):
-    """Next-token prediction: position i predicts labels[i + 1]."""
-    return lm_loss(logits[:, :-1], labels[:, 1:])
-
-
-def cosine_loss(s_hidden, t_hidden, mask):
-    """Mean (1 - cos) between student and teacher hidden states at the positions where mask is true.
-
-    Computed at every position and averaged with the mask as weights: selecting the positions first would
-    need their count on the host (a device synchronisation every step).
-    """
-    cos = F.cosine_similarity(s_hidden.float(), t_hidden.float(), dim=-1)  # (..., )
-    weight = mask.to(cos.dtype)
-    return torch.where(mask, 1.0 - cos, 0.0).sum() / weight.sum().clamp(min=1)
+    @property
+    def alpha(self):
+        return {name: getattr(self, f"alpha_{name}") for name in LOSS_NAMES}
 
 
 class TrainingError(Exception):
     """The run cannot go on (e.g. too many consecutive non-finite steps); a checkpoint was written first."""
 
 
-# ------------------------------------------------------------------------------------ running the models
-
-_PLAIN_HEAD_CAUSAL_LMS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
-
-
-def split_lm_head(model):
-    """(base, head, base kwargs) with logits == head(base(...).last_hidden_state), or None when unknown.
-
-    Knowing the split lets the loop compute the vocabulary projection, the most expensive matmul of a small
-    student, only at the positions a loss reads (non-padding, or only the masked ones).
-    """
-    from transformers import BertForMaskedLM, DistilBertForMaskedLM, GPT2LMHeadModel, RobertaForMaskedLM
-
-    if isinstance(model, DistilBertForMaskedLM):
-        def head(h):
-            return model.vocab_projector(model.vocab_layer_norm(model.activation(model.vocab_transform(h))))
-        return model.distilbert, head, {}
-    if isinstance(model, BertForMaskedLM):
-        return model.bert, model.cls, {}
-    if isinstance(model, RobertaForMaskedLM):
-        return model.roberta, model.lm_head, {}
-    if isinstance(model, GPT2LMHeadModel) or type(model).__name__ in _PLAIN_HEAD_CAUSAL_LMS:
-        base = model.transformer if isinstance(model, GPT2LMHeadModel) else model.model
-        return base, model.lm_head, {"use_cache": False}  # training: no KV cache to build
-    return None
-
-
-def _is_plain_bidirectional(model):
-    from transformers import BertForMaskedLM, DistilBertForMaskedLM, RobertaForMaskedLM
-
-    return isinstance(model, (BertForMaskedLM, DistilBertForMaskedLM, RobertaForMaskedLM))
-
-
-class RowLogitsLM(torch.nn.Module):
-    """Wraps a LM: forward returns (logits at the selected flat rows (n, vocab), last hidden states).
-
-    DDP wraps this module (not the bare model) so gradient hooks see the forward that really runs.
-    Models whose head cannot be split run whole and their logits are selected afterwards.
-    """
-
-    def __init__(self, model, hidden_projection=None):
-        super().__init__()
-        self.model = model
-        self.hidden_projection = hidden_projection  # student dim -> teacher dim, for the cosine loss
-        self._split = (split_lm_head(model),)  # a tuple: not registered twice as submodules
-        self._prepare_mask = _is_plain_bidirectional(model)
-
-    def forward(self, input_ids, attention_mask, rows):
-        split = self._split[0]
-        if attention_mask is not None and self._prepare_mask:
-            attention_mask = self.prepared_attention_mask(attention_mask)
-        if split is None:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-            logits, hidden = out.logits.flatten(0, 1)[rows], out.hidden_states[-1]
-        else:
-            base, head, kwargs = split
-            hidden = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state  # (bs, seq, dim)
-            logits = head(hidden.flatten(0, 1)[rows])  # (n, vocab)
-        if self.hidden_projection is not None:
-            hidden = self.hidden_projection(hidden)  # (bs, seq, teacher dim)
-        return logits, hidden
-
-    def prepared_attention_mask(self, attention_mask):
-        """The 4D mask the encoder would build from the 2D one, built without checking for padding first.
-
-        Given a 2D mask, transformers tests `mask.all()` to drop it when nothing is padded: a device
-        synchronisation in every forward. The caller knows that on the host (and passes no mask then);
-        a prepared 4D mask is used as it is.
-        """
-        from transformers.masking_utils import create_bidirectional_mask
-
-        bs, seq = attention_mask.shape
-        shape_only = torch.empty((bs, seq, 0), dtype=self.model.dtype, device=attention_mask.device)
-        return create_bidirectional_mask(config=self.model.config, inputs_embeds=shape_only,
-                                         attention_mask=attention_mask, allow_is_bidirectional_skip=False)
-
-
-class TeacherLM(RowLogitsLM):
-    """RowLogitsLM for the frozen teacher: the same forward, without autograd.
-
-    Its own forward (a distinct code object) also gives a compiled teacher its own compilation cache, so
-    the teacher's and the student's graphs do not evict each other (they differ at least in grad mode).
-    """
-
-    def forward(self, input_ids, attention_mask, rows):
-        with torch.no_grad():
-            return super().forward(input_ids, attention_mask, rows)
-
-
-# ---------------------------------------------------------------------------------------- batch preparation
-
-
-def smoothed_token_probs(counts, special_ids, smoothing):
-    """Masking weight of each token: count^-smoothing (rare tokens are masked more); specials never."""
-    probs = np.maximum(np.asarray(counts, dtype=np.float64), 1) ** -smoothing
-    probs[list(special_ids)] = 0.0
-    return torch.from_numpy(probs.astype(np.float32))
-
-
-def attention_mask_from_lengths(lengths, max_len):
-    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]  # (bs, max_len)
-
-
-def mask_tokens(token_ids, lengths, token_probs, mask_prop, split, mask_id, vocab_size, generator=None,
-                return_positions=False):
-    """MLM corruption. Returns (corrupted ids, labels with IGNORE_INDEX where nothing is predicted).
-
-    ceil(mask_prop * real tokens) positions are drawn without replacement with weights token_probs[id]
-    (zero for special and padding tokens, so those are never picked); each is then replaced by the mask
-    token, kept, or replaced by a random token with probabilities split = (mask, keep, rand). Sampling uses
-    the exponential-race trick (top-k of weight / Exp(1)), which draws exactly like
-    torch.multinomial(replacement=False) but never fails when fewer positions are eligible than asked for
-    and needs no host synchronisation. lengths is a CPU tensor: the number to draw is known on the host.
-
-    With return_positions, also returns the drawn flat positions, sorted: every masked position, and, when
-    fewer positions were eligible than asked for, some that are not masked (their label is IGNORE_INDEX).
-    Their number is known on the host, which is what lets the step select them without a synchronisation.
-    """
-    bs, max_len = token_ids.shape
-    n_target = math.ceil(mask_prop * int(lengths.numpy().sum()))
-    weights = token_probs[token_ids].flatten()  # (bs * max_len,)
-    race = torch.empty_like(weights).exponential_(generator=generator) / weights  # inf where weight is 0
-    picked = torch.topk(race, min(n_target, race.numel()), largest=False).indices
-    pred_mask = torch.zeros_like(weights, dtype=torch.bool)
-    pred_mask[picked] = True
-    pred_mask &= weights > 0
-    pred_mask = pred_mask.view(bs, max_len)
-
-    u = torch.rand(token_ids.shape, device=token_ids.device, generator=generator)
-    p_mask, p_keep = split[0], split[0] + split[1]
-    random_ids = torch.randint(vocab_size, token_ids.shape, device=token_ids.device, generator=generator)
-    corrupted = torch.where(u < p_mask, torch.full_like(token_ids, mask_id),
-                            torch.where(u < p_keep, token_ids, random_ids))
-    corrupted = torch.where(pred_mask, corrupted, token_ids)
-    labels = torch.where(pred_mask, token_ids, torch.full_like(token_ids, IGNORE_INDEX))
-    if return_positions:
-        return corrupted, labels, picked.sort().values
-    return corrupted, labels
-
-
-def non_padding_positions(lengths, max_len):
-    """Flat positions (row-major over (bs, max_len)) of the real tokens, computed on the host from CPU lengths."""
-    lengths = lengths.numpy()
-    return torch.from_numpy(np.flatnonzero(np.arange(max_len)[None, :] < lengths[:, None]))
-
-
-class Batch(NamedTuple):
-    """What Distiller.step takes: device tensors, and facts about them known on the host."""
-    input_ids: torch.Tensor  # (bs, seq), MLM-corrupted for MLM
-    attention_mask: torch.Tensor  # (bs, seq) bool, true at real tokens
-    lm_labels: torch.Tensor  # (bs, seq), IGNORE_INDEX where nothing is predicted
-    rows: torch.Tensor  # flat positions whose logits a loss reads
-    padded: bool  # whether any sequence is shorter than seq
-
-
-def clm_labels(token_ids, attention_mask):
-    return token_ids.masked_fill(~attention_mask, IGNORE_INDEX)
-
-
-# --------------------------------------------------------------------------------------------- the loop
-
-
 class Distiller:
-    """Runs the distillation: build the data pipeline and optimizer, then `train()`."""
+    """Runs the distillation: build the data pipeline and optimizer, then `train()`.
 
-    def __init__(self, params, dataset: LmSeqsDataset, token_probs, student, teacher, tokenizer=None,
-                 eval_dataset=None):
-        self.params = params
-        self.dump_path = params.dump_path
-        self.is_master = params.is_master
-        self.multi_gpu = params.multi_gpu
-        self.device = params.device
+    config: a DistillationConfig; ctx: the utils.RunContext of this process; dataset: an LmSeqsDataset;
+    student, teacher: models already on ctx.device (teacher None: plain MLM/CLM training); masking: a
+    masking.MlmMasking (MLM only); tokenizer: saved with the final student; evaluator: called as
+    evaluator(student, teacher=teacher) -> {metric: value} every config.eval_interval iterations and after
+    each epoch (collective: every rank calls it).
+    """
+
+    def __init__(self, config, ctx, dataset, student, teacher, masking=None, tokenizer=None, evaluator=None):
+        self.config = config
+        self.ctx = ctx
+        self.dump_path = config.dump_path
+        self.is_master = ctx.is_master
+        self.multi_gpu = ctx.multi_gpu
+        self.device = ctx.device
         self.student = student
         self.teacher = teacher
         self.tokenizer = tokenizer
         self.dataset = dataset
-        self.eval_dataset = eval_dataset
-        self.mlm = params.mlm
-        self.temperature = params.temperature
-        self.alpha = {name: getattr(params, f"alpha_{name}") for name in ("ce", "mlm", "clm", "mse", "cos")}
-        self.vocab_size = student.config.vocab_size
-
-        self.sampler = DistributedSampler(dataset, num_replicas=params.world_size, rank=params.global_rank,
-                                          shuffle=True, seed=params.seed)
-        if params.group_by_size:
-            groups = create_lengths_groups(lengths=dataset.lengths, k=params.max_model_input_size)
-            batch_sampler = GroupedBatchSampler(self.sampler, group_ids=groups, batch_size=params.batch_size)
-        else:
-            batch_sampler = BatchSampler(self.sampler, batch_size=params.batch_size, drop_last=False)
-        self.batch_sampler = SkippableBatchSampler(batch_sampler)
-        # Its own generator, so creating the epoch's iterator does not draw from the global RNG (which would
-        # make a resumed run diverge from an uninterrupted one).
-        self.dataloader = DataLoader(dataset, batch_sampler=self.batch_sampler, collate_fn=dataset.batch_sequences,
-                                     num_workers=params.num_workers, pin_memory=self.device.type == "cuda",
-                                     persistent_workers=params.num_workers > 0,
-                                     generator=torch.Generator().manual_seed(params.seed))
-
-        if self.mlm:
-            self.token_probs = token_probs.to(self.device)
-            self.mask_split = (params.word_mask, params.word_keep, params.word_rand)
-            self.mask_id = params.special_tok_ids["mask_token"]
+        self.evaluator = evaluator
+        self.mlm = config.mlm
+        self.masking = masking
+        self.temperature = config.temperature
+        self.alpha = config.alpha
+        if self.mlm and masking is None:
+            raise ValueError("an MLM run needs its masking (masking.MlmMasking)")
 
         self.epoch = 0
         self.n_iter = 0
@@ -473,6 +126,7 @@ class Distiller:
         self._pending_outcomes = []  # (iteration, host copy of "skipped", event) not yet read by the host
         self._host_group = None  # process group for host-side agreement (stop signals)
 
+        self._setup_data()
         self._setup_precision()
         self._setup_models()
         self._setup_optimizer()
@@ -481,17 +135,30 @@ class Distiller:
             from tensorboardX import SummaryWriter
 
             self.tensorboard = SummaryWriter(log_dir=os.path.join(self.dump_path, "log", "train"), flush_secs=60)
-            self.tensorboard.add_text(tag="config/training", text_string=str(vars(params)), global_step=0)
+            self.tensorboard.add_text(tag="config/training", text_string=str(dataclasses.asdict(config)),
+                                      global_step=0)
 
     # -- setup ------------------------------------------------------------------------------------------
 
+    def _setup_data(self):
+        c = self.config
+        self.batch_sampler = training_batch_sampler(self.dataset, batch_size=c.batch_size,
+                                                    group_by_size=c.group_by_size, max_len=c.max_model_input_size,
+                                                    world_size=self.ctx.world_size, rank=self.ctx.global_rank,
+                                                    seed=c.seed)
+        # Its own generator, so creating the epoch's iterator does not draw from the global RNG (which would
+        # make a resumed run diverge from an uninterrupted one).
+        self.dataloader = DataLoader(self.dataset, batch_sampler=self.batch_sampler,
+                                     collate_fn=self.dataset.batch_sequences, num_workers=c.num_workers,
+                                     pin_memory=self.device.type == "cuda", persistent_workers=c.num_workers > 0,
+                                     generator=torch.Generator().manual_seed(c.seed))
     def _setup_precision(self):
-        p = self.params
+        p = self.config
         self.amp_dtype = torch.bfloat16 if p.bf16 else torch.float16 if p.fp16 else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=p.fp16)
 
     def _setup_optimizer(self):
-        p = self.params
+        p = self.config
         steps_per_epoch = math.ceil(len(self.dataloader) / p.gradient_accumulation_steps)
         self.num_steps_total = steps_per_epoch * p.n_epoch
         # Biases and normalisation weights (every 1-D parameter) are not decayed. The original matched the
@@ -538,7 +205,7 @@ class Distiller:
             # Agreeing on a stop through NCCL would mean reading a GPU tensor (a sync) every optimizer step.
             backend = torch.distributed.get_backend()
             self._host_group = None if backend == "gloo" else torch.distributed.new_group(backend="gloo")
-        if getattr(self.params, "compile", False):
+        if self.config.compile:
             # The wrappers, not the bare models: what is compiled is the forward the step really runs (the
             # encoder, then the head at the loss rows). The DDP module compiles with graph breaks at its buckets.
             logger.info("torch.compile: the forwards compile during the first batches of each new shape.")
@@ -550,30 +217,12 @@ class Distiller:
     # -- batches ----------------------------------------------------------------------------------------
 
     def prepare_batch_mlm(self, token_ids, lengths):
-        """(bs, seq) ids and CPU lengths -> a Batch on the device: corrupted ids, attention mask, MLM labels,
-        and the flat positions whose logits a loss reads (masked ones with --restrict_ce_to_mask, else real
-        tokens). Every size is known on the host, so the step that follows makes no device synchronisation.
-        """
-        max_len = token_ids.size(1)
-        attn_mask = attention_mask_from_lengths(lengths, max_len).to(self.device, non_blocking=True)
-        token_ids = token_ids.to(self.device, non_blocking=True)
-        restrict = self.params.restrict_ce_to_mask
-        token_ids, labels, *drawn = mask_tokens(token_ids, lengths, self.token_probs, self.params.mlm_mask_prop,
-                                                self.mask_split, self.mask_id, self.vocab_size,
-                                                return_positions=restrict)
-        rows = drawn[0] if restrict else non_padding_positions(lengths, max_len).to(self.device, non_blocking=True)
-        return Batch(token_ids, attn_mask, labels, rows, self._padded(lengths, max_len))
+        """A DataLoader batch -> a masking.Batch on the device, MLM-corrupted (see masking.prepare_batch_mlm)."""
+        return prepare_batch_mlm(token_ids, lengths, self.device, self.masking)
 
     def prepare_batch_clm(self, token_ids, lengths):
-        max_len = token_ids.size(1)
-        attn_mask = attention_mask_from_lengths(lengths, max_len).to(self.device, non_blocking=True)
-        token_ids = token_ids.to(self.device, non_blocking=True)
-        rows = non_padding_positions(lengths, max_len).to(self.device, non_blocking=True)
-        return Batch(token_ids, attn_mask, clm_labels(token_ids, attn_mask), rows, self._padded(lengths, max_len))
-
-    @staticmethod
-    def _padded(lengths, max_len):
-        return bool((lengths.numpy() < max_len).any())
+        """A DataLoader batch -> a masking.Batch on the device for next-token prediction."""
+        return prepare_batch_clm(token_ids, lengths, self.device)
 
     # -- training ---------------------------------------------------------------------------------------
 
@@ -586,14 +235,14 @@ class Distiller:
         from tqdm import tqdm
 
         logger.info("Starting training: %d epochs, %d batches per epoch per process, %d optimizer steps.",
-                    self.params.n_epoch, len(self.dataloader), self.num_steps_total)
+                    self.config.n_epoch, len(self.dataloader), self.num_steps_total)
         self.student.train()
         if self.teacher is not None:
             self.teacher.eval()
         previous_handlers = self._install_signal_handlers()
         try:
-            while self.epoch < self.params.n_epoch:
-                logger.info("--- Starting epoch %d/%d", self.epoch, self.params.n_epoch - 1)
+            while self.epoch < self.config.n_epoch:
+                logger.info("--- Starting epoch %d/%d", self.epoch, self.config.n_epoch - 1)
                 self.batch_sampler.set_epoch(self.epoch)
                 self.batch_sampler.skip = self.n_iter  # > 0 only when resuming mid-epoch
                 bar = tqdm(self.dataloader, desc=f"-Iter epoch {self.epoch}", disable=not self.is_master,
@@ -622,7 +271,7 @@ class Distiller:
 
         Only for a batch given without them: prepare_batch_mlm/clm compute them without a synchronisation.
         """
-        if self.params.restrict_ce_to_mask and self.mlm:
+        if self.config.restrict_ce_to_mask and self.mlm:
             return (lm_labels != IGNORE_INDEX).flatten().nonzero().squeeze(-1)
         return attn_mask.flatten().nonzero().squeeze(-1)
 
@@ -642,29 +291,12 @@ class Distiller:
         return s_out, t_out
 
     def compute_losses(self, s_out, t_out, attn_mask, lm_labels, rows):
-        """{name: scalar tensor} for every loss with a positive weight; logits are already row-selected."""
+        """{name: scalar tensor} for every loss with a positive weight (losses.distillation_losses), from the
+        (row logits, last hidden states) of student and teacher."""
         (s_logits, s_hidden), (t_logits, t_hidden) = s_out, (t_out or (None, None))
-        losses = {}
-        lm_name = "mlm" if self.alpha["mlm"] > 0 else "clm" if self.alpha["clm"] > 0 else None
-        labels = kd_rows = None
-        if self.mlm:
-            row_labels = lm_labels.flatten()[rows]
-            if self.params.restrict_ce_to_mask:
-                kd_rows = row_labels != IGNORE_INDEX  # drawn positions that were not eligible carry no loss
-            labels = row_labels if lm_name == "mlm" else None
-        elif lm_name == "clm":
-            labels = F.pad(lm_labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()[rows]  # i predicts token i + 1
-        use_teacher_logits = self.alpha["ce"] > 0 or self.alpha["mse"] > 0
-        if use_teacher_logits or lm_name is not None:
-            # One fused term carries the gradient of ce + mse + mlm/clm; the others are logged detached.
-            w_lm = self.alpha[lm_name] if lm_name is not None else 0.0
-            losses["logits"], losses["ce"], losses["mse"], lm = weighted_logit_loss(
-                s_logits, t_logits, labels, self.temperature, self.alpha["ce"], self.alpha["mse"], w_lm, kd_rows)
-            if lm_name is not None:
-                losses[lm_name] = lm
-        if self.alpha["cos"] > 0:
-            losses["cos"] = cosine_loss(s_hidden, t_hidden, attn_mask)
-        return {k: v for k, v in losses.items() if k == "logits" or self.alpha[k] > 0}
+        return distillation_losses(s_logits, t_logits, s_hidden, t_hidden, attn_mask, lm_labels, rows,
+                                   alpha=self.alpha, temperature=self.temperature, mlm=self.mlm,
+                                   restrict_ce_to_mask=self.config.restrict_ce_to_mask)
 
     def step(self, input_ids, attention_mask, lm_labels, rows=None, padded=True):
         """One forward/backward on a batch; the optimizer steps every gradient_accumulation_steps batches.
@@ -694,7 +326,7 @@ class Distiller:
         non-finite loss on one rank makes all ranks skip the same step instead of one rank exiting. The
         learning-rate schedule advances at every boundary, skipped or not (as in PyTorch's AMP recipe).
         """
-        acc = self.params.gradient_accumulation_steps
+        acc = self.config.gradient_accumulation_steps
         # The last batch of an epoch always closes an accumulation group, so an epoch ends on a real step.
         boundary = (self.n_iter + 1) % acc == 0 or self.n_iter + 1 == len(self.dataloader)
         self._at_boundary = boundary
@@ -705,7 +337,7 @@ class Distiller:
             return
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.student_lm.parameters() if p.grad is not None]
-        max_norm = self.params.max_grad_norm if self.params.max_grad_norm > 0 else float("inf")
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         self._last_grad_norm = grad_norm.detach()
         bad = ~torch.isfinite(grad_norm)
@@ -753,26 +385,21 @@ class Distiller:
         """Counters, periodic logging and checkpointing after each batch."""
         self.n_iter += 1
         self.n_total_iter += 1
-        if self.n_total_iter % self.params.log_interval == 0:
+        if self.n_total_iter % self.config.log_interval == 0:
             self.log_tensorboard(bar)
             self.last_log = time.time()
-        if self.n_total_iter % self.params.checkpoint_interval == 0:
+        if self.n_total_iter % self.config.checkpoint_interval == 0:
             self._checkpoint_due = True  # written at the next optimizer-step boundary
-        eval_interval = getattr(self.params, "eval_interval", 0)
+        eval_interval = self.config.eval_interval
         if eval_interval and self.n_total_iter % eval_interval == 0:
             self.evaluate()
 
     def evaluate(self):
-        """Held-out metrics (see scripts/evaluate.py). Collective: every rank evaluates its shard."""
-        if self.eval_dataset is None:
+        """Held-out metrics from the evaluator train.py gave (evaluation.evaluate). Collective: every rank
+        evaluates its shard and gets the global numbers."""
+        if self.evaluator is None:
             return None
-        from scripts.evaluate import evaluate
-
-        p = self.params
-        metrics = evaluate(self.student, self.eval_dataset, mlm=self.mlm, batch_size=p.eval_batch_size,
-                           device=self.device, special_tok_ids=p.special_tok_ids, vocab_size=self.vocab_size,
-                           teacher=self.teacher, seed=p.seed, mask_prop=p.mlm_mask_prop,
-                           max_batches=p.eval_max_batches, world_size=p.world_size, rank=p.global_rank)
+        metrics = self.evaluator(self.student, teacher=self.teacher)
         logger.info("Evaluation at iteration %d: %s", self.n_total_iter,
                     ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
         if self.is_master:
@@ -788,19 +415,19 @@ class Distiller:
         the stop flag is all-reduced and the bad-step counter follows the all-reduced gradient norm.
         """
         self._settle_outcomes(keep_last=1)
-        if self.n_consecutive_bad_steps + len(self._pending_outcomes) >= self.params.max_bad_steps:
+        if self.n_consecutive_bad_steps + len(self._pending_outcomes) >= self.config.max_bad_steps:
             self._settle_outcomes()  # waits for this step, but only when the limit may be reached now
-        if self.n_consecutive_bad_steps >= self.params.max_bad_steps:
+        if self.n_consecutive_bad_steps >= self.config.max_bad_steps:
             self.save_training_state()
             raise TrainingError(f"{self.n_consecutive_bad_steps} consecutive steps with a non-finite loss or "
                                 f"gradient (iteration {self.n_total_iter}); the last good state is in "
-                                f"{checkpoint_path(self.dump_path, self.n_total_iter)}")
+                                f"{checkpointing.checkpoint_path(self.dump_path, self.n_total_iter)}")
         if self._agree_to_stop():
             self.save_training_state()
             if self.is_master:
                 logger.warning("Stopped by %s at iteration %d. Checkpoint: %s. Resume with the same command plus "
                                "--resume.", self.stop_signal or "a signal on another rank", self.n_total_iter,
-                               checkpoint_path(self.dump_path, self.n_total_iter))
+                               checkpointing.checkpoint_path(self.dump_path, self.n_total_iter))
             return True
         if self._checkpoint_due:
             self._checkpoint_due = False
@@ -838,7 +465,7 @@ class Distiller:
         averages = {name: (total / max(count, 1)).item() if torch.is_tensor(total) else 0.0
                     for name, (total, count) in self._running.items()}
         self._running = {}
-        self.total_loss_epoch += averages.get("total", 0.0) * self.params.log_interval
+        self.total_loss_epoch += averages.get("total", 0.0) * self.config.log_interval
         if bar is not None:
             bar.set_postfix({"loss": f"{averages.get('total', float('nan')):.4f}"})
         if not self.is_master:
@@ -856,7 +483,7 @@ class Distiller:
         if self.device.type == "cuda":
             tb.add_scalar("global/memory_usage", torch.cuda.max_memory_allocated(self.device) / 1e6, step)
         tb.add_scalar("global/rss_mb", psutil.Process().memory_info().rss / 1e6, step)
-        tb.add_scalar("global/speed", (time.time() - self.last_log) / self.params.log_interval, step)
+        tb.add_scalar("global/speed", (time.time() - self.last_log) / self.config.log_interval, step)
         if getattr(self, "_last_grad_norm", None) is not None:
             tb.add_scalar("global/grad_norm", float(self._last_grad_norm), step)
         for name, param in self.student.named_parameters():
@@ -901,33 +528,34 @@ class Distiller:
         Collective (every rank contributes its RNG state); only the master writes, atomically, then rotates.
         """
         self._settle_outcomes()
-        rngs = [rng_state()]
+        rngs = [checkpointing.rng_state()]
         if self.multi_gpu:
-            rngs = [None] * self.params.world_size
-            torch.distributed.all_gather_object(rngs, rng_state())
+            rngs = [None] * self.ctx.world_size
+            torch.distributed.all_gather_object(rngs, checkpointing.rng_state())
         if not self.is_master:
             return
         state = {
-            "format": "distil-checkpoint-v1",
+            "format": checkpointing.FORMAT,
             "student": self.student.state_dict(),
             "hidden_projection": self.hidden_projection.state_dict() if self.hidden_projection is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rngs,
-            "counters": {name: getattr(self, name) for name in RESUMABLE_COUNTERS},
-            "run": {name: getattr(self.params, name) for name in MUST_MATCH_ON_RESUME},
+            "counters": {name: getattr(self, name) for name in checkpointing.RESUMABLE_COUNTERS},
+            "run": self._run_identity(),
         }
-        save_atomic(state, checkpoint_path(self.dump_path, self.n_total_iter))
-        rotate_checkpoints(self.dump_path, self.params.save_total_limit)
+        checkpointing.save_atomic(state, checkpointing.checkpoint_path(self.dump_path, self.n_total_iter))
+        checkpointing.rotate_checkpoints(self.dump_path, self.config.save_total_limit)
+
+    def _run_identity(self):
+        """The settings a resumed run must share with the checkpoint (checkpointing.MUST_MATCH_ON_RESUME)."""
+        values = dict(dataclasses.asdict(self.config), world_size=self.ctx.world_size)
+        return {name: values[name] for name in checkpointing.MUST_MATCH_ON_RESUME}
 
     def load_training_state(self, state, path):
         """Continue from a checkpoint written by save_training_state (see train.py --resume)."""
-        for name in MUST_MATCH_ON_RESUME:
-            saved, now = state["run"].get(name), getattr(self.params, name)
-            if saved != now:
-                raise ValueError(f"{path}: written with {name}={saved!r}, this run has {name}={now!r}; resuming "
-                                 "exactly needs the same value")
+        checkpointing.check_same_run(state, self._run_identity(), path)
         self.student.load_state_dict(state["student"])
         if (state.get("hidden_projection") is None) != (self.hidden_projection is None):
             raise ValueError(f"{path}: the checkpoint and this run disagree on the hidden projection")
@@ -938,7 +566,7 @@ class Distiller:
         self.scaler.load_state_dict(state["scaler"])
         for name, value in state["counters"].items():
             setattr(self, name, value)
-        set_rng_state(state["rng"][self.params.global_rank])
+        checkpointing.set_rng_state(state["rng"][self.ctx.global_rank])
         logger.info("Resumed from %s: epoch %d, %d batches into it, iteration %d.", path, self.epoch, self.n_iter,
                     self.n_total_iter)
 

@@ -4,11 +4,13 @@
 sampler (usually a `DistributedSampler`, also with one process) and emits a batch as soon as one bucket
 holds `batch_size` indices. Leftovers are emitted at the end, sorted by bucket, so the number of batches
 is always ceil(len(sampler) / batch_size): every rank sees the same count and no rank waits forever.
+`training_batch_sampler` puts the three together the way the training loop uses them.
 """
 import itertools
 
 import numpy as np
 from torch.utils.data import BatchSampler, Sampler
+from torch.utils.data.distributed import DistributedSampler
 
 
 def create_lengths_groups(lengths, k=0):
@@ -80,3 +82,15 @@ class SkippableBatchSampler:
 
     def __len__(self):
         return len(self.batch_sampler)
+
+
+def training_batch_sampler(dataset, *, batch_size, group_by_size, max_len, world_size, rank, seed):
+    """This rank's batches of dataset indices for training: a DistributedSampler shuffled by (seed, epoch)
+    (one process is world size 1), grouped by length unless group_by_size is off, skippable for resuming."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    if group_by_size:
+        groups = create_lengths_groups(lengths=dataset.lengths, k=max_len)
+        batch_sampler = GroupedBatchSampler(sampler, group_ids=groups, batch_size=batch_size)
+    else:
+        batch_sampler = BatchSampler(sampler, batch_size=batch_size, drop_last=False)
+    return SkippableBatchSampler(batch_sampler)

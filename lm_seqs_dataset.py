@@ -371,20 +371,19 @@ def load_token_counts(path, vocab_size=None):
 class LmSeqsDataset(Dataset):
     """The training sequences: item i is (token_ids: np.int64 array, length: int).
 
-    params needs: max_model_input_size, mlm (bool), special_tok_ids (dict with cls/sep or bos/eos,
-    pad, unk names as in the original: 'cls_token', 'sep_token', 'bos_token', 'eos_token',
-    'pad_token', 'unk_token').
+    data: a BinarizedCorpus, or a list of token-id arrays. special_tok_ids: {name: id} under the original's
+    names ('cls_token', 'sep_token' for MLM; 'bos_token', 'eos_token' for CLM; 'pad_token', 'unk_token').
+    max_len: the longest sequence the models accept; longer ones are cut into chunks of at most that length.
     """
 
-    def __init__(self, params, data):
-        self.params = params
+    def __init__(self, data, *, special_tok_ids, mlm, max_len):
         self.corpus = data if isinstance(data, BinarizedCorpus) else _corpus_from_list(data)
-        ids = params.special_tok_ids
-        self.bos_id = ids["cls_token"] if params.mlm else ids["bos_token"]
-        self.eos_id = ids["sep_token"] if params.mlm else ids["eos_token"]
-        self.pad_id = ids["pad_token"] if params.mlm else ids.get("pad_token", ids["unk_token"])
+        ids = special_tok_ids
+        self.bos_id = ids["cls_token"] if mlm else ids["bos_token"]
+        self.eos_id = ids["sep_token"] if mlm else ids["eos_token"]
+        self.pad_id = ids["pad_token"] if mlm else ids.get("pad_token", ids["unk_token"])
         self.unk_id = ids.get("unk_token")
-        self.max_len = int(params.max_model_input_size)
+        self.max_len = int(max_len)
         if self.max_len < 3:
             raise ValueError(f"maximum input size {self.max_len} leaves no room between the special tokens")
 

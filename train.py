@@ -15,6 +15,7 @@ Flow: parse -> sanity_checks (flags alone) -> load and check everything (tokeniz
 teacher) -> only then prepare the dump folder -> Distiller(...).train().
 """
 import argparse
+import functools
 import os
 import shutil
 import sys
@@ -22,31 +23,14 @@ import sys
 import numpy as np
 import torch
 
-from distiller import Distiller, TrainingError, smoothed_token_probs
+from checkpointing import find_resumable_checkpoint, load_checkpoint_file
+from distiller import DistillationConfig, Distiller, TrainingError
+from evaluation import evaluate
 from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset, load_token_counts
-from utils import (UserError, cleanup_distributed, fail, find_resumable_checkpoint, git_info, init_distributed,
-                   load_checkpoint_file, logger, set_seed, special_token_ids, write_json_atomic)
-
-# type -> (config class, model class, tokenizer class), by name in transformers
-MODEL_CLASSES = {
-    "distilbert": ("DistilBertConfig", "DistilBertForMaskedLM", "DistilBertTokenizer"),
-    "roberta": ("RobertaConfig", "RobertaForMaskedLM", "RobertaTokenizer"),
-    "bert": ("BertConfig", "BertForMaskedLM", "BertTokenizer"),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", "GPT2Tokenizer"),
-}
-
-
-AUTO = "auto"  # any Hugging Face masked LM (with --mlm) or causal LM, through the Auto classes
-
-
-def model_classes(model_type, mlm=True):
-    """(config class, model class, tokenizer class) of a --student_type / --teacher_type."""
-    import transformers
-
-    if model_type == AUTO:
-        model_class = transformers.AutoModelForMaskedLM if mlm else transformers.AutoModelForCausalLM
-        return transformers.AutoConfig, model_class, transformers.AutoTokenizer
-    return tuple(getattr(transformers, name) for name in MODEL_CLASSES[model_type])
+from masking import MlmMasking, smoothed_token_probs
+from models import AUTO, build_student, framing_token_ids, load_teacher, load_tokenizer, max_input_size
+from utils import (UserError, cleanup_distributed, fail, git_info, init_distributed, logger, set_seed,
+                   special_token_ids, write_json_atomic)
 
 
 # ------------------------------------------------------------------------------------------------ flags
@@ -221,7 +205,7 @@ def sanity_checks(args):
         raise UserError("--num_workers must be >= 0")
 
 
-def check_dump_path(args):
+def check_dump_path(args, ctx):
     """Master only (other ranks would race with the master creating the folder)."""
     if args.resume is not None:
         if not os.path.isdir(args.dump_path):
@@ -229,7 +213,7 @@ def check_dump_path(args):
         if args.force:
             logger.warning("--force is ignored with --resume: the run folder is never cleared when resuming.")
         return
-    if not args.is_master or not os.path.exists(args.dump_path):
+    if not ctx.is_master or not os.path.exists(args.dump_path):
         return
     if not args.force:
         raise UserError(f"--dump_path {args.dump_path} already exists; use --force to overwrite it")
@@ -256,104 +240,11 @@ def _check_safe_to_clear(args):
 # ------------------------------------------------------------------------------------------------ models
 
 
-def framing_token_ids(ids, mlm):
-    """Special ids with the ones a causal LM's tokenizer may lack filled in from its others.
-
-    Many decoder tokenizers (Llama, Qwen, Mistral) have no pad token and some no BOS or unknown token: a
-    sequence is then framed by EOS, and padding (never seen by a loss) reuses an existing id.
-    """
-    ids = dict(ids)
-    if not mlm:
-        if "bos_token" not in ids and "eos_token" in ids:
-            ids["bos_token"] = ids["eos_token"]
-        if "eos_token" not in ids and "bos_token" in ids:
-            ids["eos_token"] = ids["bos_token"]
-        if "unk_token" not in ids and "eos_token" in ids:
-            ids["unk_token"] = ids["eos_token"]
-    return ids
-
-
-def max_input_size(config, tokenizer=None):
-    """Longest sequence the model accepts, from its config (and tokenizer), not from a table of hub names."""
-    n = 1 << 30
-    if config is not None:
-        n = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-        if n is None:
-            raise UserError(f"cannot tell the maximum input size of a {config.model_type} model")
-        if config.model_type in ("roberta", "camembert", "xlm-roberta"):
-            n -= config.pad_token_id + 1  # RoBERTa's positions start after the padding index
-    tok_max = getattr(tokenizer, "model_max_length", None)
-    if tok_max is not None and 0 < tok_max < 1_000_000:
-        n = min(n, tok_max)
-    return int(n)
-
-
-def load_student_weights(student, path):
-    """Load a state-dict file (.pth/.bin/.safetensors) into `student`; returns (missing, unexpected)."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # weights_only refuses pickled code; any failure is the file's fault
-            raise UserError(f"--student_pretrained_weights {path}: not a loadable state dict ({exc})") from None
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise UserError(f"--student_pretrained_weights {path}: expected a dict of parameter name -> tensor")
-    own = student.state_dict()
-    if not set(state) & set(own):
-        raise UserError(f"--student_pretrained_weights {path}: none of its {len(state)} tensors matches a student "
-                        f"parameter name (e.g. {next(iter(state), '-')!r} vs {next(iter(own), '-')!r})")
-    for key, value in state.items():
-        if key in own and own[key].shape != value.shape:
-            raise UserError(f"--student_pretrained_weights {path}: {key} has shape {tuple(value.shape)}, the student "
-                            f"expects {tuple(own[key].shape)}")
-    result = student.load_state_dict(state, strict=False)
-    # Tied weights (e.g. the output projection shares the word embeddings) are loaded through their twin.
-    loaded_ptrs = {t.data_ptr() for k, t in own.items() if k in state}
-    missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded_ptrs]
-    if missing:
-        logger.info("Student weights left at their random initialisation: %s", ", ".join(missing))
-    if result.unexpected_keys:
-        logger.warning("Ignored tensors of %s that the student does not have: %s", path,
-                       ", ".join(result.unexpected_keys))
-    return missing, list(result.unexpected_keys)
-
-
-def build_student(args):
-    config_class, model_class, _ = model_classes(args.student_type, args.mlm)
-    config = config_class.from_pretrained(args.student_config)
-    config.initializer_range = args.initializer_range
-    if args.student_pretrained_weights and os.path.isdir(args.student_pretrained_weights):
-        logger.info("Loading the student from the folder %s", args.student_pretrained_weights)
-        student = model_class.from_pretrained(args.student_pretrained_weights, config=config)
-    else:
-        student = model_class.from_config(config) if args.student_type == AUTO else model_class(config)
-        if args.student_pretrained_weights:
-            logger.info("Loading student weights from %s", args.student_pretrained_weights)
-            load_student_weights(student, args.student_pretrained_weights)
-    # transformers 4 froze DistilBERT's position table when sinusoidal_pos_embds is set, and the original runs
-    # relied on it (the loaded teacher positions then stayed fixed); transformers 5 leaves it trainable.
-    freeze_pos = args.freeze_pos_embs or getattr(config, "sinusoidal_pos_embds", False)
-    for name, param in student.named_parameters():
-        if freeze_pos and (name.endswith("position_embeddings.weight") or name.endswith("wpe.weight")):
-            param.requires_grad = False
-        if args.freeze_token_type_embds and name.endswith("token_type_embeddings.weight"):
-            param.requires_grad = False
-    return student
-
-
 def build_tokenizer(args):
-    _, _, tokenizer_class = model_classes(args.teacher_type, args.mlm)
-    name, flag = (args.tokenizer_name, "--tokenizer_name") if args.tokenizer_name else (args.teacher_name, "--teacher_name")
-    try:
-        tokenizer = tokenizer_class.from_pretrained(name)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{flag} {name}: cannot load a {args.teacher_type} tokenizer ({str(exc).splitlines()[0]})") from None
-    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # transformers 5 builds one from an empty folder
-        raise UserError(f"{flag} {name}: no tokenizer vocabulary found there, only special tokens")
-    return tokenizer
+    """The tokenizer: --tokenizer_name, else the teacher's."""
+    if args.tokenizer_name:
+        return load_tokenizer(args.teacher_type, args.tokenizer_name, "--tokenizer_name", args.mlm)
+    return load_tokenizer(args.teacher_type, args.teacher_name, "--teacher_name", args.mlm)
 
 
 def build_teacher(args):
@@ -361,22 +252,10 @@ def build_teacher(args):
     if not needs_teacher(args):
         logger.info("No teacher: --alpha_ce, --alpha_mse and --alpha_cos are 0, training on the LM loss alone.")
         return None
-    _, model_class, _ = model_classes(args.teacher_type, args.mlm)
-    try:
-        teacher, info = model_class.from_pretrained(args.teacher_name, output_loading_info=True)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"--teacher_name {args.teacher_name}: cannot load a {args.teacher_type} model "
-                        f"({str(exc).splitlines()[0]})") from None
-    if info.get("missing_keys"):
-        # e.g. a checkpoint without its LM head: a randomly initialised head would be a useless teacher
-        raise UserError(f"--teacher_name {args.teacher_name}: the checkpoint lacks {len(info['missing_keys'])} "
-                        f"weights of {model_class.__name__} (e.g. {sorted(info['missing_keys'])[0]})")
-    teacher.eval()
-    teacher.requires_grad_(False)
-    return teacher
+    return load_teacher(args.teacher_type, args.teacher_name, args.mlm)
 
 
-def check_compatibility(args, student, teacher, tokenizer, corpus, counts):
+def check_compatibility(args, student, teacher, tokenizer, corpus, counts, special_tok_ids):
     """Cross-object checks: vocabularies, hidden sizes, data ids, token counts."""
     s_vocab = student.config.vocab_size
     t_vocab = teacher.config.vocab_size if teacher is not None else s_vocab
@@ -400,7 +279,7 @@ def check_compatibility(args, student, teacher, tokenizer, corpus, counts):
         raise UserError(f"--token_counts {args.token_counts} holds counts for {len(counts)} ids; the vocabulary "
                         f"has {t_vocab}")
     needed = ("cls_token", "sep_token", "pad_token", "mask_token") if args.mlm else ("bos_token", "eos_token")
-    missing = [n for n in needed if n not in args.special_tok_ids]
+    missing = [n for n in needed if n not in special_tok_ids]
     if missing:
         raise UserError(f"--teacher_name {args.teacher_name}: its tokenizer lacks {', '.join(missing)}, needed for "
                         f"{'MLM' if args.mlm else 'CLM'}")
@@ -421,30 +300,46 @@ def find_checkpoint(args):
     return path, state
 
 
-def prepare_dump_path(args):
-    """Clear (with --force) and create the dump folder; master only, everyone waits for it."""
+def prepare_dump_path(args, ctx, resolved):
+    """Clear (with --force) and create the dump folder, with the run's parameters in it; master only, everyone
+    waits for it. resolved: values main() worked out that no flag gives (written beside the flags)."""
     if args.resume is not None:
         return
-    if args.is_master:
+    if ctx.is_master:
         if os.path.exists(args.dump_path):
             logger.info("--force: removing the previous content of %s", args.dump_path)
             shutil.rmtree(args.dump_path)
         os.makedirs(args.dump_path)
         logger.info("Experiment will be dumped and logged in %s", args.dump_path)
-        params = {k: v for k, v in vars(args).items() if k != "special_tok_ids"}
-        params["special_tok_ids"] = args.special_tok_ids
-        params["command_line"] = " ".join(sys.argv)
+        params = dict(vars(args), **resolved, world_size=ctx.world_size, n_nodes=ctx.n_nodes,
+                      device=str(ctx.device), command_line=" ".join(sys.argv))
         write_json_atomic(os.path.join(args.dump_path, "parameters.json"), params)
         write_json_atomic(os.path.join(args.dump_path, "git_log.json"), git_info())
-    if args.multi_gpu:
+    if ctx.multi_gpu:
         torch.distributed.barrier()
+
+
+def build_evaluator(args, ctx, student, teacher, tokenizer, special_tok_ids, max_len):
+    """evaluation.evaluate bound to the --eval_* flags, or None without --eval_data_file. The loop and the
+    evaluation meet here, not inside each other."""
+    if args.eval_data_file is None:
+        return None
+    eval_corpus = BinarizedCorpus.open(args.eval_data_file)
+    check_compatibility(args, student, teacher, tokenizer, eval_corpus, None, special_tok_ids)
+    eval_dataset = LmSeqsDataset(eval_corpus, special_tok_ids=special_tok_ids, mlm=args.mlm, max_len=max_len)
+    if len(eval_dataset) == 0:
+        raise UserError(f"--eval_data_file {eval_corpus.path}: no sequence left after filtering")
+    return functools.partial(evaluate, dataset=eval_dataset, mlm=args.mlm, batch_size=args.eval_batch_size,
+                             device=ctx.device, special_tok_ids=special_tok_ids,
+                             vocab_size=student.config.vocab_size, seed=args.seed, mask_prop=args.mlm_mask_prop,
+                             max_batches=args.eval_max_batches, world_size=ctx.world_size, rank=ctx.global_rank)
 
 
 def main(argv=None):
     args = parse_args(argv)
     sanity_checks(args)
-    init_distributed(args)
-    check_dump_path(args)
+    ctx = init_distributed(args.n_gpu, args.local_rank)
+    check_dump_path(args, ctx)
     resume_path, resume_state = find_checkpoint(args)
     set_seed(args.seed)
     if args.fp16:
@@ -452,8 +347,8 @@ def main(argv=None):
 
     tokenizer = build_tokenizer(args)
     teacher = build_teacher(args)
-    args.special_tok_ids = framing_token_ids(special_token_ids(tokenizer), args.mlm)
-    args.max_model_input_size = max_input_size(teacher.config if teacher is not None else None, tokenizer)
+    special_tok_ids = framing_token_ids(special_token_ids(tokenizer), args.mlm)
+    max_len = max_input_size(teacher.config if teacher is not None else None, tokenizer)
 
     logger.info("Loading data from %s", args.data_file)
     corpus = BinarizedCorpus.open(args.data_file)
@@ -461,42 +356,44 @@ def main(argv=None):
     if args.mlm:
         counts = load_token_counts(args.token_counts)
 
-    student = build_student(args)
-    args.max_model_input_size = min(args.max_model_input_size, max_input_size(student.config))
-    check_compatibility(args, student, teacher, tokenizer, corpus, counts)
+    student = build_student(args.student_type, args.student_config, mlm=args.mlm,
+                            pretrained_weights=args.student_pretrained_weights,
+                            initializer_range=args.initializer_range, freeze_pos_embs=args.freeze_pos_embs,
+                            freeze_token_type_embds=args.freeze_token_type_embds)
+    max_len = min(max_len, max_input_size(student.config))
+    check_compatibility(args, student, teacher, tokenizer, corpus, counts, special_tok_ids)
 
-    dataset = LmSeqsDataset(params=args, data=corpus)
+    dataset = LmSeqsDataset(corpus, special_tok_ids=special_tok_ids, mlm=args.mlm, max_len=max_len)
     if len(dataset) == 0:
         raise UserError(f"--data_file {corpus.path}: no training sequence left after filtering (sequences need "
                         "at least 12 tokens)")
-    eval_dataset = None
-    if args.eval_data_file is not None:
-        eval_corpus = BinarizedCorpus.open(args.eval_data_file)
-        check_compatibility(args, student, teacher, tokenizer, eval_corpus, None)
-        eval_dataset = LmSeqsDataset(params=args, data=eval_corpus)
-        if len(eval_dataset) == 0:
-            raise UserError(f"--eval_data_file {eval_corpus.path}: no sequence left after filtering")
-    token_probs = None
+    evaluator = build_evaluator(args, ctx, student, teacher, tokenizer, special_tok_ids, max_len)
+    masking = None
     if args.mlm:
         counts = np.pad(counts, (0, max(0, student.config.vocab_size - len(counts))))
-        token_probs = smoothed_token_probs(counts, args.special_tok_ids.values(), args.mlm_smoothing)
+        token_probs = smoothed_token_probs(counts, special_tok_ids.values(), args.mlm_smoothing)
+        masking = MlmMasking(token_probs=token_probs.to(ctx.device), mask_prop=args.mlm_mask_prop,
+                             split=(args.word_mask, args.word_keep, args.word_rand),
+                             mask_id=special_tok_ids["mask_token"], vocab_size=student.config.vocab_size,
+                             restrict_to_mask=args.restrict_ce_to_mask)
 
-    prepare_dump_path(args)
-    if args.is_master:
+    prepare_dump_path(args, ctx, {"special_tok_ids": special_tok_ids, "max_model_input_size": max_len})
+    if ctx.is_master:
         student.config.save_pretrained(args.dump_path)
-    student.to(args.device)
+    student.to(ctx.device)
     if teacher is not None:
-        teacher.to(args.device)
+        teacher.to(ctx.device)
     # Different masking and dropout on each rank; the models were already initialised identically above.
-    set_seed(args.seed + args.global_rank)
+    set_seed(args.seed + ctx.global_rank)
 
-    distiller = Distiller(params=args, dataset=dataset, token_probs=token_probs, student=student, teacher=teacher,
-                          tokenizer=tokenizer, eval_dataset=eval_dataset)
+    config = DistillationConfig.from_args(args, max_model_input_size=max_len)
+    distiller = Distiller(config, ctx, dataset, student, teacher, masking=masking, tokenizer=tokenizer,
+                          evaluator=evaluator)
     if resume_state is not None:
         distiller.load_training_state(resume_state, resume_path)
         del resume_state
     distiller.train()
-    if args.multi_gpu:
+    if ctx.multi_gpu:
         # Every rank leaves together. A rank that exits right after the last collective (the checkpoint's
         # all_gather_object) can otherwise finalise Python while a gloo worker thread still releases that
         # collective's tensors, which needs the GIL: the worker then aborts the process (SIGABRT).

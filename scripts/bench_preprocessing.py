@@ -33,7 +33,6 @@ import psutil
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 BERT_SPECIAL = {"pad_token": 0, "unk_token": 100, "cls_token": 101, "sep_token": 102, "mask_token": 103}
 SYNTHETIC_VOCAB = 30522
@@ -105,9 +104,9 @@ def without_padding_or_truncation(tokenizer_type, folder, workdir):
     and the timings would compare different work. The one-line loops go through transformers, which
     ignores those settings.
     """
-    from binarized_data import load_tokenizer
+    from preprocessing import load_framing_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_type, folder)[0]
+    tokenizer = load_framing_tokenizer(tokenizer_type, folder)[0]
     backend = tokenizer.backend_tokenizer
     found = {"padding": backend.padding, "truncation": backend.truncation}
     if not backend.padding and not backend.truncation:
@@ -120,7 +119,7 @@ def without_padding_or_truncation(tokenizer_type, folder, workdir):
 
 
 def bench_tokenization(args, workdir):
-    from binarized_data import binarize, load_tokenizer
+    from preprocessing import binarize, load_framing_tokenizer
 
     text = os.path.join(workdir, "text.txt")
     repeat_text(args.text, text, args.repeat)
@@ -131,7 +130,7 @@ def bench_tokenization(args, workdir):
         print(f"WARNING: {args.tokenizer}/tokenizer.json turns on padding {settings['padding']} and truncation "
               f"{settings['truncation']}, which binarize() keeps: it would write padded, truncated sequences. "
               "Benchmarking a copy without them.", file=sys.stderr)
-    tokenizer, start_id, end_id, prefix = load_tokenizer(args.tokenizer_type, folder)
+    tokenizer, start_id, end_id, prefix = load_framing_tokenizer(args.tokenizer_type, folder)
     if tokenizer.backend_tokenizer.padding or tokenizer.backend_tokenizer.truncation:
         raise RuntimeError(f"{folder}: padding/truncation still on after saving a copy without them")
     res = {"lines": n, "bytes": os.path.getsize(text), "repeat": args.repeat,
@@ -176,7 +175,7 @@ def bench_tokenization(args, workdir):
     res["ratio_binarize_vs_original_fast"] = res["binarize"]["lines_per_s"] / res["original_fast"]["lines_per_s"]
 
     # (iv) token counts
-    from token_counts import count_tokens
+    from preprocessing import count_tokens
 
     vocab = len(tokenizer)
     runs = []
@@ -234,19 +233,14 @@ def write_synthetic_corpus(path, n_tokens, seed):
 
 def child_build_dataset(path, out_json):
     """Runs in a fresh interpreter: open the corpus and build the training index, sampling its own USS."""
-    import types
-
+    from benchmarking import PeakSampler  # the same sampler as the step benchmark
     from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from benchmark import PeakSampler  # noqa: E402  (the same sampler as the step benchmark)
 
     logging.getLogger("distil").setLevel(logging.WARNING)
     proc = psutil.Process()
-    params = types.SimpleNamespace(max_model_input_size=512, mlm=True, special_tok_ids=dict(BERT_SPECIAL))
     with PeakSampler(lambda: proc.memory_full_info().uss, interval=0.01) as uss:
         t0 = time.perf_counter()
-        dataset = LmSeqsDataset(params=params, data=BinarizedCorpus.open(path))
+        dataset = LmSeqsDataset(BinarizedCorpus.open(path), special_tok_ids=dict(BERT_SPECIAL), mlm=True, max_len=512)
         seconds = time.perf_counter() - t0
     with open(out_json, "w") as f:
         json.dump({"seconds": seconds, "uss_before": uss.start_value, "uss_peak": uss.peak,

@@ -22,8 +22,6 @@ throughput, < 1 is less memory.
 """
 import argparse
 import copy
-import ctypes
-import gc
 import functools
 import json
 import logging
@@ -31,7 +29,6 @@ import math
 import os
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -42,6 +39,12 @@ import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from benchmarking import PeakSampler, cpu_alloc_peak, cuda_sync_warnings, release_freed_host_memory, sync  # noqa: E402
+from distiller import DistillationConfig, Distiller  # noqa: E402
+from lm_seqs_dataset import LmSeqsDataset  # noqa: E402
+from losses import distillation_losses  # noqa: E402
+from masking import MlmMasking, smoothed_token_probs  # noqa: E402
+from utils import RunContext  # noqa: E402
 
 CONFIGS = ("bert_mlm", "bert_mlm_restrict", "gpt2_clm")
 BERT_SPECIAL = {"pad_token": 0, "unk_token": 100, "cls_token": 101, "sep_token": 102, "mask_token": 103}
@@ -57,89 +60,6 @@ PRESETS = {
     "base": dict(vocab_bert=30522, vocab_gpt2=50257, hidden=768, heads=12, ffn=3072, teacher_layers=12,
                  student_layers=6, batch_size=16, seq_len=512, steps=20, warmup=5, loss_steps=10),
 }
-
-
-# ------------------------------------------------------------------------------------------ measuring
-
-
-def release_freed_host_memory():
-    """Give freed heap memory back to the OS so RSS starts from what is really live.
-
-    glibc keeps freed blocks below its (dynamic, up to 32 MB) mmap threshold in the heap; without a trim,
-    memory freed by the previous run would hide the next run's growth.
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: RSS figures are then a little less exact
-        pass
-
-
-class PeakSampler:
-    """Samples a process's memory in a background thread (psutil calls release the GIL while reading /proc)."""
-
-    def __init__(self, read, interval=0.005):
-        self.read, self.interval = read, interval
-        self.start_value = self.peak = read()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                self.peak = max(self.peak, self.read())
-            except psutil.Error:  # the process ended
-                return
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        try:
-            self.peak = max(self.peak, self.read())
-        except psutil.Error:
-            pass
-        return False
-
-
-def cpu_alloc_peak(fn):
-    """Peak bytes of CPU tensor memory live at once while fn() runs, counting only what fn allocates.
-
-    tracemalloc does not see torch's allocator and torch has no CPU counterpart of
-    torch.cuda.max_memory_allocated, but the profiler with profile_memory=True records every allocation and
-    free of the CPU allocator. Walking those events in time order and keeping a running sum gives the peak
-    of live bytes (frees of tensors that existed before fn are not reported, so the sum starts at zero).
-    Uses the profiler's event tree, a semi-private API; returns None when it is not there.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    try:
-        from torch._C._profiler import _EventType
-
-        events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-        while stack:
-            e = stack.pop()
-            if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
-                events.append((e.start_time_ns, e.extra_fields.alloc_size))
-            stack.extend(e.children)
-    except (AttributeError, ImportError, RuntimeError):
-        return None
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return peak
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -258,45 +178,28 @@ def make_sequences(n_batches, batch_size, seq_len, vocab, special, mlm, seed):
     return out
 
 
-def make_params(config_name, student_type, device, args, special, max_len, dump_path):
-    """train.py's arguments for this configuration, completed the way train.main() completes them."""
-    import train
-
+def make_config(config_name, student_type, args, max_len, dump_path):
+    """The DistillationConfig of this configuration: train.py's defaults, the README's loss weights."""
     mlm = config_name.startswith("bert")
-    flags = ["--dump_path", dump_path, "--data_file", "-", "--student_type", student_type,
-             "--student_config", "-", "--teacher_type", "bert" if mlm else "gpt2", "--teacher_name", "-",
-             "--alpha_ce", "5.0", "--alpha_cos", "1.0", "--batch_size", str(args.batch_size),
-             "--gradient_accumulation_steps", "1", "--n_epoch", "1", "--seed", str(args.seed)]
-    flags += ["--mlm", "--alpha_mlm", "2.0", "--alpha_clm", "0.0", "--token_counts", "-"] if mlm else \
-        ["--alpha_clm", "2.0", "--alpha_mlm", "0.0"]
-    if config_name == "bert_mlm_restrict":
-        flags.append("--restrict_ce_to_mask")
-    if args.bf16:
-        flags.append("--bf16")
-    if args.compile:
-        flags.append("--compile")
-    params = train.parse_args(flags)
-    # The fields init_distributed and main() add; is_master False keeps the Distiller from opening TensorBoard.
-    params.world_size, params.global_rank, params.local_rank, params.n_nodes, params.node_id = 1, 0, 0, 1, 0
-    params.multi_gpu, params.is_master = False, False
-    params.n_gpu = 1 if device.type == "cuda" else 0
-    params.device = device
-    params.special_tok_ids = special
-    params.max_model_input_size = max_len
-    return params
+    return DistillationConfig(
+        dump_path=dump_path, mlm=mlm, student_type=student_type, alpha_ce=5.0, alpha_cos=1.0,
+        alpha_mlm=2.0 if mlm else 0.0, alpha_clm=0.0 if mlm else 2.0,
+        restrict_ce_to_mask=config_name == "bert_mlm_restrict", batch_size=args.batch_size,
+        gradient_accumulation_steps=1, n_epoch=1, seed=args.seed, bf16=args.bf16, compile=args.compile,
+        max_model_input_size=max_len)
 
 
-def make_distiller(params, sequences, student, teacher):
-    from distiller import Distiller, smoothed_token_probs
-    from lm_seqs_dataset import LmSeqsDataset
-
+def make_distiller(config, device, sequences, student, teacher, special):
+    """A Distiller over these pre-made batches, in one process (its TensorBoard files go to config.dump_path)."""
     flat = [s for batch in sequences for s in batch]
-    dataset = LmSeqsDataset(params=params, data=flat)
-    token_probs = None
-    if params.mlm:
+    dataset = LmSeqsDataset(flat, special_tok_ids=special, mlm=config.mlm, max_len=config.max_model_input_size)
+    masking = None
+    if config.mlm:
         counts = np.bincount(np.concatenate(flat), minlength=student.config.vocab_size)
-        token_probs = smoothed_token_probs(counts, params.special_tok_ids.values(), params.mlm_smoothing)
-    return Distiller(params=params, dataset=dataset, token_probs=token_probs, student=student, teacher=teacher), dataset
+        masking = MlmMasking(token_probs=smoothed_token_probs(counts, special.values(), 0.7).to(device),
+                             mask_prop=0.15, split=(0.8, 0.1, 0.1), mask_id=special["mask_token"],
+                             vocab_size=student.config.vocab_size, restrict_to_mask=config.restrict_ce_to_mask)
+    return Distiller(config, RunContext(device=device), dataset, student, teacher, masking=masking), dataset
 
 
 # ----------------------------------------------------------------------------------------- the steps
@@ -331,21 +234,11 @@ def reference_losses(s_logits, t_logits, s_hidden, t_hidden, attn_mask, lm_label
     return losses
 
 
-def our_losses(s_logits, t_logits, s_hidden, t_hidden, attn_mask, lm_labels, p):
-    """{name: loss} with distiller.py's loss functions, on the same full logits the reference gets."""
-    from distiller import IGNORE_INDEX, cosine_loss, lm_loss, soft_target_losses
-
-    losses = {}
-    kd_mask = (lm_labels != IGNORE_INDEX) if (p.mlm and p.restrict_ce_to_mask) else attn_mask
-    if p.alpha_ce > 0 or p.alpha_mse > 0:
-        losses["ce"], losses["mse"] = soft_target_losses(s_logits, t_logits, kd_mask, p.temperature)
-    if p.alpha_mlm > 0:
-        losses["mlm"] = lm_loss(s_logits, lm_labels)
-    if p.alpha_clm > 0:
-        losses["clm"] = lm_loss(s_logits[:, :-1], lm_labels[:, 1:])
-    if p.alpha_cos > 0:
-        losses["cos"] = cosine_loss(s_hidden, t_hidden, attn_mask)
-    return {k: v for k, v in losses.items() if getattr(p, f"alpha_{k}") > 0}
+def our_losses(s_rows, t_rows, s_hidden, t_hidden, attn_mask, lm_labels, rows, p):
+    """{name: loss} from the training step's own loss function (losses.distillation_losses), on the logits
+    taken at the loss rows only (n, vocab): what Distiller.step feeds it."""
+    return distillation_losses(s_rows, t_rows, s_hidden, t_hidden, attn_mask, lm_labels, rows, alpha=p.alpha,
+                               temperature=p.temperature, mlm=p.mlm, restrict_ce_to_mask=p.restrict_ce_to_mask)
 
 
 def loss_rows(attn_mask, lm_labels, p):
@@ -354,28 +247,12 @@ def loss_rows(attn_mask, lm_labels, p):
     return keep.flatten().nonzero().squeeze(-1)  # (n,)
 
 
-def our_row_losses(s_rows, t_rows, s_hidden, t_hidden, attn_mask, row_labels, p):
-    """{name: loss} with distiller.py's loss functions on logits already taken at the loss rows (n, vocab).
-
-    This is what a step that projects to the vocabulary only at those rows feeds the losses; row_labels
-    are the MLM labels, or for CLM the next token's, at the same rows.
-    """
-    from distiller import cosine_loss, lm_loss, soft_target_losses
-
-    losses = {}
-    everywhere = torch.ones(s_rows.size(0), dtype=torch.bool, device=s_rows.device)
-    if p.alpha_ce > 0 or p.alpha_mse > 0:
-        losses["ce"], losses["mse"] = soft_target_losses(s_rows, t_rows, everywhere, p.temperature)
-    if p.alpha_mlm > 0:
-        losses["mlm"] = lm_loss(s_rows, row_labels)
-    if p.alpha_clm > 0:
-        losses["clm"] = lm_loss(s_rows, row_labels)
-    if p.alpha_cos > 0:
-        losses["cos"] = cosine_loss(s_hidden, t_hidden, attn_mask)
-    return {k: v for k, v in losses.items() if getattr(p, f"alpha_{k}") > 0}
-
-
 def weighted_total(losses, p):
+    """The step's loss. Ours: the fused term "logits" (already alpha_ce * ce + alpha_mse * mse + alpha_lm * lm;
+    the named terms beside it are detached copies for logging) plus alpha_cos * cos. The reference: every
+    term times its alpha."""
+    if "logits" in losses:
+        return losses["logits"] + p.alpha_cos * losses.get("cos", 0.0)
     return sum(getattr(p, f"alpha_{k}") * v for k, v in losses.items())
 
 
@@ -388,10 +265,10 @@ class ReferenceStep:
     apex O1 did for the original); in fp32 runs the softmaxes are in the model's dtype, fp32.
     """
 
-    def __init__(self, params, student, teacher, num_steps):
+    def __init__(self, params, student, teacher, num_steps, device):
         from transformers import get_linear_schedule_with_warmup
 
-        self.p, self.student, self.teacher = params, student, teacher
+        self.p, self.student, self.teacher, self.device = params, student, teacher, device
         self.amp_dtype = torch.bfloat16 if params.bf16 else None
         self.trainable = [x for x in student.parameters() if x.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=params.learning_rate, eps=params.adam_epsilon,
@@ -403,7 +280,7 @@ class ReferenceStep:
     def step(self, input_ids, attention_mask, lm_labels, *unused):  # unused: our Batch's host-side extras
         p = self.p
         mask = attention_mask if p.mlm else None  # the original gave GPT-2 no attention mask
-        with torch.autocast(p.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             s_out = self.student(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
             with torch.no_grad():
                 t_out = self.teacher(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
@@ -427,11 +304,8 @@ def capture_first_losses(distiller):
     def wrapped(*a, **kw):
         losses = original(*a, **kw)
         if not captured:
-            captured.update({k: float(v.detach()) for k, v in losses.items()})
-            # "logits" is the Distiller's fused, already weighted ce + mse + lm term; the others are unweighted
-            fused = captured.pop("logits", None)
-            weighted = {k: getattr(distiller.params, f"alpha_{k}") * v for k, v in captured.items()}
-            captured["total"] = fused + weighted.get("cos", 0.0) if fused is not None else sum(weighted.values())
+            captured.update({k: float(v.detach()) for k, v in losses.items() if k != "logits"})
+            captured["total"] = float(weighted_total(losses, distiller.config).detach())
         return losses
 
     distiller.compute_losses = wrapped
@@ -469,23 +343,6 @@ def timed_run(step, batches, warmup, device):
     return seconds, rss.peak - rss.start_value
 
 
-def cuda_sync_warnings(fn):
-    """Run fn() under CUDA's sync debug mode; the warning of each host synchronisation it made.
-
-    tests/test_host_syncs.py checks the step on the CPU; this confirms it on the device itself.
-    """
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-
-
 def step_alloc_peak(step, batch, device):
     """Peak tensor memory one more step allocates (CPU: profiler; CUDA: the timed peak is already exact)."""
     if device.type != "cpu":
@@ -495,18 +352,19 @@ def step_alloc_peak(step, batch, device):
 
 
 def loss_only(fn, inputs, p, warmup, steps, device):
-    """Time and peak memory of losses + backward on fixed inputs (the student's tensors require grad).
+    """Time and peak memory of losses + backward on fixed inputs: fn(*inputs, p); inputs[0] (student logits)
+    and inputs[2] (student hidden states) require grad.
 
     The inputs exist before the measurement, so the peak is what the loss computation itself adds,
     gradients of the logits included.
     """
-    s_logits, t_logits, s_hidden, t_hidden, attn_mask, labels = inputs
+    s_logits, s_hidden = inputs[0], inputs[2]
     amp = torch.bfloat16 if p.bf16 else None
 
     def once():
         s_logits.grad = s_hidden.grad = None
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            total = weighted_total(fn(s_logits, t_logits, s_hidden, t_hidden, attn_mask, labels, p), p)
+            total = weighted_total(fn(*inputs, p), p)
         total.backward()
         return total
 
@@ -538,7 +396,8 @@ def loss_only(fn, inputs, p, warmup, steps, device):
 def loss_only_inputs(batch, student, p, device):
     """Random logits and hidden states shaped like this batch's outputs; the batch's masks and labels.
 
-    Returns the full-logit inputs (both sides) and the row-selected ones (ours as the step feeds it).
+    Returns the reference's inputs (full logits) and ours (the logits at the loss rows, as the step feeds
+    them, and the rows).
     """
     ids, attn_mask, labels = batch[:3]
     bs, s = ids.shape
@@ -552,20 +411,18 @@ def loss_only_inputs(batch, student, p, device):
     t_hidden = torch.randn(bs, s, d, generator=g, device=device).to(dtype)
     full = (s_logits, t_logits, s_hidden, t_hidden, attn_mask, labels)
     rows = loss_rows(attn_mask, labels, p)
-    row_labels = labels if p.mlm else F.pad(labels[:, 1:], (0, 1), value=-100)  # CLM: position i predicts i + 1
     selected = (s_logits.detach().flatten(0, 1)[rows].requires_grad_(), t_logits.flatten(0, 1)[rows],
-                s_hidden, t_hidden, attn_mask, row_labels.flatten()[rows])
+                s_hidden, t_hidden, attn_mask, labels, rows)
     return full, selected
 
 
 def bench_loss_only(batch, student, p, args, device):
-    """The three loss-only measurements of one configuration; inputs freed before returning."""
+    """The loss-only measurements of one configuration, ours and the reference; inputs freed before returning."""
     full, selected = loss_only_inputs(batch, student, p, device)
     out = {"shape": list(full[0].shape), "rows": int(selected[0].size(0))}
-    for side, fn, inputs in (("ours", our_losses, full), ("reference", reference_losses, full),
-                             ("ours_rows", our_row_losses, selected)):
+    for side, fn, inputs in (("ours", our_losses, selected), ("reference", reference_losses, full)):
         out[side] = loss_only(fn, inputs, p, args.loss_warmup, args.loss_steps, device)
-    values = [out[k]["loss"] for k in ("ours", "reference", "ours_rows")]
+    values = [out[k]["loss"] for k in ("ours", "reference")]
     out["same_loss"] = max(values) - min(values) <= 1e-3 * max(1.0, abs(values[1]))
     return out
 
@@ -590,9 +447,9 @@ def bench_config(config_name, args, device):
 
     with tempfile.TemporaryDirectory() as dump:
         # --- ours
-        params = make_params(config_name, student_type, device, args, special, args.seq_len, dump)
+        params = make_config(config_name, student_type, args, args.seq_len, dump)
         student.to(device)
-        distiller, dataset = make_distiller(params, sequences, student, teacher)
+        distiller, dataset = make_distiller(params, device, sequences, student, teacher, special)
         torch.manual_seed(args.seed)
         prepare = distiller.prepare_batch_mlm if mlm else distiller.prepare_batch_clm
         batches = [prepare(*dataset.batch_sequences([(s, len(s)) for s in batch])) for batch in sequences]
@@ -621,7 +478,7 @@ def bench_config(config_name, args, device):
         _, ref_student, _ = build_models(config_name, size, args)
         ref_student.load_state_dict(init_state)
         ref_student.to(device).train()
-        ref = ReferenceStep(params, ref_student, teacher, num_steps=n_batches)
+        ref = ReferenceStep(params, ref_student, teacher, num_steps=n_batches, device=device)
         torch.manual_seed(args.seed)
         seconds, peak = timed_run(ref.step, batches, args.warmup, device)
         alloc = step_alloc_peak(ref.step, batches[-1], device)
@@ -662,9 +519,7 @@ def ratios(result):
             "peak_step_mem": _ratio(o["peak_step_bytes"], r["peak_step_bytes"]),
             "alloc_peak": _ratio(o["alloc_peak_bytes"], r["alloc_peak_bytes"]),
             "loss_only_time": _ratio(lo["ours"]["ms"], lo["reference"]["ms"]),
-            "loss_only_peak_mem": _ratio(lo["ours"]["peak_bytes"], lo["reference"]["peak_bytes"]),
-            "loss_only_rows_time": _ratio(lo["ours_rows"]["ms"], lo["reference"]["ms"]),
-            "loss_only_rows_peak_mem": _ratio(lo["ours_rows"]["peak_bytes"], lo["reference"]["peak_bytes"])}
+            "loss_only_peak_mem": _ratio(lo["ours"]["peak_bytes"], lo["reference"]["peak_bytes"])}
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -712,8 +567,8 @@ def print_table(results, args, device):
 
     peak_note = "CUDA allocator" if device.type == "cuda" else "profiler, CPU allocations"
     print(f"\nloss only: losses + backward on fixed random logits shaped like the longest batch; peak = memory the "
-          f"computation adds ({peak_note}). ours = distiller.py's functions on the full logits; ours_rows = the same "
-          "functions on the logits at the loss rows only (what a step projecting only those rows feeds them).")
+          f"computation adds ({peak_note}). ours = the step's loss function (losses.distillation_losses) on the logits "
+          "at the loss rows only, what the step feeds it; reference = the original's losses on the full logits.")
     header = f"{'config':<18} {'logits':>17} {'rows':>6} {'side':<10} {'ms':>9} {'peak MB':>9} {'time ratio':>10} " \
              f"{'mem ratio':>9} {'loss':>9}"
     print(header)
@@ -722,7 +577,6 @@ def print_table(results, args, device):
         lo, q = res["loss_only"], res["ratios"]
         shape = "x".join(map(str, lo["shape"]))
         for side, t_ratio, m_ratio in (("ours", q["loss_only_time"], q["loss_only_peak_mem"]),
-                                       ("ours_rows", q["loss_only_rows_time"], q["loss_only_rows_peak_mem"]),
                                        ("reference", None, None)):
             r = lo[side]
             first = side == "ours"
@@ -730,7 +584,7 @@ def print_table(results, args, device):
                   f"{str(lo['rows']) if first else '':>6} {side:<10} {r['ms']:>9.1f} {_mb(r['peak_bytes']):>9} "
                   f"{_fmt(t_ratio, '.2f'):>10} {_fmt(m_ratio, '.2f'):>9} {r['loss']:>9.4f}")
         if not lo["same_loss"]:
-            print(f"{'':<18} WARNING: the three loss values differ")
+            print(f"{'':<18} WARNING: the two loss values differ")
 
 
 # ----------------------------------------------------------------------------------------------- main

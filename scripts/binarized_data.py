@@ -3,150 +3,18 @@
     python scripts/binarized_data.py --file_path data/dump.txt --tokenizer_type bert \
         --tokenizer_name bert-base-uncased --dump_file data/binarized_text
 
-writes data/binarized_text.bert-base-uncased.bin (see lm_seqs_dataset.py for the format). Each line is
-wrapped as `[CLS] line [SEP]` (bert), `<s> line </s>` (roberta) or `<|endoftext|> line <|endoftext|>`
-(gpt2). The input is streamed in batches of lines through the Rust tokenizer, so memory stays flat
-whatever the size of the corpus; blank lines are skipped.
+writes data/binarized_text.bert-base-uncased.bin (see lm_seqs_dataset.py for the format; the work is done
+by preprocessing.binarize). Each line is wrapped as `[CLS] line [SEP]` (bert), `<s> line </s>` (roberta) or
+`<|endoftext|> line <|endoftext|>` (gpt2); blank lines are skipped.
 """
 import argparse
-import itertools
 import logging
 import os
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
-
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lm_seqs_dataset import BinarizedWriter  # noqa: E402
-from utils import fail, logger, special_token_ids  # noqa: E402
-
-# Which special tokens frame a sequence, and whether the text needs the leading space that byte-level BPE
-# sees after a special token (the original joined "<s> " + line, so the first word got its space; we
-# keep that but drop the stray space-token the original also produced before the closing token).
-TOKENIZER_TYPES = {
-    "bert": ("BertTokenizer", "cls_token", "sep_token", ""),
-    "roberta": ("RobertaTokenizer", "bos_token", "sep_token", " "),
-    "gpt2": ("GPT2Tokenizer", "bos_token", "eos_token", " "),
-    # any other model: its own tokenizer, framed like an encoder ([CLS]/[SEP]) when it has those tokens, else
-    # like a decoder (BOS, or EOS when there is no BOS, and EOS); no extra space, the tokenizer knows its rules
-    "auto": ("AutoTokenizer", None, None, ""),
-}
-
-
-def load_tokenizer(tokenizer_type, tokenizer_name):
-    import transformers
-
-    class_name, start_attr, end_attr, prefix = TOKENIZER_TYPES[tokenizer_type]
-    try:
-        tokenizer = getattr(transformers, class_name).from_pretrained(tokenizer_name)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"--tokenizer_name {tokenizer_name}: cannot load a {tokenizer_type} tokenizer ({exc})")
-    if start_attr is None:
-        if tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None:
-            start_attr, end_attr = "cls_token", "sep_token"
-        else:
-            start_attr = "bos_token" if tokenizer.bos_token_id is not None else "eos_token"
-            end_attr = "eos_token"
-    start_id = getattr(tokenizer, start_attr + "_id")
-    end_id = getattr(tokenizer, end_attr + "_id")
-    if start_id is None or end_id is None:
-        raise ValueError(f"--tokenizer_name {tokenizer_name}: the tokenizer has no {start_attr}/{end_attr}")
-    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # transformers 5 builds one from an empty folder
-        raise ValueError(f"--tokenizer_name {tokenizer_name}: no vocabulary found, only special tokens")
-    return tokenizer, start_id, end_id, prefix
-
-
-def tokenizer_slug(tokenizer_name):
-    """A file-name-safe name: the folder's name for a local path, owner_model for a hub id."""
-    if os.path.isdir(tokenizer_name):
-        return os.path.basename(os.path.normpath(os.path.abspath(tokenizer_name)))
-    return tokenizer_name.strip("/").replace("/", "_")
-
-
-def frame(ids, start_id, end_id):
-    """Flat ids of the batch (a list of id lists) with each sequence wrapped in start/end ids, plus lengths."""
-    n = len(ids)
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=n)
-    body = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
-    framed_lengths = lengths + 2
-    ends = np.cumsum(framed_lengths)
-    out = np.empty(int(ends[-1]) if n else 0, dtype=np.int64)
-    out[ends - framed_lengths] = start_id
-    out[ends - 1] = end_id
-    seq_of_token = np.repeat(np.arange(n), lengths)
-    out[np.arange(len(body)) + 2 * seq_of_token + 1] = body
-    return out, framed_lengths
-
-
-def read_line_batches(path, batch_lines, progress):
-    """Yield lists of non-empty, stripped lines; counts bytes for the progress bar."""
-    batch = []
-    with open(path, "rb") as f:
-        for raw in f:
-            progress.update(len(raw))
-            line = raw.decode("utf-8", errors="replace").strip()
-            if line:
-                batch.append(line)
-                if len(batch) == batch_lines:
-                    yield batch
-                    batch = []
-    if batch:
-        yield batch
-
-
-def binarize(file_path, tokenizer_type, tokenizer_name, dump_file, batch_lines=10_000):
-    if not os.path.isfile(file_path):
-        raise ValueError(f"--file_path {file_path}: no such file")
-    if os.path.getsize(file_path) == 0:
-        raise ValueError(f"--file_path {file_path}: the file is empty")
-    tokenizer, start_id, end_id, prefix = load_tokenizer(tokenizer_type, tokenizer_name)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    # A tokenizer.json may switch on fixed padding/truncation (the real bert-base-uncased one pads to 128):
-    # corpus sequences must keep their true length, long ones are chunked later by the dataset.
-    if backend is not None:
-        backend.no_padding()
-        backend.no_truncation()
-    out_path = f"{dump_file}.{tokenizer_slug(tokenizer_name)}.bin"
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    logger.info("Binarizing %s with %s (%s, %d tokens) into %s", file_path, tokenizer_name, type(tokenizer).__name__,
-                len(tokenizer), out_path)
-
-    from tqdm import tqdm
-
-    metadata = {"tokenizer_type": tokenizer_type, "tokenizer_name": tokenizer_name,
-                "source": os.path.basename(file_path),
-                "special_ids": special_token_ids(tokenizer)}
-    t0, n_lines = time.time(), 0
-    progress = tqdm(total=os.path.getsize(file_path), unit="B", unit_scale=True, desc="binarize",
-                    disable=None, mininterval=2)
-
-    def encode(batch):
-        texts = [prefix + line for line in batch] if prefix else batch
-        if backend is None:  # a tokenizer without a Rust backend (auto only): slower, same result
-            return tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-
-    # The Rust tokenizer releases the GIL, so batch k+1 is tokenized while batch k is framed and written.
-    with BinarizedWriter(out_path, vocab_size=len(tokenizer), metadata=metadata) as writer, \
-            ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
-        for batch in read_line_batches(file_path, batch_lines, progress):
-            future = pool.submit(encode, batch)
-            if pending is not None:
-                writer.add_flat(*frame(pending.result(), start_id, end_id))
-            pending = future
-            n_lines += len(batch)
-        if pending is not None:
-            writer.add_flat(*frame(pending.result(), start_id, end_id))
-        if n_lines == 0:
-            raise ValueError(f"--file_path {file_path}: no non-empty line to binarize")
-    progress.close()
-    elapsed = time.time() - t0
-    logger.info("%d sequences, %d tokens in %.1fs (%.0f lines/s) -> %s", n_lines, writer.n_tokens, elapsed,
-                n_lines / max(elapsed, 1e-9), out_path)
-    return out_path
+from preprocessing import TOKENIZER_TYPES, binarize  # noqa: E402
+from utils import fail  # noqa: E402
 
 
 def main(argv=None):

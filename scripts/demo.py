@@ -28,6 +28,7 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the library modules (measure_speed); every other step runs a repository script
 
 # Two sizes of the same pipeline. The full one is sized for ~8-10 minutes on 2 CPU cores; the quick one only
 # proves every step runs and produces a table (its numbers mean little).
@@ -159,11 +160,11 @@ class StepFailed(Exception):
 
 
 class Pipeline:
-    def __init__(self, workdir, verbose=False):
+    def __init__(self, workdir, n_steps, verbose=False):
         self.workdir = workdir
         self.verbose = verbose
         self.timings = {}
-        self.n_steps = 9
+        self.n_steps = n_steps
         self.step_no = 0
         self.step_name = None
 
@@ -318,7 +319,7 @@ def results_markdown(rows):
 
 
 def measure_speed(model_dirs, data_file, batch_size, n_batches, rounds):
-    """Sequences/s of each model on the held-out batches, with evaluate.inference_speed.
+    """Sequences/s of each model on the held-out batches, with evaluation.inference_speed.
 
     The models take turns, round after round, and each keeps its median: on a shared machine a burst of
     load then slows every model alike instead of whichever was being timed (two identical students timed
@@ -326,29 +327,25 @@ def measure_speed(model_dirs, data_file, batch_size, n_batches, rounds):
     """
     import logging
     import statistics
-    from types import SimpleNamespace
 
-    for path in (REPO, os.path.join(REPO, "scripts")):
-        if path not in sys.path:
-            sys.path.insert(0, path)
     import torch
-    import train
-    from evaluate import inference_speed
-    from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset
-    from utils import special_token_ids
-
     import transformers
+
+    from evaluation import inference_speed
+    from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset
+    from models import max_input_size, model_classes
+    from utils import special_token_ids
 
     logging.getLogger("distil").setLevel(logging.WARNING)
     transformers.utils.logging.disable_progress_bar()
     models = {}
     for name, (folder, model_type) in model_dirs.items():
-        models[name] = train.model_classes(model_type)[1].from_pretrained(folder).eval()
+        models[name] = model_classes(model_type)[1].from_pretrained(folder).eval()
     teacher_folder, teacher_type = model_dirs["teacher"]
-    tokenizer = train.model_classes(teacher_type)[2].from_pretrained(teacher_folder)
-    max_len = min(train.max_input_size(m.config, tokenizer) for m in models.values())
-    params = SimpleNamespace(max_model_input_size=max_len, mlm=True, special_tok_ids=special_token_ids(tokenizer))
-    dataset = LmSeqsDataset(params=params, data=BinarizedCorpus.open(data_file))
+    tokenizer = model_classes(teacher_type)[2].from_pretrained(teacher_folder)
+    max_len = min(max_input_size(m.config, tokenizer) for m in models.values())
+    dataset = LmSeqsDataset(BinarizedCorpus.open(data_file), special_tok_ids=special_token_ids(tokenizer), mlm=True,
+                            max_len=max_len)
     samples = {name: [] for name in models}
     with torch.inference_mode():
         for _ in range(rounds):
@@ -407,183 +404,233 @@ def prepare_workdir(workdir):
     open(marker, "w").close()
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    preset = dict(PRESETS["quick" if args.quick else "full"])
-    scale = lambda epochs: max(1, round(epochs * args.steps_scale))  # noqa: E731
-    workdir = os.path.abspath(args.workdir)
-    pipe = Pipeline(workdir, verbose=args.verbose)
-    t_start = time.time()
-    try:
-        prepare_workdir(workdir)
-        print(f"Distil* demo ({'quick' if args.quick else 'full'}), interpreter {sys.executable}, "
-              f"workdir {pipe.rel(workdir)}", flush=True)
-        data = os.path.join(workdir, "data")
-        os.makedirs(data, exist_ok=True)
+class Demo:
+    """The demo's state and its steps, one method each, run in order by `run`. Each step reads what the
+    earlier ones left on `self` (paths, the tokenizer, evaluation results) and adds its own."""
 
-        # 1. corpus ---------------------------------------------------------------------------------
+    STEPS = ("corpus", "tokenizer", "binarize", "teacher", "extract", "distil", "baseline", "evaluate", "results")
+
+    def __init__(self, args):
+        self.args = args
+        self.quick = args.quick
+        self.preset = dict(PRESETS["quick" if args.quick else "full"])
+        self.workdir = os.path.abspath(args.workdir)
+        self.data = os.path.join(self.workdir, "data")
+        self.runs = os.path.join(self.workdir, "runs")
+        self.pipe = Pipeline(self.workdir, n_steps=len(self.STEPS), verbose=args.verbose)
+        self.t_start = time.time()
+
+    def epochs(self, epochs):
+        return max(1, round(epochs * self.args.steps_scale))
+
+    def run(self):
+        prepare_workdir(self.workdir)
+        print(f"Distil* demo ({'quick' if self.quick else 'full'}), interpreter {sys.executable}, "
+              f"workdir {self.pipe.rel(self.workdir)}", flush=True)
+        os.makedirs(self.data, exist_ok=True)
+        for name in self.STEPS:
+            getattr(self, name)()
+
+    def corpus(self):
+        """1. The corpus, split into training and held-out lines."""
+        args, pipe = self.args, self.pipe
         pipe.begin("Corpus: " + (args.corpus if args.corpus else "Python standard library docstrings and comments"))
         if args.corpus and not os.path.isfile(args.corpus):
             raise StepFailed(pipe.step_name, f"--corpus {args.corpus}: no such file")
         lines = read_corpus(args.corpus, args.seed) if args.corpus else stdlib_corpus(args.seed)
-        if preset["max_lines"]:
-            lines = lines[:preset["max_lines"]]
+        if self.preset["max_lines"]:
+            lines = lines[:self.preset["max_lines"]]
         if len(lines) < 40:
             raise StepFailed(pipe.step_name, f"only {len(lines)} usable lines; the demo needs at least 40")
-        train_lines, heldout_lines = split_heldout(lines)
-        train_txt, heldout_txt = os.path.join(data, "train.txt"), os.path.join(data, "heldout.txt")
-        for path, subset in ((train_txt, train_lines), (heldout_txt, heldout_lines)):
+        self.train_lines, self.heldout_lines = split_heldout(lines)
+        self.train_txt, self.heldout_txt = os.path.join(self.data, "train.txt"), os.path.join(self.data, "heldout.txt")
+        for path, subset in ((self.train_txt, self.train_lines), (self.heldout_txt, self.heldout_lines)):
             with open(path, "w", encoding="utf-8") as f:
                 f.write("\n".join(subset) + "\n")
-        n_words = [sum(len(x.split()) for x in subset) for subset in (train_lines, heldout_lines)]
-        print(f"    {len(train_lines):,} training lines ({n_words[0]:,} words), {len(heldout_lines):,} held-out "
-              f"lines ({n_words[1]:,} words)\n    e.g. \"{train_lines[0][:110]}\"", flush=True)
+        self.n_words = [sum(len(x.split()) for x in subset) for subset in (self.train_lines, self.heldout_lines)]
+        print(f"    {len(self.train_lines):,} training lines ({self.n_words[0]:,} words), {len(self.heldout_lines):,} "
+              f"held-out lines ({self.n_words[1]:,} words)\n    e.g. \"{self.train_lines[0][:110]}\"", flush=True)
         pipe.end()
 
-        # 2. tokenizer ------------------------------------------------------------------------------
+    def tokenizer(self):
+        """2. A WordPiece vocabulary learnt from the training lines."""
+        pipe, preset = self.pipe, self.preset
         pipe.begin(f"WordPiece tokenizer ({preset['vocab_size']:,} tokens, lowercase) trained with `tokenizers`")
-        tok_dir = os.path.join(workdir, "tokenizer")
-        tokenizer = train_tokenizer(train_lines, tok_dir, preset["vocab_size"], preset["max_len"])
-        print(f"    {len(tokenizer):,} tokens -> {pipe.rel(tok_dir)}\n    e.g. "
-              f"{tokenizer.tokenize(heldout_lines[0])[:14]}", flush=True)
+        self.tok_dir = os.path.join(self.workdir, "tokenizer")
+        self.tok = train_tokenizer(self.train_lines, self.tok_dir, preset["vocab_size"], preset["max_len"])
+        print(f"    {len(self.tok):,} tokens -> {pipe.rel(self.tok_dir)}\n    e.g. "
+              f"{self.tok.tokenize(self.heldout_lines[0])[:14]}", flush=True)
+        self.teacher_config, self.student_config = write_model_configs(os.path.join(self.workdir, "configs"),
+                                                                       self.tok, preset)
         pipe.end()
 
-        # 3. binarize + counts ----------------------------------------------------------------------
+    def binarize(self):
+        """3. scripts/binarized_data.py on both splits, scripts/token_counts.py on the training one."""
+        pipe = self.pipe
         pipe.begin("Binarize the text and count tokens")
-        for name, txt in (("train", train_txt), ("heldout", heldout_txt)):
+        for name, txt in (("train", self.train_txt), ("heldout", self.heldout_txt)):
             pipe.run("scripts/binarized_data.py", ["--file_path", pipe.rel(txt), "--tokenizer_type", "bert",
-                                                   "--tokenizer_name", pipe.rel(tok_dir),
-                                                   "--dump_file", pipe.rel(os.path.join(data, name))],
+                                                   "--tokenizer_name", pipe.rel(self.tok_dir),
+                                                   "--dump_file", pipe.rel(os.path.join(self.data, name))],
                      f"03_binarize_{name}.log")
-        slug = os.path.basename(tok_dir)
-        train_bin, heldout_bin = (os.path.join(data, f"{n}.{slug}.bin") for n in ("train", "heldout"))
-        counts = os.path.join(data, f"token_counts.{slug}.pickle")
-        pipe.run("scripts/token_counts.py", ["--data_file", pipe.rel(train_bin), "--token_counts_dump",
-                                             pipe.rel(counts)], "03_token_counts.log")
+        slug = os.path.basename(self.tok_dir)
+        self.train_bin, self.heldout_bin = (os.path.join(self.data, f"{n}.{slug}.bin") for n in ("train", "heldout"))
+        self.counts = os.path.join(self.data, f"token_counts.{slug}.pickle")
+        pipe.run("scripts/token_counts.py", ["--data_file", pipe.rel(self.train_bin), "--token_counts_dump",
+                                             pipe.rel(self.counts)], "03_token_counts.log")
         pipe.end()
 
-        teacher_config, student_config = write_model_configs(os.path.join(workdir, "configs"), tokenizer, preset)
-        runs = os.path.join(workdir, "runs")
-        batch = preset["batch_size"]
-        # Shared by every training run: one process on the CPU, an optimizer step per batch, no mid-run
-        # checkpoints (the epoch-end ones are enough for a demo). --mlm_smoothing 0 masks tokens uniformly,
-        # as the held-out evaluation does: the recipe's rare-token emphasis (0.7) trades frequent-word accuracy
-        # for rare words, which needs far more training than a demo has to pay off.
-        common = ["--mlm", "--alpha_clm", "0", "--mlm_smoothing", "0", "--data_file", pipe.rel(train_bin),
-                  "--token_counts", pipe.rel(counts),
-                  "--n_gpu", "0", "--batch_size", batch, "--gradient_accumulation_steps", "1",
-                  "--log_interval", "10", "--checkpoint_interval", "100000", "--save_total_limit", "1",
-                  "--seed", args.seed, "--force"]
+    def common_train_args(self):
+        """Shared by every training run: one process on the CPU, an optimizer step per batch, no mid-run
+        checkpoints (the epoch-end ones are enough for a demo). --mlm_smoothing 0 masks tokens uniformly, as
+        the held-out evaluation does: the recipe's rare-token emphasis (0.7) trades frequent-word accuracy
+        for rare words, which needs far more training than a demo has to pay off."""
+        pipe = self.pipe
+        return ["--mlm", "--alpha_clm", "0", "--mlm_smoothing", "0", "--data_file", pipe.rel(self.train_bin),
+                "--token_counts", pipe.rel(self.counts),
+                "--n_gpu", "0", "--batch_size", self.preset["batch_size"], "--gradient_accumulation_steps", "1",
+                "--log_interval", "10", "--checkpoint_interval", "100000", "--save_total_limit", "1",
+                "--seed", self.args.seed, "--force"]
 
-        # 4. teacher --------------------------------------------------------------------------------
-        t = preset["teacher"]
+    def teacher(self):
+        """4. Pretrain the teacher from scratch: train.py with no teacher of its own, MLM only."""
+        pipe, preset, t = self.pipe, self.preset, self.preset["teacher"]
         pipe.begin(f"Pretrain the teacher: BERT, {t['layers']} layers, hidden {t['hidden']}, MLM only (no teacher "
                    "of its own)")
-        teacher_dir = os.path.join(runs, "teacher")
+        self.teacher_dir = os.path.join(self.runs, "teacher")
         # --restrict_ce_to_mask: the MLM loss only reads the masked positions, so the LM head is only run there.
-        pipe.run("train.py", ["--student_type", "bert", "--student_config", pipe.rel(teacher_config),
-                              "--tokenizer_name", pipe.rel(tok_dir), "--alpha_mlm", "1", "--alpha_ce", "0",
-                              "--alpha_cos", "0", "--restrict_ce_to_mask", "--n_epoch", scale(preset["teacher_epochs"]),
+        pipe.run("train.py", ["--student_type", "bert", "--student_config", pipe.rel(self.teacher_config),
+                              "--tokenizer_name", pipe.rel(self.tok_dir), "--alpha_mlm", "1", "--alpha_ce", "0",
+                              "--alpha_cos", "0", "--restrict_ce_to_mask",
+                              "--n_epoch", self.epochs(preset["teacher_epochs"]),
                               "--learning_rate", preset["teacher_lr"], "--warmup_prop", "0.05",
-                              "--weight_decay", "0.01", "--dump_path", pipe.rel(teacher_dir), *common],
-                 "04_teacher.log", progress_file=os.path.join(teacher_dir, "metrics.jsonl"))
+                              "--weight_decay", "0.01", "--dump_path", pipe.rel(self.teacher_dir),
+                              *self.common_train_args()],
+                 "04_teacher.log", progress_file=os.path.join(self.teacher_dir, "metrics.jsonl"))
         pipe.end()
 
-        # 5. extraction -----------------------------------------------------------------------------
-        layers = ",".join(map(str, preset["student_layers"]))
-        pipe.begin(f"Initialise a {len(preset['student_layers'])}-layer DistilBERT from teacher layers {layers}")
-        student_init = os.path.join(workdir, "student_init.pth")
-        pipe.run("scripts/extract_distilbert.py", ["--model_type", "bert", "--model_name", pipe.rel(teacher_dir),
-                                                   "--dump_checkpoint", pipe.rel(student_init), "--layers", layers,
-                                                   "--vocab_transform", "--student_config", pipe.rel(student_config)],
+    def extract(self):
+        """5. The student's initialisation: scripts/extract_distilbert.py from teacher layers."""
+        pipe, preset = self.pipe, self.preset
+        self.layers = ",".join(map(str, preset["student_layers"]))
+        pipe.begin(f"Initialise a {len(preset['student_layers'])}-layer DistilBERT from teacher layers {self.layers}")
+        self.student_init = os.path.join(self.workdir, "student_init.pth")
+        pipe.run("scripts/extract_distilbert.py", ["--model_type", "bert", "--model_name", pipe.rel(self.teacher_dir),
+                                                   "--dump_checkpoint", pipe.rel(self.student_init),
+                                                   "--layers", self.layers, "--vocab_transform",
+                                                   "--student_config", pipe.rel(self.student_config)],
                  "05_extract.log")
         pipe.end()
 
-        # 6-7. distilled and baseline students: same init, data, batches, schedule and steps ---------
-        student_args = ["--student_type", "distilbert", "--student_config", pipe.rel(student_config),
-                        "--student_pretrained_weights", pipe.rel(student_init),
-                        "--n_epoch", scale(preset["student_epochs"]), "--learning_rate", preset["student_lr"],
-                        "--warmup_prop", "0.05", "--weight_decay", "0.01", *common]
-        distilled_dir, baseline_dir = os.path.join(runs, "distilled"), os.path.join(runs, "baseline")
+    def student_args(self):
+        """Both students: same init, data, batches, schedule and steps."""
+        pipe, preset = self.pipe, self.preset
+        return ["--student_type", "distilbert", "--student_config", pipe.rel(self.student_config),
+                "--student_pretrained_weights", pipe.rel(self.student_init),
+                "--n_epoch", self.epochs(preset["student_epochs"]), "--learning_rate", preset["student_lr"],
+                "--warmup_prop", "0.05", "--weight_decay", "0.01", *self.common_train_args()]
+
+    def distil(self):
+        """6. The recipe: soft targets + MLM + hidden-state cosine."""
+        pipe = self.pipe
+        self.distilled_dir = os.path.join(self.runs, "distilled")
         pipe.begin("Distil the student from the teacher (soft targets + MLM + hidden-state cosine)")
-        out_distilled = pipe.run(
-            "train.py", ["--teacher_type", "bert", "--teacher_name", pipe.rel(teacher_dir), "--alpha_ce", "5",
+        out = pipe.run(
+            "train.py", ["--teacher_type", "bert", "--teacher_name", pipe.rel(self.teacher_dir), "--alpha_ce", "5",
                          "--alpha_mlm", "2", "--alpha_cos", "1", "--temperature", "2",
-                         "--dump_path", pipe.rel(distilled_dir), *student_args],
-            "06_distill.log", progress_file=os.path.join(distilled_dir, "metrics.jsonl"))
-        pipe.end()
-        pipe.begin("Baseline: the same student, same steps, MLM only (no teacher)")
-        out_baseline = pipe.run(
-            "train.py", ["--tokenizer_name", pipe.rel(tok_dir), "--alpha_ce", "0", "--alpha_mlm", "1",
-                         "--alpha_cos", "0", "--restrict_ce_to_mask", "--dump_path", pipe.rel(baseline_dir),
-                         *student_args],
-            "07_baseline.log", progress_file=os.path.join(baseline_dir, "metrics.jsonl"))
-        steps = {"distilled": _optimizer_steps(out_distilled), "baseline": _optimizer_steps(out_baseline)}
-        if steps["distilled"] != steps["baseline"]:
-            raise StepFailed(pipe.step_name, f"the students trained for different numbers of steps: {steps}")
+                         "--dump_path", pipe.rel(self.distilled_dir), *self.student_args()],
+            "06_distill.log", progress_file=os.path.join(self.distilled_dir, "metrics.jsonl"))
+        self.steps = {"distilled": _optimizer_steps(out)}
         pipe.end()
 
-        # 8. evaluation -----------------------------------------------------------------------------
+    def baseline(self):
+        """7. The same student trained for the same steps on the MLM loss alone."""
+        pipe = self.pipe
+        self.baseline_dir = os.path.join(self.runs, "baseline")
+        pipe.begin("Baseline: the same student, same steps, MLM only (no teacher)")
+        out = pipe.run(
+            "train.py", ["--tokenizer_name", pipe.rel(self.tok_dir), "--alpha_ce", "0", "--alpha_mlm", "1",
+                         "--alpha_cos", "0", "--restrict_ce_to_mask", "--dump_path", pipe.rel(self.baseline_dir),
+                         *self.student_args()],
+            "07_baseline.log", progress_file=os.path.join(self.baseline_dir, "metrics.jsonl"))
+        self.steps["baseline"] = _optimizer_steps(out)
+        if self.steps["distilled"] != self.steps["baseline"]:
+            raise StepFailed(pipe.step_name, f"the students trained for different numbers of steps: {self.steps}")
+        pipe.end()
+
+    def evaluate(self):
+        """8. scripts/evaluate.py on the held-out lines for the three models, then their inference speed."""
+        pipe, preset = self.pipe, self.preset
         pipe.begin("Evaluate on the held-out lines (fixed seeded masking of 15% of the tokens)")
-        evals = {}
-        models = (("teacher", teacher_dir, "bert"), ("distilled", distilled_dir, "distilbert"),
-                  ("baseline", baseline_dir, "distilbert"))
+        self.evals = {}
+        models = (("teacher", self.teacher_dir, "bert"), ("distilled", self.distilled_dir, "distilbert"),
+                  ("baseline", self.baseline_dir, "distilbert"))
         for name, model_dir, model_type in models:
-            out_json = os.path.join(workdir, "eval", f"{name}.json")
-            vs_teacher = [] if name == "teacher" else ["--teacher", pipe.rel(teacher_dir), "--teacher_type", "bert"]
+            out_json = os.path.join(self.workdir, "eval", f"{name}.json")
+            vs_teacher = [] if name == "teacher" else ["--teacher", pipe.rel(self.teacher_dir), "--teacher_type", "bert"]
             pipe.run("scripts/evaluate.py", ["--model", pipe.rel(model_dir), "--model_type", model_type, *vs_teacher,
-                                             "--data_file", pipe.rel(heldout_bin), "--batch_size",
+                                             "--data_file", pipe.rel(self.heldout_bin), "--batch_size",
                                              preset["eval_batch_size"], "--seed", "0", "--device", "cpu",
                                              "--output", pipe.rel(out_json)], f"08_evaluate_{name}.log")
             with open(out_json) as f:
-                evals[name] = json.load(f)
+                self.evals[name] = json.load(f)
         print(f"    inference speed: batches of {preset['eval_batch_size']} held-out sequences, "
-              f"{preset['speed_rounds']} interleaved rounds (scripts/evaluate.py's inference_speed)", flush=True)
-        speeds = measure_speed({"teacher": (teacher_dir, "bert"), "distilled": (distilled_dir, "distilbert"),
-                                "baseline": (baseline_dir, "distilbert")}, heldout_bin, preset["eval_batch_size"],
-                               preset["speed_batches"], preset["speed_rounds"])
+              f"{preset['speed_rounds']} interleaved rounds (evaluation.py's inference_speed)", flush=True)
+        speeds = measure_speed({name: (folder, model_type) for name, folder, model_type in models}, self.heldout_bin,
+                               preset["eval_batch_size"], preset["speed_batches"], preset["speed_rounds"])
         for name, speed in speeds.items():
-            evals[name]["sequences_per_second"] = speed
+            self.evals[name]["sequences_per_second"] = speed
         pipe.end()
 
-        # 9. table ----------------------------------------------------------------------------------
+    def results(self):
+        """9. The table, results.md and results.json."""
+        pipe, preset, evals = self.pipe, self.preset, self.evals
         pipe.begin("Results")
         n_student_layers = len(preset["student_layers"])
-        rows = build_rows(evals, {"teacher": t["layers"], "distilled": n_student_layers,
+        rows = build_rows(evals, {"teacher": preset["teacher"]["layers"], "distilled": n_student_layers,
                                   "baseline": n_student_layers})
         table = results_markdown(rows)
-        chance = math.log(len(tokenizer))
-        teacher_steps = _optimizer_steps(open(os.path.join(workdir, "logs", "04_teacher.log")).read())
+        chance = math.log(len(self.tok))
+        with open(os.path.join(self.workdir, "logs", "04_teacher.log")) as f:
+            teacher_steps = _optimizer_steps(f.read())
         d, b = evals["distilled"], evals["baseline"]
         verdict = (f"The distilled student {'beats' if d['mlm_loss'] < b['mlm_loss'] else 'does NOT beat'} the "
                    f"no-teacher baseline on held-out MLM loss ({d['mlm_loss']:.3f} vs {b['mlm_loss']:.3f}); top-1 "
                    f"agreement with the teacher {d['top1_agreement']:.1%} vs {b['top1_agreement']:.1%}.")
-        if args.quick:
+        if self.quick:
             verdict += " (--quick: far too little training for this comparison to mean anything.)"
-        notes = (f"Held-out: {len(heldout_lines):,} lines never seen in training, {evals['teacher']['n_tokens']:,} "
-                 f"masked tokens (the same for every model). A uniform guess over the {len(tokenizer):,}-token "
+        notes = (f"Held-out: {len(self.heldout_lines):,} lines never seen in training, {evals['teacher']['n_tokens']:,} "
+                 f"masked tokens (the same for every model). A uniform guess over the {len(self.tok):,}-token "
                  f"vocabulary scores an MLM loss of {chance:.3f}. Teacher: {teacher_steps} steps; each student: "
-                 f"{steps['distilled']} steps of {batch} sequences from the same initialisation (teacher layers "
-                 f"{layers}). Inference on the CPU, batches of {preset['eval_batch_size']} sequences: half the layers "
-                 "is less than half the compute, as the embeddings and the output layer over the whole vocabulary "
-                 "are a large share of such a small model.")
-        with open(os.path.join(workdir, "results.md"), "w") as f:
-            f.write(f"# Distil* demo results ({'quick' if args.quick else 'full'})\n\n{table}\n{notes}\n\n{verdict}\n")
+                 f"{self.steps['distilled']} steps of {preset['batch_size']} sequences from the same initialisation "
+                 f"(teacher layers {self.layers}). Inference on the CPU, batches of {preset['eval_batch_size']} "
+                 "sequences: half the layers is less than half the compute, as the embeddings and the output layer "
+                 "over the whole vocabulary are a large share of such a small model.")
+        with open(os.path.join(self.workdir, "results.md"), "w") as f:
+            f.write(f"# Distil* demo results ({'quick' if self.quick else 'full'})\n\n{table}\n{notes}\n\n{verdict}\n")
         pipe.timings[pipe.step_name] = round(time.time() - pipe._t0, 1)
+        args = self.args
         record = {
-            "preset": "quick" if args.quick else "full", "config": preset, "steps_scale": args.steps_scale,
+            "preset": "quick" if self.quick else "full", "config": preset, "steps_scale": args.steps_scale,
             "seed": args.seed, "corpus": args.corpus or "python-stdlib",
-            "corpus_lines": {"train": len(train_lines), "heldout": len(heldout_lines)},
-            "corpus_words": {"train": n_words[0], "heldout": n_words[1]},
-            "vocab_size": len(tokenizer), "chance_mlm_loss": chance,
-            "steps": {"teacher": teacher_steps, **steps}, "columns": COLUMNS, "rows": rows,
-            "timings_s": pipe.timings, "total_s": round(time.time() - t_start, 1),
+            "corpus_lines": {"train": len(self.train_lines), "heldout": len(self.heldout_lines)},
+            "corpus_words": {"train": self.n_words[0], "heldout": self.n_words[1]},
+            "vocab_size": len(self.tok), "chance_mlm_loss": chance,
+            "steps": {"teacher": teacher_steps, **self.steps}, "columns": COLUMNS, "rows": rows,
+            "timings_s": pipe.timings, "total_s": round(time.time() - self.t_start, 1),
         }
-        with open(os.path.join(workdir, "results.json"), "w") as f:
+        with open(os.path.join(self.workdir, "results.json"), "w") as f:
             json.dump(record, f, indent=2)
         print("\n" + table + "\n" + notes + "\n\n" + verdict, flush=True)
-        print(f"\nTotal {time.time() - t_start:.0f}s. Table: {pipe.rel(os.path.join(workdir, 'results.md'))}; "
-              f"models and logs: {pipe.rel(workdir)}/", flush=True)
+        print(f"\nTotal {time.time() - self.t_start:.0f}s. Table: {pipe.rel(os.path.join(self.workdir, 'results.md'))}; "
+              f"models and logs: {pipe.rel(self.workdir)}/", flush=True)
+
+
+def main(argv=None):
+    demo = Demo(parse_args(argv))
+    pipe = demo.pipe
+    try:
+        demo.run()
         return 0
     except StepFailed as exc:
         print(f"\nerror: step {pipe.step_no} ({exc.step}) failed: {exc}", file=sys.stderr)

@@ -12,34 +12,10 @@ import os
 import sys
 import time
 
-import numpy as np
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lm_seqs_dataset import BinarizedCorpus, save_token_counts  # noqa: E402
+from preprocessing import count_tokens  # noqa: E402
 from utils import fail, logger  # noqa: E402
-
-_BLOCK = 1 << 20  # tokens read, widened and counted at once: the block and its widened copy stay in cache
-
-
-def count_tokens(corpus, vocab_size):
-    """How often each id in [0, vocab_size) occurs in the corpus, as int64 counts.
-
-    torch.bincount over int32 ids is about 2.3x numpy's bincount, which widens every id to int64 first;
-    uint16 ids widen exactly to int32, uint32 ones (ids may pass 2**31) go to int64.
-    """
-    counts = torch.zeros(vocab_size, dtype=torch.int64)
-    wide = np.int32 if corpus.tokens.dtype == np.uint16 else np.int64
-    buffer = np.empty(min(_BLOCK, max(corpus.n_tokens, 1)), dtype=corpus.tokens.dtype)
-    for lo in range(0, corpus.n_tokens, _BLOCK):
-        block = corpus.iter_blocks(lo, min(lo + _BLOCK, corpus.n_tokens), out=buffer)
-        block_counts = torch.bincount(torch.from_numpy(block.astype(wide)), minlength=vocab_size)
-        if len(block_counts) > vocab_size:
-            bad = int(torch.nonzero(block_counts[vocab_size:])[0]) + vocab_size
-            raise ValueError(f"{corpus.path}: token id {bad} is outside the vocabulary of {vocab_size} "
-                             f"(--vocab_size)")
-        counts += block_counts
-    return counts.numpy()
 
 
 def main(argv=None):

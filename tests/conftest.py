@@ -1,9 +1,13 @@
-"""Tiny local tokenizers, teachers and student configs, built once per test session (no network)."""
+"""Shared test helpers: tiny local tokenizers, teachers and student configs built once per test session (no
+network), running scripts (one process or two under torchrun), one-line error checks, a tiny Distiller."""
+import dataclasses
 import os
 import random
+import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +46,148 @@ def run_script(*args, expect_ok=True, timeout=300, env=None):
     if not expect_ok and proc.returncode == 0:
         raise AssertionError(f"{args} unexpectedly succeeded:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def load_script(name):
+    """scripts/<name>.py as a module, to call its main() in-process (a test may; project modules never import
+    a script)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", os.path.join(REPO, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(*args, nproc=2, **kwargs):
+    """run_script under `python -m torch.distributed.run` with nproc CPU (gloo) processes on this machine."""
+    return run_script("-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                      f"--master_port={free_port()}", *args, **kwargs)
+
+
+def expect_error(capsys, main, argv, *needles):
+    """main(argv) exits with status 2 and prints exactly one `error:` line containing every needle."""
+    with pytest.raises(SystemExit) as excinfo:
+        main(argv)
+    assert excinfo.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, error_lines
+    for needle in needles:
+        assert needle in error_lines[0], error_lines[0]
+    return error_lines[0]
+
+
+def randomise(model, seed, scale):
+    """Distinct random values in every parameter. Default init leaves biases at 0 and norms at 1, so a
+    mapping that swapped two of them would go unnoticed; random values make each tensor identifiable."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+# --------------------------------------------------------------------------------------- a tiny Distiller
+
+BERT_SPECIAL = {"pad_token": 0, "unk_token": 1, "cls_token": 2, "sep_token": 3, "mask_token": 4}
+
+
+def tiny_models(config_name, vocab=300, seq_len=24):
+    """(teacher, student) with random weights: BERT -> 1-layer DistilBERT (bert_*), or GPT-2 -> 1-layer GPT-2."""
+    from transformers import (BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, GPT2Config,
+                              GPT2LMHeadModel)
+
+    if config_name.startswith("bert"):
+        teacher = BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=64,
+                                             max_position_embeddings=seq_len))
+        student = DistilBertForMaskedLM(DistilBertConfig(vocab_size=vocab, dim=32, n_layers=1, n_heads=2,
+                                                         hidden_dim=64, max_position_embeddings=seq_len))
+        return teacher, student
+    common = dict(vocab_size=vocab, n_embd=32, n_head=2, n_inner=64, n_positions=seq_len, bos_token_id=vocab - 1,
+                  eos_token_id=vocab - 1)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, **common)), GPT2LMHeadModel(GPT2Config(n_layer=1, **common))
+
+
+def tiny_sequences(n_batches, batch_size, seq_len, vocab, special, mlm, seed=0):
+    """Batches of framed token-id sequences (start id, body, end id), lengths varying from batch to batch."""
+    rng = np.random.default_rng(seed)
+    start = special["cls_token"] if mlm else special["bos_token"]
+    end = special["sep_token"] if mlm else special["eos_token"]
+    first_id = max(special.values()) + 1 if mlm else 0
+    out = []
+    for _ in range(n_batches):
+        center = int(rng.integers(14, seq_len + 1))
+        batch = []
+        for _ in range(batch_size):
+            length = max(12, center - int(rng.integers(0, 3)))
+            body = rng.integers(first_id, vocab - 1, size=length - 2)
+            batch.append(np.concatenate([[start], body, [end]]).astype(np.int64))
+        out.append(batch)
+    return out
+
+
+def tiny_distiller(config_name, dump_path, extra=None, device="cpu", bf16=False, n_batches=6):
+    """A Distiller on tiny random models (bert_mlm, bert_mlm_restrict or gpt2_clm), its batch preparation,
+    and n_batches collated batches, the second one without padding. extra: DistillationConfig fields to
+    override, and `mlm_mask_prop`."""
+    import torch
+
+    from distiller import DistillationConfig, Distiller
+    from lm_seqs_dataset import LmSeqsDataset
+    from masking import MlmMasking, smoothed_token_probs
+    from utils import RunContext
+
+    extra = dict(extra or {})
+    mask_prop = extra.pop("mlm_mask_prop", 0.15)
+    device = torch.device(device)
+    vocab, seq_len, mlm = 300, 24, config_name.startswith("bert")
+    torch.manual_seed(0)
+    teacher, student = tiny_models(config_name, vocab, seq_len)
+    teacher.to(device).eval().requires_grad_(False)
+    student.to(device)
+    special = dict(BERT_SPECIAL) if mlm else {"bos_token": vocab - 1, "eos_token": vocab - 1, "unk_token": vocab - 1}
+    sequences = tiny_sequences(n_batches, 3, seq_len, vocab, special, mlm)
+    sequences[1] = [s[:12] for s in sequences[1]]  # one batch without padding: every sequence 12 tokens
+    config = DistillationConfig(
+        dump_path=str(dump_path), mlm=mlm, student_type="distilbert" if mlm else "gpt2", alpha_ce=5.0,
+        alpha_cos=1.0, alpha_mlm=2.0 if mlm else 0.0, alpha_clm=0.0 if mlm else 2.0,
+        restrict_ce_to_mask=config_name == "bert_mlm_restrict", batch_size=3, gradient_accumulation_steps=1,
+        n_epoch=1, seed=0, bf16=bf16, max_model_input_size=seq_len, log_interval=10_000)
+    config = dataclasses.replace(config, **extra)
+    flat = [s for batch in sequences for s in batch]
+    dataset = LmSeqsDataset(flat, special_tok_ids=special, mlm=mlm, max_len=seq_len)
+    masking = None
+    if mlm:
+        counts = np.bincount(np.concatenate(flat), minlength=vocab)
+        masking = MlmMasking(token_probs=smoothed_token_probs(counts, special.values(), 0.7).to(device),
+                             mask_prop=mask_prop, split=(0.8, 0.1, 0.1), mask_id=special["mask_token"],
+                             vocab_size=vocab, restrict_to_mask=config.restrict_ce_to_mask)
+    distiller = Distiller(config, RunContext(device=device), dataset, student, teacher,
+                          masking=masking)
+    prepare = distiller.prepare_batch_mlm if mlm else distiller.prepare_batch_clm
+    batches = [dataset.batch_sequences([(s, len(s)) for s in batch]) for batch in sequences]
+    return distiller, prepare, batches
+
+
+def run_loop(distiller, prepare, batches):
+    """The body of Distiller.train's loop, for each batch."""
+    distiller.student.train()
+    for token_ids, lengths in batches:
+        distiller.step(*prepare(token_ids, lengths))
+        distiller.iter()
+        if distiller._at_boundary:
+            distiller.after_optimizer_step()
+
+
+# --------------------------------------------------------------------------------------- tiny models on disk
 
 
 def _train_wordpiece(lines, folder):

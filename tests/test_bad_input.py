@@ -192,22 +192,20 @@ def test_failed_train_runs_created_no_dump_folder(runs):
 def test_force_never_clears_a_folder_holding_the_working_directory(tiny, binarized, tmp_path, monkeypatch):
     """In-process (check_dump_path only checks; deleting comes later), so a failure here deletes nothing."""
     import train
-    from utils import UserError
+    from utils import RunContext, UserError
 
     dump = tmp_path / "runs"
     (dump / "inner").mkdir(parents=True)
 
     def args_for(dump_path):
-        args = train.parse_args([str(a) for a in _train_args(tiny, binarized, dump_path, extra=["--force"])[1:]])
-        args.is_master = True
-        return args
+        return train.parse_args([str(a) for a in _train_args(tiny, binarized, dump_path, extra=["--force"])[1:]])
 
     monkeypatch.chdir(dump / "inner")
     for dump_path in (dump, dump / "inner", "..", "."):
         with pytest.raises(UserError, match="--dump_path"):
-            train.check_dump_path(args_for(dump_path))
+            train.check_dump_path(args_for(dump_path), RunContext())
     monkeypatch.chdir(tmp_path)
-    train.check_dump_path(args_for(dump / "inner"))  # control: an ordinary old run folder may be cleared
+    train.check_dump_path(args_for(dump / "inner"), RunContext())  # control: an ordinary old run folder may be cleared
     assert (dump / "inner").is_dir()
 
 

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from conftest import run_script
-from test_host_syncs import _distiller, _loop, benchmark
+from benchmarking import cuda_sync_warnings
+from conftest import run_loop, run_script, tiny_distiller
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -17,10 +17,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("config_name", ["bert_mlm", "bert_mlm_restrict", "gpt2_clm"])
 def test_cuda_step_synchronises_only_where_documented(tmp_path, config_name):
     """PyTorch's own sync detector: none in an MLM step; a causal LM only in transformers' mask builder."""
-    distiller, prepare, batches = _distiller(config_name, tmp_path, device="cuda", bf16=True)
-    _loop(distiller, prepare, batches[:2])  # warm-up: lazy CUDA initialisation synchronises
+    distiller, prepare, batches = tiny_distiller(config_name, tmp_path, device="cuda", bf16=True)
+    run_loop(distiller, prepare, batches[:2])  # warm-up: lazy CUDA initialisation synchronises
     torch.cuda.synchronize()
-    syncs = benchmark.cuda_sync_warnings(lambda: _loop(distiller, prepare, batches[2:]))
+    syncs = cuda_sync_warnings(lambda: run_loop(distiller, prepare, batches[2:]))
     per_forward = 0 if config_name.startswith("bert") else 1  # transformers' packed-sequence check
     assert len(syncs) <= per_forward * 2 * len(batches[2:]), syncs
     distiller._settle_outcomes()
@@ -28,12 +28,12 @@ def test_cuda_step_synchronises_only_where_documented(tmp_path, config_name):
 
 
 def test_cuda_nan_step_is_skipped_on_the_device(tmp_path):
-    distiller, prepare, batches = _distiller("bert_mlm", tmp_path, device="cuda", bf16=True)
-    _loop(distiller, prepare, batches[:1])
+    distiller, prepare, batches = tiny_distiller("bert_mlm", tmp_path, device="cuda", bf16=True)
+    run_loop(distiller, prepare, batches[:1])
     before = {k: v.clone() for k, v in distiller.student.state_dict().items()}
     original = distiller.compute_losses
     distiller.compute_losses = lambda *a: {k: v * float("nan") for k, v in original(*a).items()}
-    _loop(distiller, prepare, batches[1:2])
+    run_loop(distiller, prepare, batches[1:2])
     distiller._settle_outcomes()
     assert distiller.n_skipped_steps == 1 and distiller.n_optimizer_steps == 1
     for name, value in distiller.student.state_dict().items():

@@ -1,30 +1,21 @@
 """The data pipeline: the binarized format, binarized_data.py, token_counts.py, legacy pickles, LmSeqsDataset."""
 import collections
 import re
-import importlib.util
 import os
 import pickle
 import shutil
-import types
 
 import numpy as np
 import pytest
 import torch
 
 import lm_seqs_dataset
-from conftest import REPO, run_script
+import preprocessing
+from conftest import load_script, run_script
 from lm_seqs_dataset import (BinarizedCorpus, BinarizedWriter, LmSeqsDataset, load_legacy_pickle, load_token_counts,
                              resolve_data_file, save_token_counts)
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", os.path.join(REPO, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-binarized_data = _load_script("binarized_data")
 
 
 def _sequences(corpus):
@@ -156,7 +147,7 @@ def test_binarize_blank_lines_batches_and_folder_name(tiny, tmp_path):
     lines = ["the king won the war", "", "   ", "\t", "  a small village on the river  ", "", "the", "famous ship"]
     text = tmp_path / "text.txt"
     text.write_text("\n".join(lines) + "\n\n")
-    out = binarized_data.binarize(str(text), "bert", str(folder) + os.sep, str(tmp_path / "out" / "dump"),
+    out = preprocessing.binarize(str(text), "bert", str(folder) + os.sep, str(tmp_path / "out" / "dump"),
                                   batch_lines=2)
     assert out == str(tmp_path / "out" / "dump.My-Tokenizer.v2.bin")
     assert sorted(os.listdir(tmp_path / "out")) == ["dump.My-Tokenizer.v2.bin"]
@@ -166,7 +157,7 @@ def test_binarize_blank_lines_batches_and_folder_name(tiny, tmp_path):
 
 
 def test_tokenizer_slug(tmp_path):
-    slug = binarized_data.tokenizer_slug
+    slug = preprocessing.tokenizer_slug
     assert slug("bert-base-uncased") == "bert-base-uncased"
     assert slug("FacebookAI/roberta-base") == "FacebookAI_roberta-base"
     assert slug("org/name") == "org_name"
@@ -202,15 +193,14 @@ def test_token_counts_script_on_a_handwritten_corpus(tmp_path):
 
 @pytest.mark.parametrize("vocab_size", [300, 70000])  # uint16 and uint32 token files
 def test_count_tokens_across_blocks_matches_numpy(tmp_path, monkeypatch, vocab_size):
-    token_counts = _load_script("token_counts")
-    monkeypatch.setattr(token_counts, "_BLOCK", 7)  # many blocks, the last one partial
+    monkeypatch.setattr(preprocessing, "_BLOCK", 7)  # many blocks, the last one partial
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, vocab_size, size=n).tolist() for n in (5, 13, 1, 40, 8)]
     seqs[2] = [vocab_size - 1]
     path = str(tmp_path / "c.bin")
     with BinarizedWriter(path, vocab_size=vocab_size) as w:
         w.add_batch(seqs)
-    counts = token_counts.count_tokens(BinarizedCorpus.open(path), vocab_size)
+    counts = preprocessing.count_tokens(BinarizedCorpus.open(path), vocab_size)
     assert counts.dtype == np.int64 and counts.shape == (vocab_size,)
     assert counts.tolist() == np.bincount(np.concatenate(seqs), minlength=vocab_size).tolist()
 
@@ -242,7 +232,7 @@ def test_token_counts_refuses_a_vocab_size_other_than_recorded(binarized, tmp_pa
 
 
 def test_token_counts_vocab_size_zero_is_refused(tmp_path, capsys):
-    token_counts = _load_script("token_counts")
+    token_counts = load_script("token_counts")
     data = tmp_path / "legacy.pickle"  # no recorded vocabulary: 0 must not fall back to the 30522 default
     with open(data, "wb") as f:
         pickle.dump([np.array([1, 2, 3], np.uint16)], f)
@@ -285,9 +275,9 @@ def test_legacy_pickle_loads(tmp_path, protocol, dtype):
     assert _sequences(corpus) == [s.tolist() for s in seqs]
     assert corpus.max_token_id == max(int(s.max()) for s in seqs)
 
-    params = types.SimpleNamespace(max_model_input_size=512, mlm=True,
+    params = dict(max_len=512, mlm=True,
                                    special_tok_ids={"pad_token": 0, "unk_token": 1, "cls_token": 2, "sep_token": 3})
-    dataset = LmSeqsDataset(params, corpus)
+    dataset = LmSeqsDataset(corpus, **params)
     kept = [s.tolist() for s in seqs if len(s) >= 12]
     assert len(dataset) == len(kept)
     assert [dataset[i][0].tolist() for i in range(len(dataset))] == kept
@@ -375,7 +365,7 @@ BERT_IDS = {"pad_token": PAD, "unk_token": UNK, "cls_token": CLS, "sep_token": S
 
 
 def _mlm_params(max_len=512):
-    return types.SimpleNamespace(max_model_input_size=max_len, mlm=True, special_tok_ids=dict(BERT_IDS))
+    return dict(max_len=max_len, mlm=True, special_tok_ids=dict(BERT_IDS))
 
 
 def _items(dataset):
@@ -396,7 +386,7 @@ def test_long_sequences_are_cut_into_wrapped_chunks():
     body = _body(rng, 100)
     before, after = [CLS] + _body(rng, 15) + [SEP], [CLS] + _body(rng, 13) + [SEP]
     exactly_max = [CLS] + _body(rng, 18) + [SEP]
-    dataset = LmSeqsDataset(_mlm_params(20), [before, [CLS] + body + [SEP], exactly_max, after])
+    dataset = LmSeqsDataset([before, [CLS] + body + [SEP], exactly_max, after], **_mlm_params(20))
     items = _items(dataset)
     assert items[0] == before and items[-2] == exactly_max and items[-1] == after
     chunks = items[1:-2]
@@ -411,7 +401,7 @@ def test_long_sequences_are_cut_into_wrapped_chunks():
 def test_short_sequences_are_dropped():
     rng = np.random.default_rng(3)
     seqs = {n: [CLS] + _body(rng, n - 2) + [SEP] for n in (3, 10, 11, 12, 13)}
-    dataset = LmSeqsDataset(_mlm_params(), list(seqs.values()))
+    dataset = LmSeqsDataset(list(seqs.values()), **_mlm_params())
     assert _items(dataset) == [seqs[12], seqs[13]]
 
 
@@ -426,19 +416,19 @@ def test_mostly_unknown_sequences_are_dropped():
 
     half, under, all_unk, clean = seq(10), seq(9), seq(18), seq(0)
     odd_half, odd_under = seq(11, 22), seq(10, 21)  # 11/22 = 0.5 dropped, 10/21 < 0.5 kept
-    dataset = LmSeqsDataset(_mlm_params(), [half, under, all_unk, clean, odd_half, odd_under])
+    dataset = LmSeqsDataset([half, under, all_unk, clean, odd_half, odd_under], **_mlm_params())
     assert _items(dataset) == [under, clean, odd_under]
 
 
 def test_clm_skips_the_unknown_filter_when_unk_is_the_boundary_token():
     eot = 0
-    params = types.SimpleNamespace(max_model_input_size=16, mlm=False,
+    params = dict(max_len=16, mlm=False,
                                    special_tok_ids={"bos_token": eot, "eos_token": eot, "unk_token": eot})
     rng = np.random.default_rng(5)
     full_of_eot = [eot] * 14
     normal = [eot] + _body(rng, 12) + [eot]
     long = [eot] + _body(rng, 20) + [eot]
-    dataset = LmSeqsDataset(params, [full_of_eot, normal, long])
+    dataset = LmSeqsDataset([full_of_eot, normal, long], **params)
     items = _items(dataset)
     assert items[:2] == [full_of_eot, normal]
     # the long one: 20 body tokens in chunks of 14; the 6-token tail chunk (8 tokens) is too short
@@ -452,11 +442,11 @@ def test_clm_skips_the_unknown_filter_when_unk_is_the_boundary_token():
 
 
 def test_clm_pads_with_unk_when_there_is_no_pad_token():
-    params = types.SimpleNamespace(max_model_input_size=64, mlm=False,
+    params = dict(max_len=64, mlm=False,
                                    special_tok_ids={"bos_token": 1, "eos_token": 2, "unk_token": 3})
     rng = np.random.default_rng(6)
     a, b = [1] + _body(rng, 14) + [2], [1] + _body(rng, 10) + [2]
-    dataset = LmSeqsDataset(params, [a, b])
+    dataset = LmSeqsDataset([a, b], **params)
     ids, lengths = dataset.batch_sequences([dataset[0], dataset[1]])
     assert lengths.tolist() == [16, 12]
     assert ids.tolist() == [a, b + [3] * 4]
@@ -465,7 +455,7 @@ def test_clm_pads_with_unk_when_there_is_no_pad_token():
 def test_mlm_batch_pads_with_pad_id():
     rng = np.random.default_rng(7)
     seqs = [[CLS] + _body(rng, n) + [SEP] for n in (10, 25, 14)]
-    dataset = LmSeqsDataset(_mlm_params(), seqs)
+    dataset = LmSeqsDataset(seqs, **_mlm_params())
     ids, lengths = dataset.batch_sequences([dataset[i] for i in range(3)])
     assert ids.dtype == torch.long and lengths.dtype == torch.long
     assert lengths.tolist() == [12, 27, 16]
@@ -511,7 +501,7 @@ def test_unknown_scan_in_blocks_gives_the_same_result(tmp_path, monkeypatch, sca
     assert sum(len(s) > 32 for s in seqs) > 50 and sum(len(s) < 12 for s in seqs) > 20
     assert len(_reference_dataset(seqs, 32, CLS, SEP, None)) - len(expected) > 50 and len(expected) > 100
 
-    one_block = LmSeqsDataset(_mlm_params(32), seqs)
+    one_block = LmSeqsDataset(seqs, **_mlm_params(32))
     assert _items(one_block) == expected
 
     path = str(tmp_path / "c.bin")
@@ -520,7 +510,7 @@ def test_unknown_scan_in_blocks_gives_the_same_result(tmp_path, monkeypatch, sca
     corpus = BinarizedCorpus.open(path)
     monkeypatch.setattr(lm_seqs_dataset, "_UNK_SCAN_TOKENS", scan_tokens)
     for data in (corpus, seqs):  # file-backed (blocks read from the file) and in memory
-        blocks = LmSeqsDataset(_mlm_params(32), data)
+        blocks = LmSeqsDataset(data, **_mlm_params(32))
         assert _items(blocks) == expected
         np.testing.assert_array_equal(blocks.starts, one_block.starts)
         np.testing.assert_array_equal(blocks.lengths, one_block.lengths)
@@ -585,7 +575,7 @@ def test_binarization_ignores_padding_and_truncation_in_tokenizer_json(tiny, tmp
     from transformers import BertTokenizer
 
     from lm_seqs_dataset import BinarizedCorpus
-    from scripts.binarized_data import binarize
+    from preprocessing import binarize
 
     folder = tmp_path / "padded-tok"
     shutil.copytree(tiny["bert"], folder)
@@ -626,7 +616,7 @@ def test_index_built_block_by_block_matches_the_reference(tmp_path, monkeypatch,
     mlm = special != "gpt2"
     bos, eos = (CLS, SEP) if mlm else (SEP, SEP)
     expected = _reference_dataset(seqs, 32, bos, eos, ids.get("unk_token"))
-    params = types.SimpleNamespace(max_model_input_size=32, mlm=mlm, special_tok_ids=ids)
+    params = dict(max_len=32, mlm=mlm, special_tok_ids=ids)
     path = str(tmp_path / "c.bin")
     with BinarizedWriter(path, vocab_size=200) as w:
         w.add_batch(seqs)
@@ -635,11 +625,11 @@ def test_index_built_block_by_block_matches_the_reference(tmp_path, monkeypatch,
     corpus = BinarizedCorpus.open(path)
     assert isinstance(corpus.offsets, np.memmap)
     corpus.tokens, corpus.offsets = corpus.tokens.view(_Untouchable), corpus.offsets.view(_Untouchable)
-    built = LmSeqsDataset(params, corpus)
+    built = LmSeqsDataset(corpus, **params)
     assert built.starts.dtype == np.int64 and built.lengths.dtype == np.int32 and built.wrapped.dtype == bool
     assert len(built.starts) == len(built.lengths) == len(built.wrapped) == len(expected)
 
-    in_memory = LmSeqsDataset(params, seqs)
+    in_memory = LmSeqsDataset(seqs, **params)
     assert _items(in_memory) == expected
     for name in ("starts", "lengths", "wrapped"):
         np.testing.assert_array_equal(getattr(built, name), getattr(in_memory, name))

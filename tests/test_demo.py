@@ -1,16 +1,13 @@
 """scripts/demo.py: the stdlib corpus, and the whole pipeline in its --quick size."""
 import json
 import math
-import os
 import re
-import sys
 
 import pytest
 
-from conftest import REPO, run_script
+from conftest import load_script, run_script
 
-sys.path.insert(0, os.path.join(REPO, "scripts"))
-import demo  # noqa: E402
+demo = load_script("demo")
 
 ROW_NAMES = ["teacher", "distilled", "baseline"]
 NUMERIC = ["parameters", "mlm_loss", "pseudo_perplexity", "sequences_per_second", "speedup_vs_teacher"]

@@ -1,9 +1,7 @@
 """Two processes with gloo on the CPU: the run finishes and both ranks hold the same student."""
-import socket
-
 import torch
 
-from conftest import REPO, run_script
+from conftest import REPO, run_torchrun
 
 WRAPPER = """
 import os, sys
@@ -16,25 +14,17 @@ train.cleanup_distributed()
 """
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_run_keeps_ranks_identical(tiny, binarized, tmp_path):
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(WRAPPER.format(repo=REPO, out=str(tmp_path)))
     data, counts = binarized["bert"]
     dump = tmp_path / "run"
-    proc = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                      f"--master_port={_free_port()}", wrapper,
-                      "--student_type", "distilbert", "--student_config", tiny["distilbert_config"],
-                      "--teacher_type", "bert", "--teacher_name", tiny["bert"], "--mlm",
-                      "--alpha_ce", "5", "--alpha_mlm", "2", "--alpha_clm", "0", "--alpha_cos", "1",
-                      "--dump_path", dump, "--data_file", data, "--token_counts", counts, "--n_gpu", "0",
-                      "--n_epoch", "2", "--batch_size", "4", "--gradient_accumulation_steps", "2",
-                      "--learning_rate", "1e-3", "--log_interval", "4")
+    proc = run_torchrun(wrapper, "--student_type", "distilbert", "--student_config", tiny["distilbert_config"],
+                        "--teacher_type", "bert", "--teacher_name", tiny["bert"], "--mlm",
+                        "--alpha_ce", "5", "--alpha_mlm", "2", "--alpha_clm", "0", "--alpha_cos", "1",
+                        "--dump_path", dump, "--data_file", data, "--token_counts", counts, "--n_gpu", "0",
+                        "--n_epoch", "2", "--batch_size", "4", "--gradient_accumulation_steps", "2",
+                        "--learning_rate", "1e-3", "--log_interval", "4")
     assert "world size 2" in proc.stderr
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)

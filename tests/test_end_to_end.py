@@ -114,8 +114,9 @@ def test_teacher_free_training_loads_no_teacher_and_loss_falls(tiny, binarized, 
 
 def test_extraction_then_training_recipe(tiny, binarized, tmp_path):
     """README recipe on tiny models: extract_distilbert -> train.py --student_pretrained_weights -> reload."""
-    import train
     from transformers import BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
+
+    from models import build_student
 
     teacher = BertForMaskedLM.from_pretrained(tiny["bert"])
     cfg = teacher.config
@@ -129,13 +130,7 @@ def test_extraction_then_training_recipe(tiny, binarized, tmp_path):
     extracted = torch.load(init, weights_only=True)
 
     # train.py's student starts from exactly the extracted values, and they are the teacher's layer 1
-    data, counts = binarized["bert"]
-    args = train.parse_args(["--student_type", "distilbert", "--student_config", str(student_config),
-                             "--student_pretrained_weights", str(init), "--teacher_type", "bert",
-                             "--teacher_name", str(tiny["bert"]), "--dump_path", str(tmp_path / "unused"),
-                             "--data_file", data, "--mlm", "--token_counts", str(counts), "--alpha_clm", "0",
-                             "--alpha_mlm", "1"])
-    student = train.build_student(args)
+    student = build_student("distilbert", str(student_config), mlm=True, pretrained_weights=str(init))
     state = student.state_dict()
     assert set(state) == set(extracted)
     for key, value in extracted.items():

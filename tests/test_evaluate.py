@@ -1,23 +1,19 @@
-"""scripts/evaluate.py: fixed masking, metrics against hand computations, sharding, and the command line."""
+"""evaluation.py and scripts/evaluate.py: fixed masking, metrics against hand computations, sharding, the command line."""
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, run_script
+import evaluation as ev
+from conftest import REPO, load_script, run_script, run_torchrun
+from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset
+from masking import fixed_mlm_mask
+from models import max_input_size, model_classes
+from utils import UserError, special_token_ids
 
-sys.path.insert(0, os.path.join(REPO, "scripts"))
-import evaluate as ev  # noqa: E402
-import train  # noqa: E402
-from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset  # noqa: E402
-from utils import special_token_ids  # noqa: E402
+evaluate_cli = load_script("evaluate")
 
 IGNORE = -100
 
@@ -29,7 +25,7 @@ def _load(tiny, kind, seed=None):
     mostly predicts its input token (logits = h . E with h ~ E[input]), so two independent random GPT-2s
     agree on ~60% of next tokens, which is the architecture talking, not the teacher.
     """
-    config_class, model_class, _ = train.model_classes(kind)
+    config_class, model_class, _ = model_classes(kind)
     if seed is None:
         return model_class.from_pretrained(tiny[kind]).eval()
     torch.manual_seed(seed)
@@ -41,12 +37,11 @@ def setups(tiny, binarized):
     """kind -> (dataset, special ids, mlm) for the tiny corpus binarized with that kind's tokenizer."""
     out = {}
     for kind, mlm in (("bert", True), ("gpt2", False)):
-        tokenizer = train.model_classes(kind)[2].from_pretrained(tiny[kind])
+        tokenizer = model_classes(kind)[2].from_pretrained(tiny[kind])
         special = special_token_ids(tokenizer)
-        config = train.model_classes(kind)[0].from_pretrained(tiny[kind])
-        params = SimpleNamespace(max_model_input_size=train.max_input_size(config, tokenizer), mlm=mlm,
-                                 special_tok_ids=special)
-        dataset = LmSeqsDataset(params, BinarizedCorpus.open(binarized[kind][0]))
+        config = model_classes(kind)[0].from_pretrained(tiny[kind])
+        dataset = LmSeqsDataset(BinarizedCorpus.open(binarized[kind][0]), special_tok_ids=special, mlm=mlm,
+                                max_len=max_input_size(config, tokenizer))
         out[kind] = (dataset, special, mlm)
     return out
 
@@ -65,7 +60,7 @@ def test_fixed_mask_picks_ceil_15_percent_of_non_special_real_tokens_and_masks_t
     indices = list(range(10))
     token_ids, lengths = dataset.batch_sequences([dataset[i] for i in indices])
     mask_id = special["mask_token"]
-    inputs, labels = ev.fixed_mlm_mask(token_ids, lengths, indices, special_ids=special.values(), mask_id=mask_id)
+    inputs, labels = fixed_mlm_mask(token_ids, lengths, indices, special_ids=special.values(), mask_id=mask_id)
     specials = set(special.values())
     for row in range(len(indices)):
         n = int(lengths[row])
@@ -83,14 +78,14 @@ def test_fixed_mask_depends_on_seed_and_sequence_index_only(setups):
     dataset, special, _ = setups["bert"]
     kw = dict(special_ids=special.values(), mask_id=special["mask_token"])
     batch = dataset.batch_sequences([dataset[i] for i in (3, 4, 5)])
-    first = ev.fixed_mlm_mask(*batch, [3, 4, 5], seed=7, **kw)[1]
-    again = ev.fixed_mlm_mask(*batch, [3, 4, 5], seed=7, **kw)[1]
+    first = fixed_mlm_mask(*batch, [3, 4, 5], seed=7, **kw)[1]
+    again = fixed_mlm_mask(*batch, [3, 4, 5], seed=7, **kw)[1]
     assert torch.equal(first, again)
     # sequence 4 alone (another row, other padding) is masked at the same positions
     alone_ids, alone_len = dataset.batch_sequences([dataset[4]])
-    alone = ev.fixed_mlm_mask(alone_ids, alone_len, [4], seed=7, **kw)[1]
+    alone = fixed_mlm_mask(alone_ids, alone_len, [4], seed=7, **kw)[1]
     assert torch.equal(alone[0], first[1, : int(alone_len[0])])
-    assert not torch.equal(ev.fixed_mlm_mask(*batch, [3, 4, 5], seed=8, **kw)[1], first)
+    assert not torch.equal(fixed_mlm_mask(*batch, [3, 4, 5], seed=8, **kw)[1], first)
 
 
 def test_fixed_mask_is_uniform_over_eligible_positions(setups):
@@ -99,7 +94,7 @@ def test_fixed_mask_is_uniform_over_eligible_positions(setups):
     counts = torch.zeros(token_ids.shape[1])
     n_seeds = 400
     for seed in range(n_seeds):
-        _, labels = ev.fixed_mlm_mask(token_ids, lengths, [0], special_ids=special.values(),
+        _, labels = fixed_mlm_mask(token_ids, lengths, [0], special_ids=special.values(),
                                       mask_id=special["mask_token"], seed=seed)
         counts += (labels[0] != IGNORE).float()
     eligible = torch.tensor([int(t) not in set(special.values()) for t in token_ids[0]])
@@ -180,7 +175,7 @@ def test_mlm_metrics_match_a_direct_computation(tiny, setups):
     n_seq, ce, kl, agree, n_tok = 40, 0.0, 0.0, 0, 0
     for i in range(n_seq):  # one unpadded sequence at a time
         ids = torch.as_tensor(dataset[i][0])[None]
-        inputs, labels = ev.fixed_mlm_mask(ids, torch.tensor([ids.shape[1]]), [i], special_ids=special.values(),
+        inputs, labels = fixed_mlm_mask(ids, torch.tensor([ids.shape[1]]), [i], special_ids=special.values(),
                                            mask_id=special["mask_token"], seed=3)
         pos = labels[0] != IGNORE
         s, t = student(input_ids=inputs).logits[0][pos], teacher(input_ids=inputs).logits[0][pos]
@@ -235,18 +230,17 @@ def test_rank_shards_are_disjoint_and_cover_the_evaluated_set(tiny, setups, kind
 
 GLOO_WRAPPER = """
 import json, os, sys
-sys.path.insert(0, {repo!r}); sys.path.insert(0, os.path.join({repo!r}, "scripts"))
+sys.path.insert(0, {repo!r})
 import torch, torch.distributed as dist
-from types import SimpleNamespace
-import evaluate as ev, train
+import evaluation as ev
 from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset
+from models import model_classes
 from utils import special_token_ids
 dist.init_process_group("gloo")
-_, model_class, tok_class = train.model_classes("bert")
+_, model_class, tok_class = model_classes("bert")
 tok = tok_class.from_pretrained({folder!r})
 special = special_token_ids(tok)
-params = SimpleNamespace(max_model_input_size=64, mlm=True, special_tok_ids=special)
-dataset = LmSeqsDataset(params, BinarizedCorpus.open({data!r}))
+dataset = LmSeqsDataset(BinarizedCorpus.open({data!r}), special_tok_ids=special, mlm=True, max_len=64)
 model = model_class.from_pretrained({folder!r})
 out = ev.evaluate(model, dataset, mlm=True, batch_size=5, device="cpu", special_tok_ids=special, teacher=model,
                   max_batches=6, world_size=dist.get_world_size(), rank=dist.get_rank())
@@ -260,17 +254,7 @@ def test_two_gloo_ranks_return_the_same_global_numbers(tiny, binarized, setups, 
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(GLOO_WRAPPER.format(repo=REPO, folder=str(tiny["bert"]), data=str(binarized["bert"][0]),
                                            out=str(tmp_path)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # the two ranks started directly (what torchrun would set), without a launcher process to wait for
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
-    procs = [subprocess.Popen([sys.executable, str(wrapper)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err[-3000:]
+    run_torchrun(wrapper, timeout=120)
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0 == rank1
     model = _load(tiny, "bert")
@@ -325,7 +309,7 @@ def test_cli_mlm_with_teacher_writes_json(tiny, binarized, setups, tmp_path):
 def test_cli_gpt2_without_teacher(tiny, binarized, tmp_path, capsys):
     # in-process (main() is the whole CLI but for the error wrapper): saves a subprocess's ~5 s of imports
     out_file = tmp_path / "eval.json"
-    ev.main(["--model", str(tiny["gpt2"]), "--model_type", "gpt2", "--data_file", str(binarized["gpt2"][0]),
+    evaluate_cli.main(["--model", str(tiny["gpt2"]), "--model_type", "gpt2", "--data_file", str(binarized["gpt2"][0]),
              "--max_batches", "2", "--batch_size", "4", "--output", str(out_file)])
     record = json.loads(out_file.read_text())
     assert {"clm_loss", "perplexity", "n_tokens"} <= set(record)
@@ -353,8 +337,8 @@ def test_cli_user_errors_name_the_flag(tiny, binarized, tmp_path, case):
     else:
         args.update(model=tiny["gpt2"], model_type="gpt2", data_file=binarized["gpt2"][0], mlm="")
     flags = [x for k, v in args.items() for x in ((f"--{k}", str(v)) if v != "" else (f"--{k}",))]
-    with pytest.raises(ev.UserError) as err:
-        ev.main(flags)
+    with pytest.raises(UserError) as err:
+        evaluate_cli.main(flags)
     expected = {"model": ["--model", "no_model"], "vocab": ["vocabulary", "300", "200", "--teacher"],
                 "mlm_gpt2": ["--mlm", "gpt2"]}[case]
     assert all(word in str(err.value) for word in expected), str(err.value)

@@ -1,4 +1,4 @@
-"""Tests for scripts/extract_distilbert.py and scripts/extract.py on tiny teachers built here."""
+"""Tests for scripts/extract_distilbert.py, scripts/extract.py and extraction.py on tiny teachers built here."""
 import json
 import os
 import re
@@ -19,28 +19,15 @@ from transformers import (
     RobertaForMaskedLM,
 )
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS_DIR = os.path.join(REPO_ROOT, "scripts")
-for _path in (REPO_ROOT, SCRIPTS_DIR):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+import extraction
+from conftest import REPO, expect_error, load_script, randomise
+from utils import UserError
 
-import extract  # noqa: E402
-import extract_distilbert  # noqa: E402
-from utils import UserError  # noqa: E402
+extract_cli, extract_distilbert_cli = load_script("extract"), load_script("extract_distilbert")
 
 VOCAB = 99
 N_LAYERS = 4
 RANDOM_INIT_LINE = re.compile(r"Student keys left to random init: (.*)$", re.MULTILINE)
-
-
-def _randomise(model, seed):
-    # Default init leaves every bias at 0 and every LayerNorm at (1, 0): a mapping that swapped two biases
-    # would go unnoticed. Distinct random values make each tensor identifiable.
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +35,7 @@ def bert_dir(tmp_path_factory):
     config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=N_LAYERS, num_attention_heads=2,
                         intermediate_size=37, max_position_embeddings=64)
     model = BertForMaskedLM(config)
-    _randomise(model, seed=0)
+    randomise(model, seed=0, scale=0.1)
     with torch.no_grad():
         # DistilBERT has no token type embeddings and the extraction drops them, so the student computes
         # word + position while the teacher computes word + position + token_type[0]. Only with that row at
@@ -65,7 +52,7 @@ def roberta_dir(tmp_path_factory):
                            intermediate_size=37, max_position_embeddings=66, type_vocab_size=1,
                            bos_token_id=0, pad_token_id=1, eos_token_id=2)
     model = RobertaForMaskedLM(config)
-    _randomise(model, seed=1)
+    randomise(model, seed=1, scale=0.1)
     path = tmp_path_factory.mktemp("roberta")
     model.save_pretrained(path)
     return str(path)
@@ -76,7 +63,7 @@ def gpt2_dir(tmp_path_factory):
     config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=N_LAYERS, n_head=2, n_positions=64,
                         bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
     model = GPT2LMHeadModel(config)
-    _randomise(model, seed=2)
+    randomise(model, seed=2, scale=0.1)
     path = tmp_path_factory.mktemp("gpt2")
     model.save_pretrained(path)
     return str(path)
@@ -112,15 +99,15 @@ def _write_json(path, config):
 
 
 def test_default_layers():
-    assert extract.default_layers(12) == [0, 2, 4, 7, 9, 11]
-    assert extract.default_layers(24) == [0, 5, 9, 14, 18, 23]
-    assert extract.default_layers(4) == [0, 1, 2, 3]
-    assert extract.default_layers(6) == [0, 1, 2, 3, 4, 5]
-    assert extract.default_layers(12, 3) == [0, 6, 11]
-    assert extract.default_layers(12, 1) == [11]
+    assert extraction.default_layers(12) == [0, 2, 4, 7, 9, 11]
+    assert extraction.default_layers(24) == [0, 5, 9, 14, 18, 23]
+    assert extraction.default_layers(4) == [0, 1, 2, 3]
+    assert extraction.default_layers(6) == [0, 1, 2, 3, 4, 5]
+    assert extraction.default_layers(12, 3) == [0, 6, 11]
+    assert extraction.default_layers(12, 1) == [11]
     for n_teacher in range(1, 40):
         for n_student in range(1, n_teacher + 1):
-            layers = extract.default_layers(n_teacher, n_student)
+            layers = extraction.default_layers(n_teacher, n_student)
             assert len(layers) == n_student
             assert layers == sorted(set(layers))
             assert layers[-1] == n_teacher - 1
@@ -130,13 +117,13 @@ def test_default_layers():
 
 @pytest.mark.parametrize("text, expected", [("0,2,4", [0, 2, 4]), (" 1, 3 ", [1, 3]), ("5", [5])])
 def test_parse_layers(text, expected):
-    assert extract.parse_layers(text) == expected
+    assert extraction.parse_layers(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "a,b", "1;2", "1.5"])
 def test_parse_layers_rejects(text):
     with pytest.raises(UserError, match="--layers"):
-        extract.parse_layers(text)
+        extraction.parse_layers(text)
 
 
 @pytest.mark.parametrize("layers, message", [
@@ -148,7 +135,7 @@ def test_parse_layers_rejects(text):
 ])
 def test_check_layers_rejects(layers, message):
     with pytest.raises(UserError, match=message):
-        extract.check_layers(layers, 4)
+        extraction.check_layers(layers, 4)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -159,7 +146,7 @@ def test_check_layers_rejects(layers, message):
 @pytest.mark.parametrize("model_type, model_class", [("gpt2", GPT2LMHeadModel), ("roberta", RobertaForMaskedLM)])
 def test_all_layers_reproduce_teacher(model_type, model_class, gpt2_dir, roberta_dir):
     teacher = _load(model_class, {"gpt2": gpt2_dir, "roberta": roberta_dir}[model_type])
-    state_dict = extract.extract_state_dict(teacher, model_type, list(range(N_LAYERS)))
+    state_dict = extraction.extract_state_dict(teacher, model_type, list(range(N_LAYERS)))
     assert list(state_dict) == list(model_class(teacher.config).state_dict())
 
     student = model_class(teacher.config).eval()
@@ -179,9 +166,9 @@ def test_all_layers_reproduce_teacher(model_type, model_class, gpt2_dir, roberta
 def test_subset_student_layer_i_is_teacher_layer(model_type, model_class, gpt2_dir, roberta_dir):
     teacher = _load(model_class, {"gpt2": gpt2_dir, "roberta": roberta_dir}[model_type])
     layers = [1, 3]
-    config = extract.same_architecture_student_config(teacher.config, len(layers))
+    config = extraction.same_architecture_student_config(teacher.config, len(layers))
     student = model_class(config)
-    result = student.load_state_dict(extract.extract_state_dict(teacher, model_type, layers), strict=False)
+    result = student.load_state_dict(extraction.extract_state_dict(teacher, model_type, layers), strict=False)
     assert result.missing_keys == [] and result.unexpected_keys == []
 
     def blocks(model):
@@ -200,8 +187,8 @@ def test_subset_student_layer_i_is_teacher_layer(model_type, model_class, gpt2_d
 
 def test_roberta_no_vocab_transform_leaves_head_transform_out(roberta_dir):
     teacher = _load(RobertaForMaskedLM, roberta_dir)
-    with_head = extract.extract_state_dict(teacher, "roberta", [0, 3])
-    without_head = extract.extract_state_dict(teacher, "roberta", [0, 3], vocab_transform=False)
+    with_head = extraction.extract_state_dict(teacher, "roberta", [0, 3])
+    without_head = extraction.extract_state_dict(teacher, "roberta", [0, 3], vocab_transform=False)
     assert set(with_head) - set(without_head) == {
         "lm_head.dense.weight", "lm_head.dense.bias", "lm_head.layer_norm.weight", "lm_head.layer_norm.bias",
     }
@@ -211,9 +198,9 @@ def test_roberta_no_vocab_transform_leaves_head_transform_out(roberta_dir):
 def test_extract_state_dict_rejects_wrong_teacher(gpt2_dir):
     teacher = _load(GPT2LMHeadModel, gpt2_dir)
     with pytest.raises(UserError, match="gpt2"):
-        extract.extract_state_dict(teacher, "roberta", [0, 1])
+        extraction.extract_state_dict(teacher, "roberta", [0, 1])
     with pytest.raises(UserError, match="gpt2"):
-        extract_distilbert.extract_distilbert_state_dict(teacher, [0, 1])
+        extraction.extract_distilbert_state_dict(teacher, [0, 1])
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -259,20 +246,20 @@ def _expected_distilbert_sources(teacher, layers, vocab_transform):
 @pytest.mark.parametrize("layers, vocab_transform", [([1, 3], True), ([0, 2, 3], False)])
 def test_distilbert_every_weight_comes_from_its_teacher_tensor(bert_dir, layers, vocab_transform):
     teacher = _load(BertForMaskedLM, bert_dir)
-    state_dict = extract_distilbert.extract_distilbert_state_dict(teacher, layers, vocab_transform)
+    state_dict = extraction.extract_distilbert_state_dict(teacher, layers, vocab_transform)
     expected = _expected_distilbert_sources(teacher, layers, vocab_transform)
     assert list(state_dict) == list(expected)
     for key, tensor in expected.items():
         assert torch.equal(state_dict[key], tensor), key
 
-    config = extract_distilbert.distilbert_config_from_bert(teacher.config, len(layers))
+    config = extraction.distilbert_config_from_bert(teacher.config, len(layers))
     student_keys = list(DistilBertForMaskedLM(config).state_dict())
     # Same names (and order) as the student class; only the deliberately random head transform is absent.
     random_keys = [] if vocab_transform else [
         "vocab_transform.weight", "vocab_transform.bias", "vocab_layer_norm.weight", "vocab_layer_norm.bias",
     ]
     assert [key for key in student_keys if key not in random_keys] == list(state_dict)
-    assert extract.keys_left_to_random_init(state_dict, config, DistilBertForMaskedLM, "test") == random_keys
+    assert extraction.keys_left_to_random_init(state_dict, config, DistilBertForMaskedLM, "test") == random_keys
     # Subset: student layer i is teacher layer layers[i].
     student = DistilBertForMaskedLM(config)
     student.load_state_dict(state_dict, strict=False)
@@ -283,7 +270,7 @@ def test_distilbert_every_weight_comes_from_its_teacher_tensor(bert_dir, layers,
 
 def test_distilbert_all_layers_reproduce_teacher_logits(bert_dir):
     teacher = _load(BertForMaskedLM, bert_dir)
-    state_dict = extract_distilbert.extract_distilbert_state_dict(teacher, list(range(N_LAYERS)), True)
+    state_dict = extraction.extract_distilbert_state_dict(teacher, list(range(N_LAYERS)), True)
     config = DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=N_LAYERS, n_heads=2, hidden_dim=37,
                               activation="gelu", sinusoidal_pos_embds=False, max_position_embeddings=64)
     student = DistilBertForMaskedLM(config).eval()
@@ -306,7 +293,7 @@ def test_distilbert_all_layers_reproduce_teacher_logits(bert_dir):
 
 
 def _run_script(script, *args):
-    return subprocess.run([sys.executable, os.path.join("scripts", script), *args], cwd=REPO_ROOT,
+    return subprocess.run([sys.executable, os.path.join("scripts", script), *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -338,7 +325,7 @@ def test_cli_extract_distilbert(bert_dir, tmp_path):
 
 def test_cli_extract_gpt2_with_student_config(gpt2_dir, tmp_path):
     teacher = _load(GPT2LMHeadModel, gpt2_dir)
-    student_config = extract.same_architecture_student_config(teacher.config, 2)
+    student_config = extraction.same_architecture_student_config(teacher.config, 2)
     config_path = _write_json(tmp_path / "student.json", student_config)
     out = tmp_path / "g.pth"
     # --student_config with 2 layers and no --layers: the default spread for 2 of 4 layers is 0,3.
@@ -358,7 +345,7 @@ def test_cli_extract_gpt2_with_student_config(gpt2_dir, tmp_path):
 def test_main_logs_random_init_keys(bert_dir, tmp_path, caplog):
     out = tmp_path / "x.pth"
     with caplog.at_level("INFO", logger="distil"):
-        extract_distilbert.main(["--model_name", bert_dir, "--dump_checkpoint", str(out)])
+        extract_distilbert_cli.main(["--model_name", bert_dir, "--dump_checkpoint", str(out)])
     logged = _logged_random_keys(caplog.text)
     config = DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=N_LAYERS, n_heads=2, hidden_dim=37,
                               max_position_embeddings=64)
@@ -376,7 +363,7 @@ def test_dump_folder_loads_with_from_pretrained(bert_dir, tmp_path):
                                       max_position_embeddings=64, sinusoidal_pos_embds=True)
     config_path = _write_json(tmp_path / "distil.json", student_config)
     out, folder = tmp_path / "x.pth", tmp_path / "student"
-    extract_distilbert.main(["--model_name", bert_dir, "--dump_checkpoint", str(out), "--vocab_transform",
+    extract_distilbert_cli.main(["--model_name", bert_dir, "--dump_checkpoint", str(out), "--vocab_transform",
                              "--layers", "1,2", "--student_config", config_path, "--dump_folder", str(folder)])
     student = DistilBertForMaskedLM.from_pretrained(folder)
     assert student.config.n_layers == 2
@@ -393,16 +380,6 @@ def test_dump_folder_loads_with_from_pretrained(bert_dir, tmp_path):
 # ------------------------------------------------------------------------------------------------------
 # Errors: exit status 2, one line naming the flag, no output
 # ------------------------------------------------------------------------------------------------------
-
-
-def _expect_error(capsys, main, argv, *needles):
-    with pytest.raises(SystemExit) as excinfo:
-        main(argv)
-    assert excinfo.value.code == 2
-    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1, error_lines
-    for needle in needles:
-        assert needle in error_lines[0], error_lines[0]
 
 
 @pytest.fixture
@@ -423,28 +400,28 @@ def bad_student_configs(tmp_path):
 
 def test_errors(bert_dir, gpt2_dir, bert_base_model_dir, bad_student_configs, tmp_path, capsys):
     out = tmp_path / "nothing" / "x.pth"
-    distil, same = extract_distilbert.main, extract.main
+    distil, same = extract_distilbert_cli.main, extract_cli.main
     base = ["--dump_checkpoint", str(out)]
 
-    _expect_error(capsys, distil, ["--model_name", gpt2_dir, *base], "--model_name", gpt2_dir, "gpt2")
-    _expect_error(capsys, same, ["--model_type", "roberta", "--model_name", gpt2_dir, *base],
+    expect_error(capsys, distil, ["--model_name", gpt2_dir, *base], "--model_name", gpt2_dir, "gpt2")
+    expect_error(capsys, same, ["--model_type", "roberta", "--model_name", gpt2_dir, *base],
                   "--model_name", "gpt2", "roberta")
-    _expect_error(capsys, distil, ["--model_name", str(tmp_path / "missing"), *base], "--model_name")
-    _expect_error(capsys, distil, ["--model_name", bert_base_model_dir, *base], "--model_name", "LM head")
-    _expect_error(capsys, distil, ["--model_name", bert_dir, "--layers", "0,4", *base], "--layers", "out of range")
-    _expect_error(capsys, same, ["--model_type", "gpt2", "--model_name", gpt2_dir, "--layers", "0,7", *base],
+    expect_error(capsys, distil, ["--model_name", str(tmp_path / "missing"), *base], "--model_name")
+    expect_error(capsys, distil, ["--model_name", bert_base_model_dir, *base], "--model_name", "LM head")
+    expect_error(capsys, distil, ["--model_name", bert_dir, "--layers", "0,4", *base], "--layers", "out of range")
+    expect_error(capsys, same, ["--model_type", "gpt2", "--model_name", gpt2_dir, "--layers", "0,7", *base],
                   "--layers", "out of range")
-    _expect_error(capsys, distil, ["--model_name", bert_dir, "--layers", "2,1", *base], "--layers")
-    _expect_error(capsys, distil, ["--model_name", bert_dir, "--layers", "1,1", *base], "--layers")
-    _expect_error(capsys, distil, ["--model_name", bert_dir, "--layers", "one", *base], "--layers")
+    expect_error(capsys, distil, ["--model_name", bert_dir, "--layers", "2,1", *base], "--layers")
+    expect_error(capsys, distil, ["--model_name", bert_dir, "--layers", "1,1", *base], "--layers")
+    expect_error(capsys, distil, ["--model_name", bert_dir, "--layers", "one", *base], "--layers")
     for name, needle in [("wide", "hidden size"), ("small_vocab", "vocab size"), ("gpt2", "gpt2")]:
         path = bad_student_configs[name]
-        _expect_error(capsys, distil, ["--model_name", bert_dir, "--student_config", path, *base],
+        expect_error(capsys, distil, ["--model_name", bert_dir, "--student_config", path, *base],
                       "--student_config", path, needle)
     path = bad_student_configs["three_layers"]
-    _expect_error(capsys, distil, ["--model_name", bert_dir, "--student_config", path, "--layers", "0,3", *base],
+    expect_error(capsys, distil, ["--model_name", bert_dir, "--student_config", path, "--layers", "0,3", *base],
                   "--student_config", path, "3 layers")
-    _expect_error(capsys, distil, ["--model_name", bert_dir, "--dump_checkpoint", str(tmp_path)],
+    expect_error(capsys, distil, ["--model_name", bert_dir, "--dump_checkpoint", str(tmp_path)],
                   "--dump_checkpoint")
     assert not out.parent.exists()
 
@@ -477,26 +454,26 @@ SHIPPED = [
 
 @pytest.mark.parametrize("name, config_class, teacher_config", SHIPPED, ids=[s[0] for s in SHIPPED])
 def test_shipped_configs_fit_their_teacher(name, config_class, teacher_config):
-    path = os.path.join(REPO_ROOT, "training_configs", name)
+    path = os.path.join(REPO, "training_configs", name)
     with open(path) as handle:
         assert "model_type" in json.load(handle)
     config = config_class.from_pretrained(path)
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (6, 768, 12)
     assert config.vocab_size == teacher_config.vocab_size
 
-    layers = extract.default_layers(teacher_config.num_hidden_layers, config.num_hidden_layers)
+    layers = extraction.default_layers(teacher_config.num_hidden_layers, config.num_hidden_layers)
     # Meta tensors: only the shapes matter, and a base-size teacher costs nothing there.
     with torch.device("meta"):
         if config.model_type == "distilbert":
             assert config.sinusoidal_pos_embds and config.hidden_dim == 3072 and config.pad_token_id == 0
             teacher = BertForMaskedLM(teacher_config)
-            state_dict = extract_distilbert.extract_distilbert_state_dict(teacher, layers, vocab_transform=True)
-            reference = extract_distilbert.distilbert_config_from_bert(teacher_config, len(layers))
+            state_dict = extraction.extract_distilbert_state_dict(teacher, layers, vocab_transform=True)
+            reference = extraction.distilbert_config_from_bert(teacher_config, len(layers))
             student_class = DistilBertForMaskedLM
         else:
             student_class = RobertaForMaskedLM if config.model_type == "roberta" else GPT2LMHeadModel
             teacher = student_class(teacher_config)
-            state_dict = extract.extract_state_dict(teacher, config.model_type, layers)
-            reference = extract.same_architecture_student_config(teacher_config, len(layers))
-    extract.check_student_config(config, reference, path)
-    assert extract.keys_left_to_random_init(state_dict, config, student_class, path) == []
+            state_dict = extraction.extract_state_dict(teacher, config.model_type, layers)
+            reference = extraction.same_architecture_student_config(teacher_config, len(layers))
+    extraction.check_student_config(config, reference, path)
+    assert extraction.keys_left_to_random_init(state_dict, config, student_class, path) == []

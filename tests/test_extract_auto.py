@@ -25,14 +25,13 @@ from transformers import (
     RobertaConfig,
 )
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS_DIR = os.path.join(REPO_ROOT, "scripts")
-for _path in (REPO_ROOT, SCRIPTS_DIR):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+import extraction
+import extraction_auto
+from conftest import REPO, expect_error, load_script, randomise
+from utils import UserError
 
-import extract  # noqa: E402
-from utils import UserError  # noqa: E402
+extract_cli = load_script("extract")
+SCRIPTS_DIR = os.path.join(REPO, "scripts")
 
 VOCAB = 128
 N_LAYERS = 4
@@ -64,22 +63,13 @@ TOKENIZER_NAMES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt"}
 
 
-def _randomise(model, seed):
-    # Default init leaves biases at 0 and norms at 1, and makes tiny logits: distinct, larger values make
-    # each tensor identifiable and the 1e-5 comparisons meaningful.
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-
-
 @pytest.fixture(scope="module")
 def teacher_dirs(tmp_path_factory):
     paths = {}
     for seed, (name, (config, mlm, _, _)) in enumerate(ARCHS.items()):
         model_class = AutoModelForMaskedLM if mlm else AutoModelForCausalLM
         model = model_class.from_config(copy.deepcopy(config))
-        _randomise(model, seed)
+        randomise(model, seed, scale=0.3)
         path = tmp_path_factory.mktemp(name)
         model.save_pretrained(path)
         paths[name] = str(path)
@@ -110,7 +100,7 @@ def _extract(name, teacher_dirs, folder, *extra):
     argv = ["--model_type", "auto", "--model_name", teacher_dirs[name], "--dump_folder", str(folder), *extra]
     if ARCHS[name][1]:
         argv.append("--mlm")
-    extract.main(argv)
+    extract_cli.main(argv)
 
 
 def _block_tensors(block):
@@ -210,7 +200,7 @@ def test_modernbert_keeps_global_and_local_blocks(teacher_dirs, tmp_path):
 
 def test_in_memory_student_is_renumbered_for_the_kv_cache(teacher_dirs):
     teacher = _load("llama", teacher_dirs["llama"])
-    student, changed = extract.build_auto_student(teacher, [1, 3])
+    student, changed = extraction_auto.build_auto_student(teacher, [1, 3])
     assert changed == ["num_hidden_layers"]
     assert [block.self_attn.layer_idx for block in student.model.layers] == [0, 1]
     # The teacher is left as it was unless inplace=True.
@@ -230,7 +220,7 @@ def test_gpt2_auto_matches_the_gpt2_recipe(teacher_dirs, tmp_path):
     _extract("gpt2", teacher_dirs, tmp_path / "s", "--layers", "0,2,3", "--dump_checkpoint", str(checkpoint))
     auto = torch.load(checkpoint, weights_only=True)
     teacher = _load("gpt2", teacher_dirs["gpt2"])
-    fixed = extract.extract_state_dict(teacher, "gpt2", [0, 2, 3])
+    fixed = extraction.extract_state_dict(teacher, "gpt2", [0, 2, 3])
     assert list(auto) == list(fixed)
     for key in fixed:
         assert torch.equal(auto[key], fixed[key]), key
@@ -238,8 +228,8 @@ def test_gpt2_auto_matches_the_gpt2_recipe(teacher_dirs, tmp_path):
 
 def test_index_attributes_are_found_by_value():
     teacher = AutoModelForMaskedLM.from_config(copy.deepcopy(ARCHS["modernbert"][0]))
-    assert extract.index_attributes(teacher.model.layers) == {("", "layer_idx"): 0, ("attn", "layer_idx"): 0}
-    assert extract.find_layer_stack(teacher) == ("model.layers", "num_hidden_layers")
+    assert extraction_auto.index_attributes(teacher.model.layers) == {("", "layer_idx"): 0, ("attn", "layer_idx"): 0}
+    assert extraction_auto.find_layer_stack(teacher) == ("model.layers", "num_hidden_layers")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -263,7 +253,7 @@ def llama_with_tokenizer(teacher_dirs, tmp_path_factory):
 
 def test_tokenizer_is_copied(llama_with_tokenizer, tmp_path):
     folder = tmp_path / "s"
-    extract.main(["--model_type", "auto", "--model_name", llama_with_tokenizer, "--dump_folder", str(folder),
+    extract_cli.main(["--model_type", "auto", "--model_name", llama_with_tokenizer, "--dump_folder", str(folder),
                   "--layers", "0,3"])
     text = "w5 w17 w99 nope w3"
     assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == \
@@ -284,36 +274,25 @@ def test_no_tokenizer_is_made_up(teacher_dirs, tmp_path):
 # ------------------------------------------------------------------------------------------------------
 
 
-def _expect_error(capsys, argv, *needles):
-    with pytest.raises(SystemExit) as excinfo:
-        extract.main(argv)
-    assert excinfo.value.code == 2
-    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1, error_lines
-    for needle in needles:
-        assert needle in error_lines[0], error_lines[0]
-    return error_lines[0]
-
-
 def test_errors(teacher_dirs, tmp_path, capsys):
     out = tmp_path / "nothing" / "student"
     llama, modernbert = teacher_dirs["llama"], teacher_dirs["modernbert"]
     auto = ["--model_type", "auto", "--dump_folder", str(out)]
 
-    _expect_error(capsys, [*auto, "--model_name", llama, "--layers", "0,4"], "--layers", "index 4 is out of range")
-    _expect_error(capsys, [*auto, "--model_name", llama, "--layers", "3,1"], "--layers", "increasing")
-    _expect_error(capsys, ["--model_type", "auto", "--model_name", llama], "--dump_folder")
-    _expect_error(capsys, [*auto, "--model_name", llama, "--student_config", llama], "--student_config")
-    _expect_error(capsys, [*auto, "--model_name", llama, "--no_vocab_transform"], "--no_vocab_transform")
-    _expect_error(capsys, ["--model_type", "gpt2", "--model_name", teacher_dirs["gpt2"], "--mlm"], "--mlm")
-    _expect_error(capsys, [*auto, "--model_name", modernbert], "modernbert", "add --mlm")
-    _expect_error(capsys, [*auto, "--model_name", llama, "--mlm"], "llama", "drop --mlm")
-    _expect_error(capsys, [*auto, "--model_name", str(tmp_path / "missing")], "--model_name", "no such directory")
+    expect_error(capsys, extract_cli.main, [*auto, "--model_name", llama, "--layers", "0,4"], "--layers", "index 4 is out of range")
+    expect_error(capsys, extract_cli.main, [*auto, "--model_name", llama, "--layers", "3,1"], "--layers", "increasing")
+    expect_error(capsys, extract_cli.main, ["--model_type", "auto", "--model_name", llama], "--dump_folder")
+    expect_error(capsys, extract_cli.main, [*auto, "--model_name", llama, "--student_config", llama], "--student_config")
+    expect_error(capsys, extract_cli.main, [*auto, "--model_name", llama, "--no_vocab_transform"], "--no_vocab_transform")
+    expect_error(capsys, extract_cli.main, ["--model_type", "gpt2", "--model_name", teacher_dirs["gpt2"], "--mlm"], "--mlm")
+    expect_error(capsys, extract_cli.main, [*auto, "--model_name", modernbert], "modernbert", "add --mlm")
+    expect_error(capsys, extract_cli.main, [*auto, "--model_name", llama, "--mlm"], "llama", "drop --mlm")
+    expect_error(capsys, extract_cli.main, [*auto, "--model_name", str(tmp_path / "missing")], "--model_name", "no such directory")
     # The teacher's own folder is not empty: never overwritten.
-    _expect_error(capsys, ["--model_type", "auto", "--model_name", llama, "--dump_folder", llama],
+    expect_error(capsys, extract_cli.main, ["--model_type", "auto", "--model_name", llama, "--dump_folder", llama],
                   "--dump_folder", "not empty")
     # ModernBERT's first block has no attention LayerNorm: teacher layer 1 cannot take that place.
-    _expect_error(capsys, [*auto, "--model_name", modernbert, "--mlm", "--layers", "1,3"],
+    expect_error(capsys, extract_cli.main, [*auto, "--model_name", modernbert, "--mlm", "--layers", "1,3"],
                   "--layers 1,3", "teacher layer 1 cannot become layer 0", "attn_norm")
     assert not out.parent.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".extract-")]
@@ -363,22 +342,22 @@ def toy_dirs(tmp_path_factory):
 
 def test_layer_list_not_found(toy_dirs, tmp_path, capsys):
     out = tmp_path / "student"
-    line = _expect_error(capsys, ["--model_type", "auto", "--model_name", toy_dirs[True], "--dump_folder", str(out)],
+    line = expect_error(capsys, extract_cli.main, ["--model_type", "auto", "--model_name", toy_dirs[True], "--dump_folder", str(out)],
                          "cannot find the layer list of a toy_extract_auto model")
     assert "several module lists" in line and "attn, mlp" in line
-    line = _expect_error(capsys, ["--model_type", "auto", "--model_name", toy_dirs[False], "--dump_folder",
+    line = expect_error(capsys, extract_cli.main, ["--model_type", "auto", "--model_name", toy_dirs[False], "--dump_folder",
                                   str(out)], "cannot find the layer list of a toy_extract_auto model")
     assert "no torch.nn.ModuleList of 2 blocks" in line
     assert not out.exists()
     with pytest.raises(UserError, match="cannot find the layer list"):
-        extract.build_auto_student(ToyForCausalLM(ToyConfig(split=True)), [0])
+        extraction_auto.build_auto_student(ToyForCausalLM(ToyConfig(split=True)), [0])
 
 
 def test_cli(teacher_dirs, tmp_path):
     folder = tmp_path / "student"
     proc = subprocess.run([sys.executable, os.path.join(SCRIPTS_DIR, "extract.py"), "--model_type", "auto",
                            "--model_name", teacher_dirs["qwen2"], "--layers", "0,3", "--dump_folder", str(folder)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "student built from teacher layers 0,3" in proc.stderr
     assert "Config fields updated: num_hidden_layers, max_window_layers, layer_types" in proc.stderr
@@ -388,7 +367,7 @@ def test_cli(teacher_dirs, tmp_path):
 
     proc = subprocess.run([sys.executable, os.path.join(SCRIPTS_DIR, "extract.py"), "--model_type", "auto",
                            "--model_name", teacher_dirs["qwen2"], "--layers", "0,9", "--dump_folder",
-                           str(tmp_path / "other")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+                           str(tmp_path / "other")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "out of range" in error_lines[0], proc.stderr

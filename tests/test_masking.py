@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from distiller import IGNORE_INDEX, attention_mask_from_lengths, clm_labels, mask_tokens, smoothed_token_probs
+from losses import IGNORE_INDEX
+from masking import attention_mask_from_lengths, clm_labels, mask_tokens, smoothed_token_probs
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 SPECIALS = (PAD, CLS, SEP, MASK)  # as train.py passes special_tok_ids.values() (UNK is an ordinary token)

@@ -1,13 +1,12 @@
 """Durable runs: resume after SIGKILL or SIGTERM, non-finite steps, corrupted files."""
 import json
 import os
-import socket
 import time
 
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import run_script, run_torchrun
 
 FLAGS = ["--n_epoch", "2", "--batch_size", "4", "--gradient_accumulation_steps", "2", "--log_interval", "2",
          "--checkpoint_interval", "3", "--n_gpu", "0", "--learning_rate", "1e-3", "--mlm", "--alpha_ce", "5",
@@ -31,14 +30,6 @@ def _assert_same_weights(a, b, atol=1e-6):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
-
-
-def _torchrun(*args, **kwargs):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                      f"--master_port={port}", *args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -66,17 +57,17 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny, binarized, re
 def test_sigterm_on_one_rank_stops_both_and_resume_matches(tiny, binarized, tmp_path):
     ref_dir, run_dir = tmp_path / "ref_weights", tmp_path / "run_weights"
     ref_dir.mkdir(), run_dir.mkdir()
-    _torchrun("tests/fault_injection.py", *_args(tiny, binarized, tmp_path / "ref"), env={"FINAL_WEIGHTS_DIR": str(ref_dir)})
+    run_torchrun("tests/fault_injection.py", *_args(tiny, binarized, tmp_path / "ref"), env={"FINAL_WEIGHTS_DIR": str(ref_dir)})
 
     dump = tmp_path / "run"
     start = time.time()
-    proc = _torchrun("tests/fault_injection.py", *_args(tiny, binarized, dump),
+    proc = run_torchrun("tests/fault_injection.py", *_args(tiny, binarized, dump),
                      env={"FAULT": "term", "FAULT_ITER": "9", "FAULT_RANK": "1"})
     assert time.time() - start < 60
     assert proc.returncode == 0
     assert "SIGTERM received" in proc.stderr and "Resume with the same command plus --resume" in proc.stderr
     assert not (dump / "model.safetensors").exists()
-    _torchrun("tests/fault_injection.py", *_args(tiny, binarized, dump, ["--resume"]),
+    run_torchrun("tests/fault_injection.py", *_args(tiny, binarized, dump, ["--resume"]),
               env={"FINAL_WEIGHTS_DIR": str(run_dir)})
     for rank in (0, 1):
         _assert_same_weights(torch.load(run_dir / f"rank{rank}.pt", weights_only=True),
@@ -87,7 +78,7 @@ def test_nan_on_one_rank_is_skipped_everywhere(tiny, binarized, tmp_path):
     out = tmp_path / "weights"
     out.mkdir()
     dump = tmp_path / "run"
-    proc = _torchrun("tests/fault_injection.py", *_args(tiny, binarized, dump),
+    proc = run_torchrun("tests/fault_injection.py", *_args(tiny, binarized, dump),
                      env={"FAULT": "nan", "FAULT_ITER": "5", "FAULT_RANK": "1", "FINAL_WEIGHTS_DIR": str(out)})
     assert proc.stderr.count("step skipped on every rank") == 2  # logged by both ranks
     records = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from distiller import RowLogitsLM, split_lm_head
+from models import RowLogitsLM, split_lm_head
 
 
 def _models():

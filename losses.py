@@ -1,0 +1,286 @@
+"""The loss maths of distillation, as plain functions of tensors (no model, no loop).
+
+The pretraining objective is a weighted sum of five terms (weights --alpha_*):
+    ce   KL(teacher || student) of the temperature-softened next-token distributions, times T^2
+    mlm  cross-entropy of the student on the masked tokens (masked language modelling)
+    clm  cross-entropy of the student on the next token (causal language modelling)
+    mse  squared error between student and teacher logits, summed over the vocabulary
+    cos  1 - cosine similarity between student and teacher last hidden states
+Every term is an average over the positions it covers, so batch shape does not change its scale.
+
+The three logit terms share one formula, `logit_losses_chunk`, applied to a chunk of rows at a time:
+training calls it through `weighted_logit_loss` (which also writes the gradient), the held-out evaluation
+through `logit_loss_sums` (values only).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # label of a position that predicts nothing (padding, unmasked tokens)
+
+_CHUNK_ELEMENTS = 1 << 22  # logits elements processed at once in the fused losses: ~16 MB of fp32
+_GPU_CHUNKS = 16  # on a GPU, the rows are split in about this many chunks instead (see rows_per_chunk)
+_GPU_MAX_CHUNK_ELEMENTS = 1 << 26
+
+
+def rows_per_chunk(n, vocab, device):
+    """Rows of (n, vocab) logits each chunk of the fused losses takes.
+
+    A chunk costs about fifteen kernel launches. On the CPU small chunks stay in cache. On a GPU, 16k rows at
+    _CHUNK_ELEMENTS would be a hundred chunks of tiny kernels, bound by launch latency, so the rows are cut in
+    about _GPU_CHUNKS chunks instead: the chunk temporaries then add up to about half of one (n, vocab) fp32
+    tensor, and never more than _GPU_MAX_CHUNK_ELEMENTS per temporary.
+    """
+    rows = max(1, _CHUNK_ELEMENTS // vocab)
+    if device.type == "cuda":
+        rows = max(rows, min(math.ceil(n / _GPU_CHUNKS), _GPU_MAX_CHUNK_ELEMENTS // vocab))
+    return rows
+
+
+def logit_losses_chunk(s, t, labels, temperature, row_weight=None, with_grads=True):
+    """On a chunk of rows of fp32 logits s, t (rows, vocab): the sums over rows of KL(p_t || p_s) at
+    temperature T, of the squared error, and of the label cross-entropy; with_grads also gives the gradient
+    of each sum w.r.t. s (KL's without its 1/T factor, squared error's without its 2): (kl, sq, ce, d_kl,
+    diff, d_ce). t or labels may be None (their terms are then 0, their gradients None); labels (rows,)
+    hold IGNORE_INDEX on rows without a target. row_weight (rows,) in {0, 1} drops rows from the KL and
+    squared-error terms (and their gradients).
+    """
+    zero = s.new_zeros(())
+    kl = sq = ce = zero
+    d_kl = diff = d_ce = None
+    if t is not None:
+        log_p_s = F.log_softmax(s / temperature, dim=-1)  # (rows, vocab)
+        log_p_t = F.log_softmax(t / temperature, dim=-1)
+        p_t = log_p_t.exp()
+        kl_rows = (p_t * (log_p_t - log_p_s)).sum(-1)  # (rows,)
+        diff = s - t
+        if with_grads:
+            d_kl = log_p_s.exp_().sub_(p_t)  # p_s - p_t
+        if row_weight is not None:
+            kl_rows = kl_rows * row_weight
+            diff.mul_(row_weight[:, None])
+            if with_grads:
+                d_kl.mul_(row_weight[:, None])
+        kl = kl_rows.sum()
+        sq = (diff * diff).sum()
+        if not with_grads:
+            diff = None
+    if labels is not None:
+        has_label = labels != IGNORE_INDEX  # (rows,)
+        safe = labels.clamp(min=0)
+        log_q = F.log_softmax(s, dim=-1)
+        ce = -(log_q.gather(1, safe[:, None]).squeeze(1) * has_label).sum()
+        if with_grads:
+            d_ce = log_q.exp_()  # softmax - one-hot, on labelled rows only
+            d_ce[torch.arange(len(safe), device=s.device), safe] -= 1.0
+            d_ce *= has_label[:, None]
+    return kl, sq, ce, d_kl, diff, d_ce
+
+
+class _WeightedLogitLoss(torch.autograd.Function):
+    """w_ce * KD + w_mse * MSE + w_lm * LM over (n, vocab) logits, with its gradient computed in forward.
+
+    The straightforward version (masked_select both logit tensors, softmax them, KLDivLoss, then a separate
+    cross-entropy) allocates several (positions x vocab) fp32 tensors and keeps them alive until backward.
+    Here the weights are known before backward, so forward writes the weighted gradient into one buffer (the
+    logits' dtype) chunk by chunk, in fp32 arithmetic, and keeps nothing else. Neither the student nor the
+    teacher logits are saved for backward, so both can be freed as soon as forward returns, and no softmax is
+    recomputed. With n_kd rows in the KD/MSE average and m labelled rows:
+        d(KL T^2 / n_kd)/ds = T/n_kd (p_s - p_t);   d(MSE / n_kd)/ds = 2/n_kd (s - t);   d(CE / m)/ds = (q - onehot)/m
+    Also returns the three unweighted terms (detached) for logging.
+
+    The row counts that normalise the terms stay on the device (no host synchronisation): KD and MSE
+    average over the rows with kd_rows true (all rows when None), LM over the labelled rows.
+    """
+
+    @staticmethod
+    def forward(ctx, s_flat, t_flat, labels, temperature, w_ce, w_mse, w_lm, kd_rows):
+        n = s_flat.size(0)
+        row_weight = kd_rows.to(torch.float32) if kd_rows is not None else None
+        n_kd = row_weight.sum().clamp(min=1) if row_weight is not None else float(max(n, 1))
+        n_labels = (labels != IGNORE_INDEX).sum().clamp(min=1) if labels is not None else 1.0
+        c_kl = w_ce * temperature / n_kd  # gradient factors, see the class docstring
+        c_mse = w_mse * 2.0 / n_kd
+        c_lm = w_lm / n_labels
+        grad = torch.empty_like(s_flat)
+        sums = s_flat.new_zeros(3, dtype=torch.float32)
+        step = rows_per_chunk(n, s_flat.size(-1), s_flat.device)
+        for i in range(0, n, step):
+            t = t_flat[i: i + step].float() if t_flat is not None else None
+            lab = labels[i: i + step] if labels is not None else None
+            w = row_weight[i: i + step] if row_weight is not None else None
+            kl, sq, ce, d_kl, diff, d_ce = logit_losses_chunk(s_flat[i: i + step].float(), t, lab, temperature, w)
+            sums += torch.stack([kl, sq, ce])
+            g = torch.zeros_like(d_ce if d_ce is not None else d_kl)
+            if d_kl is not None:
+                g.add_(d_kl.mul_(c_kl)).add_(diff.mul_(c_mse))
+            if d_ce is not None:
+                g.add_(d_ce.mul_(c_lm))
+            grad[i: i + step] = g
+        ctx.save_for_backward(grad)
+        ce = sums[0] * temperature ** 2 / n_kd
+        mse = sums[1] / n_kd
+        lm = sums[2] / n_labels
+        total = w_ce * ce + w_mse * mse + w_lm * lm
+        ctx.mark_non_differentiable(ce, mse, lm)
+        return total, ce, mse, lm
+
+    @staticmethod
+    def backward(ctx, grad_total, *unused):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None, None, None, None, None
+
+
+def weighted_logit_loss(s_logits, t_logits, labels, temperature, w_ce, w_mse, w_lm, kd_rows=None):
+    """(w_ce * ce + w_mse * mse + w_lm * lm, ce, mse, lm) over (n, vocab) logits, the three terms detached.
+
+    ce is KL(p_t || p_s) at temperature T summed over the vocabulary, averaged over rows, times T^2 (so
+    gradients keep their scale as T changes); mse is the squared error summed over the vocabulary, averaged
+    over rows; lm is the mean cross-entropy over the rows whose label (n,) is not IGNORE_INDEX. t_logits may
+    be None (no teacher: ce = mse = 0) and labels None (lm = 0). kd_rows (n,) bool, optional: the rows ce
+    and mse average over (default: all of them). Nothing to average over gives 0, never NaN.
+    """
+    vocab = s_logits.size(-1)
+    t_flat = t_logits.detach().reshape(-1, vocab) if t_logits is not None and (w_ce or w_mse) else None
+    return _WeightedLogitLoss.apply(s_logits.reshape(-1, vocab), t_flat, labels if w_lm else None,
+                                    float(temperature), float(w_ce), float(w_mse), float(w_lm),
+                                    kd_rows if t_flat is not None else None)
+
+
+@torch.no_grad()
+def logit_loss_sums(s_logits, t_logits, labels, temperature=1.0):
+    """Held-out sums over (n, vocab) logits: (sum of label cross-entropy, sum of KL(p_t || p_s) at
+    temperature T, number of rows where both argmaxes agree), as float64 tensors. labels (n,) may hold
+    IGNORE_INDEX; t_logits may be None (KL and agreement are then 0)."""
+    n, vocab = s_logits.shape
+    sums = torch.zeros(3, dtype=torch.float64, device=s_logits.device)
+    step = rows_per_chunk(n, vocab, s_logits.device)
+    for i in range(0, n, step):
+        s = s_logits[i: i + step].float()
+        t = t_logits[i: i + step].float() if t_logits is not None else None
+        kl, _, ce, _, _, _ = logit_losses_chunk(s, t, labels[i: i + step], temperature, with_grads=False)
+        sums[0] += ce.double()
+        sums[1] += kl.double()
+        if t is not None:
+            sums[2] += (s.argmax(-1) == t.argmax(-1)).sum().double()
+    return sums
+
+
+def cosine_loss(s_hidden, t_hidden, mask):
+    """Mean (1 - cos) between student and teacher hidden states (..., dim) at the positions where mask is true.
+
+    Computed at every position and averaged with the mask as weights: selecting the positions first would
+    need their count on the host (a device synchronisation every step).
+    """
+    cos = F.cosine_similarity(s_hidden.float(), t_hidden.float(), dim=-1)  # (...,)
+    weight = mask.to(cos.dtype)
+    return torch.where(mask, 1.0 - cos, 0.0).sum() / weight.sum().clamp(min=1)
+
+
+def distillation_losses(s_logits, t_logits, s_hidden, t_hidden, attn_mask, lm_labels, rows, *, alpha, temperature,
+                        mlm, restrict_ce_to_mask=False):
+    """The losses of one training step: {name: scalar} for every term with a positive weight in `alpha`
+    ({'ce', 'mlm', 'clm', 'mse', 'cos'}), plus 'logits', the fused alpha_ce * ce + alpha_mse * mse +
+    alpha_lm * lm that carries the gradient of those three (the named ones are detached, for logging).
+    The step's loss is losses['logits'] + alpha['cos'] * losses['cos'].
+
+    s_logits, t_logits: (n, vocab) logits at the flat positions `rows` (n,) of the (bs, seq) batch, where a
+    loss reads them (t_logits None without a teacher); s_hidden, t_hidden: (bs, seq, dim) last hidden states;
+    attn_mask: (bs, seq) bool; lm_labels: (bs, seq) MLM labels (IGNORE_INDEX where nothing is predicted), or
+    for CLM the token ids themselves (IGNORE_INDEX on padding): position i predicts token i + 1.
+    With restrict_ce_to_mask (MLM), ce and mse cover only the rows that carry a label.
+    """
+    losses = {}
+    lm_name = "mlm" if alpha["mlm"] > 0 else "clm" if alpha["clm"] > 0 else None
+    labels = kd_rows = None
+    if mlm:
+        row_labels = lm_labels.flatten()[rows]  # (n,)
+        if restrict_ce_to_mask:
+            kd_rows = row_labels != IGNORE_INDEX  # drawn positions that were not eligible carry no loss
+        labels = row_labels if lm_name == "mlm" else None
+    elif lm_name == "clm":
+        labels = F.pad(lm_labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()[rows]  # i predicts token i + 1
+    use_teacher_logits = alpha["ce"] > 0 or alpha["mse"] > 0
+    if use_teacher_logits or lm_name is not None:
+        w_lm = alpha[lm_name] if lm_name is not None else 0.0
+        losses["logits"], losses["ce"], losses["mse"], lm = weighted_logit_loss(
+            s_logits, t_logits, labels, temperature, alpha["ce"], alpha["mse"], w_lm, kd_rows)
+        if lm_name is not None:
+            losses[lm_name] = lm
+    if alpha["cos"] > 0:
+        losses["cos"] = cosine_loss(s_hidden, t_hidden, attn_mask)
+    return {k: v for k, v in losses.items() if k == "logits" or alpha[k] > 0}
+
+
+# ---- task distillation (GLUE, SQuAD)
+#
+# Fine-tuning with a teacher already fine-tuned on the task ("a second step of distillation"):
+#     loss = alpha_task * task loss + alpha_ce * distillation term
+# where the distillation term is T^2 * KL(teacher_T || student_T) of the temperature-softened output
+# distributions (classes for classification, start and end positions for SQuAD), or the squared error to the
+# teacher's prediction for regression. Without a teacher the loss is the task loss alone, unweighted, as in
+# the original run_squad_w_distillation.py.
+
+
+def soft_target_kl(s_logits, t_logits, temperature, mask=None):
+    """T^2 * KL(softmax(t / T) || softmax(s / T)) over the last dimension, averaged over rows.
+
+    s_logits, t_logits: (..., n) with the same shape; mask: (..., n) bool, True where the distribution may
+    put mass (e.g. non-padding positions). Masked-out entries are excluded from both softmaxes, so they
+    contribute nothing. Computed in float32 whatever the logits' dtype.
+    """
+    s = s_logits.float() / temperature  # (..., n)
+    t = t_logits.float() / temperature  # (..., n)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+        t = t.masked_fill(~mask, float("-inf"))
+    s_logp = F.log_softmax(s, dim=-1)  # (..., n)
+    t_logp = F.log_softmax(t, dim=-1)  # (..., n)
+    # p_t * (log p_t - log p_s); where p_t == 0 (masked) the term is 0, not 0 * (-inf - -inf) = nan.
+    kl = torch.where(t_logp.isfinite(), t_logp.exp() * (t_logp - s_logp), 0.0).sum(-1)  # (...)
+    return kl.mean() * temperature ** 2
+
+
+def span_ce_loss(start_logits, end_logits, start_positions, end_positions):
+    """(CE(start) + CE(end)) / 2, the extractive-QA loss transformers' *ForQuestionAnswering models compute.
+
+    start_logits, end_logits: (bs, seq_len); positions: (bs,). Positions outside the sequence are clamped to
+    seq_len and ignored, as those models do.
+    """
+    seq_len = start_logits.size(1)
+    start_positions = start_positions.clamp(0, seq_len)  # (bs,)
+    end_positions = end_positions.clamp(0, seq_len)  # (bs,)
+    start = F.cross_entropy(start_logits.float(), start_positions, ignore_index=seq_len)
+    end = F.cross_entropy(end_logits.float(), end_positions, ignore_index=seq_len)
+    return (start + end) / 2
+
+
+def span_kd_loss(s_start, s_end, t_start, t_end, temperature, attention_mask):
+    """T^2 * (KL(start) + KL(end)) / 2 over the positions that may hold an answer (attention_mask: the
+    non-padding ones), each KL a per-window sum averaged over windows. All logits (bs, seq_len)."""
+    mask = attention_mask.bool()  # (bs, seq_len)
+    return (soft_target_kl(s_start, t_start, temperature, mask) + soft_target_kl(s_end, t_end, temperature, mask)) / 2
+
+
+def classification_loss(logits, labels):
+    """Cross-entropy for classification (logits (bs, n_labels), labels (bs,) long), squared error for
+    regression (logits (bs, 1), labels (bs,) float): what transformers' *ForSequenceClassification compute."""
+    if logits.size(-1) == 1:
+        return F.mse_loss(logits.float().squeeze(-1), labels.float())
+    return F.cross_entropy(logits.float(), labels)
+
+
+def classification_kd_loss(s_logits, t_logits, temperature):
+    """T^2 * KL on the class distribution, or for regression ((bs, 1) logits) the squared error to the
+    teacher's prediction (no temperature: there is no distribution to soften)."""
+    if s_logits.size(-1) == 1:
+        return F.mse_loss(s_logits.float(), t_logits.float())
+    return soft_target_kl(s_logits, t_logits, temperature)
+
+
+def task_distillation_loss(task_loss, kd_loss, alpha_task, alpha_ce):
+    """alpha_task * task + alpha_ce * kd; the task loss alone, unweighted, when there is no teacher (kd None)."""
+    if kd_loss is None:
+        return task_loss
+    return alpha_task * task_loss + alpha_ce * kd_loss

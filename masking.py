@@ -1,0 +1,166 @@
+"""Turning a batch of token ids into what the losses need: MLM corruption, labels, and the loss rows.
+
+Training draws its masking at random (`mask_tokens`, XLM-style: count-smoothed weights, 80/10/10 split);
+the held-out evaluation uses a fixed masking that depends only on (seed, sequence index)
+(`fixed_mlm_mask`), so two evaluations of the same weights agree exactly. `prepare_batch_mlm` /
+`prepare_batch_clm` build the `Batch` a training step takes, with every size known on the host.
+"""
+import dataclasses
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from losses import IGNORE_INDEX
+
+
+# ------------------------------------------------------------------------------------- training masking
+
+
+def smoothed_token_probs(counts, special_ids, smoothing):
+    """Masking weight of each token: count^-smoothing (rare tokens are masked more); specials never."""
+    probs = np.maximum(np.asarray(counts, dtype=np.float64), 1) ** -smoothing
+    probs[list(special_ids)] = 0.0
+    return torch.from_numpy(probs.astype(np.float32))
+
+
+def attention_mask_from_lengths(lengths, max_len):
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]  # (bs, max_len)
+
+
+def mask_tokens(token_ids, lengths, token_probs, mask_prop, split, mask_id, vocab_size, generator=None,
+                return_positions=False):
+    """MLM corruption. Returns (corrupted ids, labels with IGNORE_INDEX where nothing is predicted).
+
+    ceil(mask_prop * real tokens) positions are drawn without replacement with weights token_probs[id]
+    (zero for special and padding tokens, so those are never picked); each is then replaced by the mask
+    token, kept, or replaced by a random token with probabilities split = (mask, keep, rand). Sampling uses
+    the exponential-race trick (top-k of weight / Exp(1)), which draws exactly like
+    torch.multinomial(replacement=False) but never fails when fewer positions are eligible than asked for
+    and needs no host synchronisation. lengths is a CPU tensor: the number to draw is known on the host.
+
+    With return_positions, also returns the drawn flat positions, sorted: every masked position, and, when
+    fewer positions were eligible than asked for, some that are not masked (their label is IGNORE_INDEX).
+    Their number is known on the host, which is what lets the step select them without a synchronisation.
+    """
+    bs, max_len = token_ids.shape
+    n_target = math.ceil(mask_prop * int(lengths.numpy().sum()))
+    weights = token_probs[token_ids].flatten()  # (bs * max_len,)
+    race = torch.empty_like(weights).exponential_(generator=generator) / weights  # inf where weight is 0
+    picked = torch.topk(race, min(n_target, race.numel()), largest=False).indices
+    pred_mask = torch.zeros_like(weights, dtype=torch.bool)
+    pred_mask[picked] = True
+    pred_mask &= weights > 0
+    pred_mask = pred_mask.view(bs, max_len)
+
+    u = torch.rand(token_ids.shape, device=token_ids.device, generator=generator)
+    p_mask, p_keep = split[0], split[0] + split[1]
+    random_ids = torch.randint(vocab_size, token_ids.shape, device=token_ids.device, generator=generator)
+    corrupted = torch.where(u < p_mask, torch.full_like(token_ids, mask_id),
+                            torch.where(u < p_keep, token_ids, random_ids))
+    corrupted = torch.where(pred_mask, corrupted, token_ids)
+    labels = torch.where(pred_mask, token_ids, torch.full_like(token_ids, IGNORE_INDEX))
+    if return_positions:
+        return corrupted, labels, picked.sort().values
+    return corrupted, labels
+
+
+def non_padding_positions(lengths, max_len):
+    """Flat positions (row-major over (bs, max_len)) of the real tokens, computed on the host from CPU lengths."""
+    lengths = lengths.numpy()
+    return torch.from_numpy(np.flatnonzero(np.arange(max_len)[None, :] < lengths[:, None]))
+
+
+class Batch(NamedTuple):
+    """What Distiller.step takes: device tensors, and facts about them known on the host."""
+    input_ids: torch.Tensor  # (bs, seq), MLM-corrupted for MLM
+    attention_mask: torch.Tensor  # (bs, seq) bool, true at real tokens
+    lm_labels: torch.Tensor  # (bs, seq), IGNORE_INDEX where nothing is predicted
+    rows: torch.Tensor  # flat positions whose logits a loss reads
+    padded: bool  # whether any sequence is shorter than seq
+
+
+def clm_labels(token_ids, attention_mask):
+    return token_ids.masked_fill(~attention_mask, IGNORE_INDEX)
+
+
+@dataclasses.dataclass(frozen=True)
+class MlmMasking:
+    """How training corrupts a batch for MLM (train.py's --mlm_* and --word_* flags)."""
+    token_probs: torch.Tensor  # (vocab,) masking weight of each token id, on the training device
+    mask_prop: float  # share of the real tokens to predict
+    split: tuple  # (mask, keep, random) probabilities of a drawn position
+    mask_id: int
+    vocab_size: int  # random replacements are drawn below this id
+    restrict_to_mask: bool = False  # loss rows: only the drawn positions (--restrict_ce_to_mask)
+
+
+def _padded(lengths, max_len):
+    return bool((lengths.numpy() < max_len).any())
+
+
+def prepare_batch_mlm(token_ids, lengths, device, masking):
+    """(bs, seq) ids and CPU lengths -> a Batch on the device: corrupted ids, attention mask, MLM labels,
+    and the flat positions whose logits a loss reads (masked ones with restrict_to_mask, else real tokens).
+    Every size is known on the host, so the step that follows makes no device synchronisation.
+    """
+    max_len = token_ids.size(1)
+    attn_mask = attention_mask_from_lengths(lengths, max_len).to(device, non_blocking=True)
+    token_ids = token_ids.to(device, non_blocking=True)
+    restrict = masking.restrict_to_mask
+    token_ids, labels, *drawn = mask_tokens(token_ids, lengths, masking.token_probs, masking.mask_prop,
+                                            masking.split, masking.mask_id, masking.vocab_size,
+                                            return_positions=restrict)
+    rows = drawn[0] if restrict else non_padding_positions(lengths, max_len).to(device, non_blocking=True)
+    return Batch(token_ids, attn_mask, labels, rows, _padded(lengths, max_len))
+
+
+def prepare_batch_clm(token_ids, lengths, device):
+    """(bs, seq) ids and CPU lengths -> a Batch on the device; labels are the ids themselves (the step shifts
+    them: position i predicts token i + 1), IGNORE_INDEX on padding."""
+    max_len = token_ids.size(1)
+    attn_mask = attention_mask_from_lengths(lengths, max_len).to(device, non_blocking=True)
+    token_ids = token_ids.to(device, non_blocking=True)
+    rows = non_padding_positions(lengths, max_len).to(device, non_blocking=True)
+    return Batch(token_ids, attn_mask, clm_labels(token_ids, attn_mask), rows, _padded(lengths, max_len))
+
+
+# ------------------------------------------------------------------------------------- evaluation masking
+
+
+def fixed_mlm_mask(token_ids, lengths, indices, *, special_ids, mask_id, seed=0, mask_prop=0.15):
+    """Deterministic MLM corruption for evaluation: (input ids, labels with IGNORE_INDEX elsewhere).
+
+    token_ids (bs, L) and lengths (bs,) as batch_sequences returns them (CPU); indices: the dataset index
+    of each row. In row r, ceil(mask_prop * n) of its n eligible tokens (real, not special) are chosen
+    uniformly without replacement by a generator seeded with (seed, indices[r]), and all of them become the
+    mask token. Training's 80/10/10 split and count-smoothed weights are left out on purpose: the kept and
+    random-replaced positions add noise to the number without measuring anything extra, and uniform weights
+    make the loss an unbiased average over the corpus's tokens.
+    """
+    token_ids = torch.as_tensor(token_ids)
+    lengths = torch.as_tensor(lengths)
+    ids = token_ids.numpy()
+    special = np.fromiter((int(i) for i in special_ids), dtype=np.int64)
+    labels = np.full(ids.shape, IGNORE_INDEX, dtype=np.int64)
+    for row, (index, length) in enumerate(zip(indices, lengths.tolist())):
+        eligible = np.flatnonzero(~np.isin(ids[row, :length], special))
+        n_pick = math.ceil(mask_prop * len(eligible))
+        if n_pick == 0:
+            continue
+        # SeedSequence mixes (seed, index) into independent streams; seed * K + index would collide.
+        rng = np.random.default_rng([int(seed), int(index)])
+        picked = eligible[rng.choice(len(eligible), size=n_pick, replace=False)]
+        labels[row, picked] = ids[row, picked]
+    labels = torch.from_numpy(labels)
+    inputs = torch.where(labels != IGNORE_INDEX, torch.full_like(token_ids, mask_id), token_ids)
+    return inputs, labels
+
+
+def clm_eval_labels(token_ids, lengths):
+    """Targets of next-token prediction: row r, position i predicts token i + 1 while i + 1 < length."""
+    pos = torch.arange(token_ids.size(1))[None, :]
+    real = pos < torch.as_tensor(lengths)[:, None]
+    labels = token_ids.masked_fill(~real, IGNORE_INDEX)
+    return labels[:, 1:]  # (bs, L - 1), aligned with logits[:, :-1]

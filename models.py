@@ -1,0 +1,241 @@
+"""The models of a run: classes by --*_type, loading student, teacher and tokenizer, and the wrappers the
+training step calls.
+
+`RowLogitsLM` runs a language model but computes the vocabulary projection, the most expensive matmul of a
+small student, only at the positions a loss reads (`split_lm_head` knows where the head of BERT, DistilBERT,
+RoBERTa, GPT-2, Llama, Qwen2/3 and Mistral sits; other models run whole and are row-selected afterwards).
+"""
+import os
+
+import torch
+
+from utils import UserError, logger
+
+# type -> (config class, model class, tokenizer class), by name in transformers
+MODEL_CLASSES = {
+    "distilbert": ("DistilBertConfig", "DistilBertForMaskedLM", "DistilBertTokenizer"),
+    "roberta": ("RobertaConfig", "RobertaForMaskedLM", "RobertaTokenizer"),
+    "bert": ("BertConfig", "BertForMaskedLM", "BertTokenizer"),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", "GPT2Tokenizer"),
+}
+
+
+AUTO = "auto"  # any Hugging Face masked LM (with --mlm) or causal LM, through the Auto classes
+
+
+def model_classes(model_type, mlm=True):
+    """(config class, model class, tokenizer class) of a --student_type / --teacher_type."""
+    import transformers
+
+    if model_type == AUTO:
+        model_class = transformers.AutoModelForMaskedLM if mlm else transformers.AutoModelForCausalLM
+        return transformers.AutoConfig, model_class, transformers.AutoTokenizer
+    return tuple(getattr(transformers, name) for name in MODEL_CLASSES[model_type])
+
+
+def framing_token_ids(ids, mlm):
+    """Special ids with the ones a causal LM's tokenizer may lack filled in from its others.
+
+    Many decoder tokenizers (Llama, Qwen, Mistral) have no pad token and some no BOS or unknown token: a
+    sequence is then framed by EOS, and padding (never seen by a loss) reuses an existing id.
+    """
+    ids = dict(ids)
+    if not mlm:
+        if "bos_token" not in ids and "eos_token" in ids:
+            ids["bos_token"] = ids["eos_token"]
+        if "eos_token" not in ids and "bos_token" in ids:
+            ids["eos_token"] = ids["bos_token"]
+        if "unk_token" not in ids and "eos_token" in ids:
+            ids["unk_token"] = ids["eos_token"]
+    return ids
+
+
+def max_input_size(config, tokenizer=None):
+    """Longest sequence the model accepts, from its config (and tokenizer), not from a table of hub names."""
+    n = 1 << 30
+    if config is not None:
+        n = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        if n is None:
+            raise UserError(f"cannot tell the maximum input size of a {config.model_type} model")
+        if config.model_type in ("roberta", "camembert", "xlm-roberta"):
+            n -= config.pad_token_id + 1  # RoBERTa's positions start after the padding index
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if tok_max is not None and 0 < tok_max < 1_000_000:
+        n = min(n, tok_max)
+    return int(n)
+
+
+def load_student_weights(student, path):
+    """Load a state-dict file (.pth/.bin/.safetensors) into `student`; returns (missing, unexpected)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # weights_only refuses pickled code; any failure is the file's fault
+            raise UserError(f"--student_pretrained_weights {path}: not a loadable state dict ({exc})") from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"--student_pretrained_weights {path}: expected a dict of parameter name -> tensor")
+    own = student.state_dict()
+    if not set(state) & set(own):
+        raise UserError(f"--student_pretrained_weights {path}: none of its {len(state)} tensors matches a student "
+                        f"parameter name (e.g. {next(iter(state), '-')!r} vs {next(iter(own), '-')!r})")
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise UserError(f"--student_pretrained_weights {path}: {key} has shape {tuple(value.shape)}, the student "
+                            f"expects {tuple(own[key].shape)}")
+    result = student.load_state_dict(state, strict=False)
+    # Tied weights (e.g. the output projection shares the word embeddings) are loaded through their twin.
+    loaded_ptrs = {t.data_ptr() for k, t in own.items() if k in state}
+    missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded_ptrs]
+    if missing:
+        logger.info("Student weights left at their random initialisation: %s", ", ".join(missing))
+    if result.unexpected_keys:
+        logger.warning("Ignored tensors of %s that the student does not have: %s", path,
+                       ", ".join(result.unexpected_keys))
+    return missing, list(result.unexpected_keys)
+
+
+def build_student(student_type, config_path, *, mlm, pretrained_weights=None, initializer_range=0.02,
+                  freeze_pos_embs=False, freeze_token_type_embds=False):
+    """The student: from its config (random init at initializer_range), then a state dict or a model folder
+    (--student_pretrained_weights) on top; position / token-type embeddings frozen as asked."""
+    config_class, model_class, _ = model_classes(student_type, mlm)
+    config = config_class.from_pretrained(config_path)
+    config.initializer_range = initializer_range
+    if pretrained_weights and os.path.isdir(pretrained_weights):
+        logger.info("Loading the student from the folder %s", pretrained_weights)
+        student = model_class.from_pretrained(pretrained_weights, config=config)
+    else:
+        student = model_class.from_config(config) if student_type == AUTO else model_class(config)
+        if pretrained_weights:
+            logger.info("Loading student weights from %s", pretrained_weights)
+            load_student_weights(student, pretrained_weights)
+    # transformers 4 froze DistilBERT's position table when sinusoidal_pos_embds is set, and the original runs
+    # relied on it (the loaded teacher positions then stayed fixed); transformers 5 leaves it trainable.
+    freeze_pos = freeze_pos_embs or getattr(config, "sinusoidal_pos_embds", False)
+    for name, param in student.named_parameters():
+        if freeze_pos and (name.endswith("position_embeddings.weight") or name.endswith("wpe.weight")):
+            param.requires_grad = False
+        if freeze_token_type_embds and name.endswith("token_type_embeddings.weight"):
+            param.requires_grad = False
+    return student
+
+
+def load_tokenizer(model_type, name, flag, mlm=True):
+    """The tokenizer of a --*_type from a folder or hub name; `flag` names the option it came from."""
+    _, _, tokenizer_class = model_classes(model_type, mlm)
+    try:
+        tokenizer = tokenizer_class.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{flag} {name}: cannot load a {model_type} tokenizer ({str(exc).splitlines()[0]})") from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # transformers 5 builds one from an empty folder
+        raise UserError(f"{flag} {name}: no tokenizer vocabulary found there, only special tokens")
+    return tokenizer
+
+
+def load_teacher(teacher_type, name, mlm=True, flag="--teacher_name"):
+    """The frozen teacher (eval mode, no gradients), refused when its checkpoint lacks weights of its class."""
+    _, model_class, _ = model_classes(teacher_type, mlm)
+    try:
+        teacher, info = model_class.from_pretrained(name, output_loading_info=True)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{flag} {name}: cannot load a {teacher_type} model ({str(exc).splitlines()[0]})") from None
+    if info.get("missing_keys"):
+        # e.g. a checkpoint without its LM head: a randomly initialised head would be a useless teacher
+        raise UserError(f"{flag} {name}: the checkpoint lacks {len(info['missing_keys'])} weights of "
+                        f"{model_class.__name__} (e.g. {sorted(info['missing_keys'])[0]})")
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+# ------------------------------------------------------------------------------------ running the models
+
+_PLAIN_HEAD_CAUSAL_LMS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+
+
+def split_lm_head(model):
+    """(base, head, base kwargs) with logits == head(base(...).last_hidden_state), or None when unknown.
+
+    Knowing the split lets the loop compute the vocabulary projection, the most expensive matmul of a small
+    student, only at the positions a loss reads (non-padding, or only the masked ones).
+    """
+    from transformers import BertForMaskedLM, DistilBertForMaskedLM, GPT2LMHeadModel, RobertaForMaskedLM
+
+    if isinstance(model, DistilBertForMaskedLM):
+        def head(h):
+            return model.vocab_projector(model.vocab_layer_norm(model.activation(model.vocab_transform(h))))
+        return model.distilbert, head, {}
+    if isinstance(model, BertForMaskedLM):
+        return model.bert, model.cls, {}
+    if isinstance(model, RobertaForMaskedLM):
+        return model.roberta, model.lm_head, {}
+    if isinstance(model, GPT2LMHeadModel) or type(model).__name__ in _PLAIN_HEAD_CAUSAL_LMS:
+        base = model.transformer if isinstance(model, GPT2LMHeadModel) else model.model
+        return base, model.lm_head, {"use_cache": False}  # training: no KV cache to build
+    return None
+
+
+def _is_plain_bidirectional(model):
+    from transformers import BertForMaskedLM, DistilBertForMaskedLM, RobertaForMaskedLM
+
+    return isinstance(model, (BertForMaskedLM, DistilBertForMaskedLM, RobertaForMaskedLM))
+
+
+class RowLogitsLM(torch.nn.Module):
+    """Wraps a LM: forward returns (logits at the selected flat rows (n, vocab), last hidden states).
+
+    DDP wraps this module (not the bare model) so gradient hooks see the forward that really runs.
+    Models whose head cannot be split run whole and their logits are selected afterwards.
+    """
+
+    def __init__(self, model, hidden_projection=None):
+        super().__init__()
+        self.model = model
+        self.hidden_projection = hidden_projection  # student dim -> teacher dim, for the cosine loss
+        self._split = (split_lm_head(model),)  # a tuple: not registered twice as submodules
+        self._prepare_mask = _is_plain_bidirectional(model)
+
+    def forward(self, input_ids, attention_mask, rows):
+        split = self._split[0]
+        if attention_mask is not None and self._prepare_mask:
+            attention_mask = self.prepared_attention_mask(attention_mask)
+        if split is None:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+            logits, hidden = out.logits.flatten(0, 1)[rows], out.hidden_states[-1]
+        else:
+            base, head, kwargs = split
+            hidden = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state  # (bs, seq, dim)
+            logits = head(hidden.flatten(0, 1)[rows])  # (n, vocab)
+        if self.hidden_projection is not None:
+            hidden = self.hidden_projection(hidden)  # (bs, seq, teacher dim)
+        return logits, hidden
+
+    def prepared_attention_mask(self, attention_mask):
+        """The 4D mask the encoder would build from the 2D one, built without checking for padding first.
+
+        Given a 2D mask, transformers tests `mask.all()` to drop it when nothing is padded: a device
+        synchronisation in every forward. The caller knows that on the host (and passes no mask then);
+        a prepared 4D mask is used as it is.
+        """
+        from transformers.masking_utils import create_bidirectional_mask
+
+        bs, seq = attention_mask.shape
+        shape_only = torch.empty((bs, seq, 0), dtype=self.model.dtype, device=attention_mask.device)
+        return create_bidirectional_mask(config=self.model.config, inputs_embeds=shape_only,
+                                         attention_mask=attention_mask, allow_is_bidirectional_skip=False)
+
+
+class TeacherLM(RowLogitsLM):
+    """RowLogitsLM for the frozen teacher: the same forward, without autograd.
+
+    Its own forward (a distinct code object) also gives a compiled teacher its own compilation cache, so
+    the teacher's and the student's graphs do not evict each other (they differ at least in grad mode).
+    """
+
+    def forward(self, input_ids, attention_mask, rows):
+        with torch.no_grad():
+            return super().forward(input_ids, attention_mask, rows)
