@@ -12,6 +12,9 @@ DistilBERT recipe: a 2-layer student initialised from teacher layers, distilled;
 same student from the same initialisation trained for the same steps without the teacher. Every step
 after the tokenizer is a real command of this repository (printed before it runs), so the output doubles
 as a worked example of the README. The results table lands in <workdir>/results.md and results.json.
+
+The steps are the methods of `Demo`, run in the order of `Demo.STEPS`; a new stage is a method plus its name
+there.
 """
 import argparse
 import ast
