@@ -30,7 +30,7 @@ from glue import (GLUE_TASKS, Task, get_task, glue_metrics, infer_custom_task, l
                   load_hub_split, task_score, text_columns)
 from losses import classification_kd_loss, classification_loss, task_distillation_loss  # noqa: E402
 from task_evaluation import predict, write_eval_results  # noqa: E402
-from task_models import load_student, load_teacher, load_tokenizer  # noqa: E402
+from task_models import clamp_max_seq_length, load_student, load_teacher, load_tokenizer  # noqa: E402
 from task_training import (TaskTrainer, TokenizedSet, add_training_arguments, check_training_args,  # noqa: E402
                            clear_old_checkpoints, list_checkpoints, newest_checkpoint, prepare_output_dir)
 from utils import UserError, cleanup_distributed, fail, init_distributed, logger, set_seed  # noqa: E402
@@ -189,6 +189,7 @@ def run(args):
             raise UserError(f"--teacher_name_or_path {args.teacher_name_or_path}: the teacher predicts "
                             f"{teacher.config.num_labels} label(s), the task has {task.num_labels}")
         teacher.to(ctx.device)
+    clamp_max_seq_length(args, tokenizer, student, teacher)
 
     eval_set = None
     if args.do_eval or args.evaluate_during_training:
@@ -199,10 +200,10 @@ def run(args):
         if args.max_eval_samples:
             eval_raw = eval_raw.select(range(min(args.max_eval_samples, len(eval_raw))))
         eval_set = TokenizedSet(tokenize(args, tokenizer, eval_raw, task, eval_source), COLUMNS)
-    os.makedirs(args.output_dir, exist_ok=True)
+    train_set = TokenizedSet(tokenize(args, tokenizer, train_raw, task, source), COLUMNS) if args.do_train else None
+    os.makedirs(args.output_dir, exist_ok=True)  # every input checked: from here on, the run writes
 
     if args.do_train:
-        train_set = TokenizedSet(tokenize(args, tokenizer, train_raw, task, source), COLUMNS)
         if ctx.is_master and args.overwrite_output_dir and not args.resume:
             clear_old_checkpoints(args.output_dir)
         trainer = TaskTrainer(args, ctx, student, teacher, train_set, make_loss_fn(args), tokenizer,

@@ -30,7 +30,7 @@ from losses import span_ce_loss, span_kd_loss, task_distillation_loss  # noqa: E
 from squad import examples_from_records, postprocess_predictions, read_squad_examples, squad_features  # noqa: E402
 from squad_metrics import squad_scores  # noqa: E402
 from task_evaluation import predict, write_eval_results  # noqa: E402
-from task_models import load_student, load_teacher, load_tokenizer  # noqa: E402
+from task_models import clamp_max_seq_length, load_student, load_teacher, load_tokenizer  # noqa: E402
 from task_training import (TaskTrainer, TokenizedSet, add_training_arguments, check_training_args,  # noqa: E402
                            clear_old_checkpoints, list_checkpoints, newest_checkpoint, prepare_output_dir,
                            subsample)
@@ -223,15 +223,18 @@ def run(args):
     teacher = load_teacher(args, AutoModelForQuestionAnswering, tokenizer, student) if args.do_train else None
     if teacher is not None:
         teacher.to(ctx.device)
+    clamp_max_seq_length(args, tokenizer, student, teacher)
     eval_data = None
     if args.do_eval or args.evaluate_during_training:
         examples = load_examples(args, evaluate=True)
         eval_data = (examples, load_features(args, tokenizer, examples, ctx, evaluate=True))
-    os.makedirs(args.output_dir, exist_ok=True)
-
+    train_set = None
     if args.do_train:
         examples = load_examples(args, evaluate=False)
         train_set = TokenizedSet(load_features(args, tokenizer, examples, ctx, evaluate=False), TRAIN_COLUMNS)
+    os.makedirs(args.output_dir, exist_ok=True)  # every input checked: from here on, the run writes
+
+    if args.do_train:
         if ctx.is_master and args.overwrite_output_dir and not args.resume:
             clear_old_checkpoints(args.output_dir)
         trainer = TaskTrainer(args, ctx, student, teacher, train_set, make_loss_fn(args), tokenizer,

@@ -187,18 +187,28 @@ def best_spans(start_logits, end_logits, offsets, max_context, n_best_size, max_
     Valid: both ends inside the context, end >= start, at most max_answer_length tokens, and a start token
     this window has the most context for. start_logits/end_logits: (seq_len,) numpy arrays.
     """
-    starts = np.argsort(start_logits)[::-1][:n_best_size]
-    ends = np.argsort(end_logits)[::-1][:n_best_size]
+    # The top candidates among the positions that may start / end an answer (taking the top positions overall
+    # first, as the original did, lets a high CLS or question logit crowd real candidates out).
+    in_context = np.zeros(len(start_logits), dtype=bool)  # (seq_len,)
+    in_context[:len(offsets)] = [o is not None for o in offsets[:len(start_logits)]]
+    can_start = in_context.copy()
+    can_start[:len(max_context)] &= np.asarray(max_context[:len(start_logits)], dtype=bool)
+    starts = _top(start_logits, can_start, n_best_size)
+    ends = _top(end_logits, in_context, n_best_size)
     spans = []
     for s in starts:
-        if s >= len(offsets) or offsets[s] is None or not max_context[s]:
-            continue
         for e in ends:
-            if e >= len(offsets) or offsets[e] is None or e < s or e - s + 1 > max_answer_length:
+            if e < s or e - s + 1 > max_answer_length:
                 continue
             spans.append((float(start_logits[s] + end_logits[e]), int(s), int(e)))
     spans.sort(key=lambda x: -x[0])
     return spans[:n_best_size]
+
+
+def _top(logits, allowed, k):
+    """Indices of the k largest logits among the allowed positions, largest first."""
+    order = np.argsort(-np.where(allowed, logits, -np.inf), kind="stable")[:k]
+    return [int(i) for i in order if allowed[i]]
 
 
 def postprocess_predictions(examples, features, all_start_logits, all_end_logits, n_best_size=20,

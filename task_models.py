@@ -100,3 +100,18 @@ def check_same_vocabulary(teacher_name, teacher, tokenizer, student):
         raise UserError(f"--teacher_name_or_path {teacher_name}: the teacher's tokenizer differs from the student's "
                         f"(e.g. token {token!r} has id {theirs.get(token)} for the teacher, {ours.get(token)} for "
                         f"the student); teacher and student must share the tokenizer")
+
+
+def clamp_max_seq_length(args, tokenizer, *models):
+    """--max_seq_length, lowered (with a warning) to what the models' position embeddings and the tokenizer allow."""
+    limits = [tokenizer.model_max_length] if 0 < tokenizer.model_max_length < 1e9 else []
+    for model in models:
+        if model is not None and getattr(model.config, "max_position_embeddings", None):
+            # RoBERTa-style models number positions from pad_token_id + 1.
+            offset = model.config.pad_token_id + 1 if model.config.model_type in ("roberta", "xlm-roberta",
+                                                                                 "camembert") else 0
+            limits.append(model.config.max_position_embeddings - offset)
+    if limits and args.max_seq_length > min(limits):
+        logger.warning("--max_seq_length %d is longer than the models accept: using %d", args.max_seq_length,
+                       min(limits))
+        args.max_seq_length = min(limits)

@@ -23,10 +23,10 @@ import shutil
 import tempfile
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from checkpointing import rng_state, save_atomic, set_rng_state
-from grouped_batch_sampler import GroupedBatchSampler, SkippableBatchSampler, create_lengths_groups
+from grouped_batch_sampler import training_batch_sampler
 from utils import UserError, logger, write_json_atomic
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -237,17 +237,15 @@ class TaskTrainer:
 
     def _setup_data(self, pad_token_id):
         a = self.args
-        self.sampler = DistributedSampler(self.train_set, num_replicas=self.ctx.world_size,
-                                          rank=self.ctx.global_rank, shuffle=True, seed=a.seed)
-        if a.no_group_by_length:
-            batches = BatchSampler(self.sampler, batch_size=a.per_gpu_train_batch_size, drop_last=False)
-        else:
-            groups = create_lengths_groups(self.train_set.lengths, k=a.max_seq_length)
-            batches = GroupedBatchSampler(self.sampler, group_ids=groups, batch_size=a.per_gpu_train_batch_size)
-        self.batch_sampler = SkippableBatchSampler(batches)
+        self.batch_sampler = training_batch_sampler(
+            self.train_set, batch_size=a.per_gpu_train_batch_size, group_by_size=not a.no_group_by_length,
+            max_len=a.max_seq_length, world_size=self.ctx.world_size, rank=self.ctx.global_rank, seed=a.seed)
         self.dataloader = DataLoader(self.train_set, batch_sampler=self.batch_sampler,
                                      collate_fn=lambda rows: pad_collate(rows, pad_token_id),
-                                     pin_memory=self.device.type == "cuda")
+                                     pin_memory=self.device.type == "cuda",
+                                     # Its own generator: starting an epoch's iterator would otherwise draw from the
+                                     # global RNG, and a resumed run's dropout would drift from the original's.
+                                     generator=torch.Generator().manual_seed(a.seed))
         steps_per_epoch = max(1, len(self.dataloader) // a.gradient_accumulation_steps)
         self.total_steps = a.max_steps if a.max_steps > 0 else max(1, int(steps_per_epoch * a.num_train_epochs))
 

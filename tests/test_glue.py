@@ -1,0 +1,77 @@
+"""GLUE metrics against hand computations, label checks, and reading task files."""
+import numpy as np
+import pytest
+
+from glue import (binary_f1, get_task, glue_metrics, infer_custom_task, label_ids, load_file, matthews_correlation,
+                  task_score)
+from utils import UserError
+
+
+def test_matthews_and_f1_by_hand():
+    preds, labels = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]
+    # tp 2, tn 1, fp 1, fn 1: MCC = (2*1 - 1*1) / sqrt(3*3*2*2) = 1/6; F1 = 2*(2/3)*(2/3)/(4/3) = 2/3.
+    assert matthews_correlation(preds, labels) == pytest.approx(1 / 6)
+    assert binary_f1(preds, labels) == pytest.approx(2 / 3)
+    assert matthews_correlation([1, 1, 1], [1, 0, 1]) == 0.0  # constant prediction: undefined, reported as 0
+    assert binary_f1([0, 0], [1, 1]) == 0.0
+
+
+def test_glue_metrics_and_scores():
+    logits = np.array([[0.1, 0.9], [2.0, -1.0], [0.0, 1.0], [0.3, 0.2]])  # predictions 1, 0, 1, 0
+    labels = [1, 0, 0, 0]
+    m = glue_metrics(get_task("MRPC"), logits, labels)
+    assert m["accuracy"] == 0.75 and m["f1"] == pytest.approx(2 / 3)  # tp 1, fp 1, fn 0
+    assert task_score(get_task("mrpc"), m) == pytest.approx(100 * (0.75 + 2 / 3) / 2)
+    assert set(glue_metrics(get_task("cola"), logits, labels)) == {"matthews_correlation"}
+
+    x = np.array([0.5, 1.0, 3.0, 2.0, 4.5])
+    y = [1.0, 2.0, 2.5, 4.0, 5.0]
+    m = glue_metrics(get_task("stsb"), x[:, None], y)
+    assert m["pearson"] == pytest.approx(np.corrcoef(x, y)[0, 1])
+    # Ranks of x: 1 2 4 3 5, of y: 1 2 3 4 5; Spearman = 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 12/120.
+    assert m["spearmanr"] == pytest.approx(0.9)
+
+
+def test_task_names():
+    assert get_task("SST-2").name == "sst2" and get_task("sts-b").is_regression
+    assert get_task("my_task") is None
+
+
+def test_labels_checked_with_their_row():
+    sst2 = get_task("sst2")
+    assert label_ids([0, 1, "1", "positive"], sst2, "f") == [0, 1, 1, 1]
+    with pytest.raises(UserError, match=r"f: row 3: label 2 is out of range for 2 classes"):
+        label_ids([0, 1, 2], sst2, "f")
+    with pytest.raises(UserError, match=r"row 1: label -1"):
+        label_ids([-1], sst2, "f")
+    with pytest.raises(UserError, match=r"row 2: label 'maybe' is not one of the labels"):
+        label_ids(["negative", "maybe"], sst2, "f")
+    with pytest.raises(UserError, match="regression"):
+        label_ids([0.5], sst2, "f")
+    assert label_ids(["2.5", 3], get_task("stsb"), "f") == [2.5, 3.0]
+
+
+def test_tasks_of_your_own():
+    t = infer_custom_task("topic", ["b", "a", "c", "a"])
+    assert t.num_labels == 3 and t.label_names == ("a", "b", "c")
+    assert label_ids(["c", "a"], t, "f", t.label_names) == [2, 0]
+    assert infer_custom_task("score", [0.5, 1.25]).is_regression
+    assert infer_custom_task("ids", [0, 3, 1]).num_labels == 4
+    with pytest.raises(UserError, match="--num_labels 2"):
+        infer_custom_task("topic", ["a", "b", "c"], num_labels=2)
+
+
+def test_tsv_with_quotes_and_na_text(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_text('sentence1\tsentence2\tlabel\n"He said ""no"", twice."\tNA\t1\nnull\tplain text\t0\n')
+    data = load_file(str(path), "--train_file", cache_dir=str(tmp_path / "cache"))
+    assert data["sentence1"] == ['He said "no", twice.', "null"]
+    assert data["sentence2"] == ["NA", "plain text"]  # text stays text
+    assert list(data["label"]) == [1, 0]
+    jsonl = tmp_path / "dev.jsonl"
+    jsonl.write_text('{"sentence": "good", "label": 1}\n{"sentence": "bad", "label": 0}\n')
+    assert load_file(str(jsonl), "--validation_file", cache_dir=str(tmp_path / "cache"))["sentence"] == ["good", "bad"]
+    txt = tmp_path / "train.txt"
+    txt.write_text("a\n")
+    with pytest.raises(UserError, match="unknown format .txt"):
+        load_file(str(txt), "--train_file")
