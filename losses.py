@@ -22,6 +22,9 @@ IGNORE_INDEX = -100  # label of a position that predicts nothing (padding, unmas
 _CHUNK_ELEMENTS = 1 << 22  # logits elements processed at once in the fused losses: ~16 MB of fp32
 _GPU_CHUNKS = 16  # on a GPU, the rows are split in about this many chunks instead (see rows_per_chunk)
 _GPU_MAX_CHUNK_ELEMENTS = 1 << 26
+# A float16 gradient buffer holds each row scaled by a power of two that brings its largest entry to about
+# this value (see _WeightedLogitLoss): well inside float16's range (65504), far above its smallest normal.
+_FP16_ROW_TARGET = 2.0 ** 14
 
 
 def rows_per_chunk(n, vocab, device):
@@ -92,6 +95,13 @@ class _WeightedLogitLoss(torch.autograd.Function):
 
     The row counts that normalise the terms stay on the device (no host synchronisation): KD and MSE
     average over the rows with kd_rows true (all rows when None), LM over the labelled rows.
+
+    float16 logits (--fp16): the gradient is computed before backward, so before a GradScaler's factor
+    reaches it, and its entries (about w T / n_rows times a probability) sit mostly below float16's normal
+    range: stored as they are, most would flush to zero. Each row is therefore stored times a power of two
+    that brings its largest entry near _FP16_ROW_TARGET (exact, no rounding), and backward divides it back
+    out while applying the incoming factor, in fp32, chunk by chunk. The buffer stays float16, plus one fp32
+    scale per row. bfloat16 and float32 have float32's exponent range and need none of this.
     """
 
     @staticmethod
@@ -104,6 +114,7 @@ class _WeightedLogitLoss(torch.autograd.Function):
         c_mse = w_mse * 2.0 / n_kd
         c_lm = w_lm / n_labels
         grad = torch.empty_like(s_flat)
+        row_scale = s_flat.new_empty(n, dtype=torch.float32) if grad.dtype == torch.float16 else None
         sums = s_flat.new_zeros(3, dtype=torch.float32)
         step = rows_per_chunk(n, s_flat.size(-1), s_flat.device)
         for i in range(0, n, step):
@@ -117,8 +128,13 @@ class _WeightedLogitLoss(torch.autograd.Function):
                 g.add_(d_kl.mul_(c_kl)).add_(diff.mul_(c_mse))
             if d_ce is not None:
                 g.add_(d_ce.mul_(c_lm))
+            if row_scale is not None:
+                peak = g.abs().amax(dim=-1).clamp(min=2.0 ** -100)  # (rows,); an all-zero row keeps its zeros
+                scale = torch.exp2(torch.floor(torch.log2(_FP16_ROW_TARGET / peak)))
+                g.mul_(scale[:, None])
+                row_scale[i: i + step] = scale
             grad[i: i + step] = g
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(grad, row_scale)
         ce = sums[0] * temperature ** 2 / n_kd
         mse = sums[1] / n_kd
         lm = sums[2] / n_labels
@@ -128,8 +144,15 @@ class _WeightedLogitLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, *unused):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None, None, None, None, None
+        grad, row_scale = ctx.saved_tensors
+        if row_scale is None:
+            return grad * grad_total.to(grad.dtype), None, None, None, None, None, None, None
+        factor = grad_total.float() / row_scale  # (n,): the incoming factor, and the storage scale undone
+        out = torch.empty_like(grad)
+        step = rows_per_chunk(grad.size(0), grad.size(-1), grad.device)
+        for i in range(0, grad.size(0), step):
+            out[i: i + step] = grad[i: i + step].float() * factor[i: i + step, None]
+        return out, None, None, None, None, None, None, None
 
 
 def weighted_logit_loss(s_logits, t_logits, labels, temperature, w_ce, w_mse, w_lm, kd_rows=None):
