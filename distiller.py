@@ -76,6 +76,11 @@ class DistillationConfig:
         return {name: getattr(self, f"alpha_{name}") for name in LOSS_NAMES}
 
 
+def _plain(value):
+    """A counter as a Python number (the running epoch loss is a device tensor)."""
+    return float(value) if torch.is_tensor(value) else value
+
+
 class TrainingError(Exception):
     """The run cannot go on (e.g. too many consecutive non-finite steps); a checkpoint was written first."""
 
@@ -314,6 +319,7 @@ class Distiller:
         for name, value in losses.items():
             total, count = self._running.get(name, (0.0, 0))
             self._running[name] = (total + value.detach().float(), count + 1)
+        self.total_loss_epoch = self.total_loss_epoch + losses["total"].float()  # on the device: read at epoch end
         self.optimize(loss)
 
     def optimize(self, loss):
@@ -327,12 +333,14 @@ class Distiller:
         learning-rate schedule advances at every boundary, skipped or not (as in PyTorch's AMP recipe).
         """
         acc = self.config.gradient_accumulation_steps
-        # The last batch of an epoch always closes an accumulation group, so an epoch ends on a real step.
+        # The last batch of an epoch always closes an accumulation group, so an epoch ends on a real step; that
+        # group may hold fewer than acc batches, and the step averages over the batches it really holds.
         boundary = (self.n_iter + 1) % acc == 0 or self.n_iter + 1 == len(self.dataloader)
+        group_size = min(acc, len(self.dataloader) - self.n_iter // acc * acc)
         self._at_boundary = boundary
         sync_ctx = self.model.no_sync() if (self.multi_gpu and not boundary) else contextlib.nullcontext()
         with sync_ctx:
-            self.scaler.scale(loss / acc).backward()
+            self.scaler.scale(loss / group_size).backward()
         if not boundary:
             return
         self.scaler.unscale_(self.optimizer)
@@ -465,7 +473,6 @@ class Distiller:
         averages = {name: (total / max(count, 1)).item() if torch.is_tensor(total) else 0.0
                     for name, (total, count) in self._running.items()}
         self._running = {}
-        self.total_loss_epoch += averages.get("total", 0.0) * self.config.log_interval
         if bar is not None:
             bar.set_postfix({"loss": f"{averages.get('total', float('nan')):.4f}"})
         if not self.is_master:
@@ -493,18 +500,30 @@ class Distiller:
                               step)
 
     def end_epoch(self):
-        """Epoch checkpoint (master), epoch averages, counters reset."""
+        """Epoch checkpoint (master), the epoch's mean loss, counters reset."""
         logger.info("%d sequences trained on this process in epoch %d.", self.n_sequences_epoch, self.epoch)
         self.evaluate()
+        epoch_loss = self.epoch_mean_loss()
         if self.is_master:
             self.save_checkpoint(checkpoint_name=f"model_epoch_{self.epoch}.pth")
             if self.n_iter:
-                self.tensorboard.add_scalar("epoch/loss", self.total_loss_epoch / self.n_iter, self.epoch)
+                logger.info("Epoch %d: mean loss %.6g over %d iterations.", self.epoch, epoch_loss, self.n_iter)
+                self.tensorboard.add_scalar("epoch/loss", epoch_loss, self.epoch)
+                self.write_metrics({"split": "train_epoch", "epoch": self.epoch, "step": self.n_total_iter,
+                                    "loss": epoch_loss})
         self.epoch += 1
         self.n_sequences_epoch = 0
         self.n_iter = 0
         self.total_loss_epoch = 0.0
         self.save_training_state()
+
+    def epoch_mean_loss(self):
+        """The mean of the epoch's iteration losses, over every rank's iterations (collective, on the host
+        group: once an epoch, so the read of the device sum does not matter)."""
+        sums = torch.tensor([float(self.total_loss_epoch), self.n_iter], dtype=torch.float64)
+        if self.multi_gpu:
+            torch.distributed.all_reduce(sums, group=self._host_group)
+        return float(sums[0] / sums[1]) if sums[1] else float("nan")
 
     def write_metrics(self, record):
         """One JSON line per log in dump_path/metrics.jsonl: the machine-readable twin of TensorBoard."""
@@ -542,7 +561,7 @@ class Distiller:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rngs,
-            "counters": {name: getattr(self, name) for name in checkpointing.RESUMABLE_COUNTERS},
+            "counters": {name: _plain(getattr(self, name)) for name in checkpointing.RESUMABLE_COUNTERS},
             "run": self._run_identity(),
         }
         checkpointing.save_atomic(state, checkpointing.checkpoint_path(self.dump_path, self.n_total_iter))

@@ -99,7 +99,7 @@ def randomise(model, seed, scale):
 BERT_SPECIAL = {"pad_token": 0, "unk_token": 1, "cls_token": 2, "sep_token": 3, "mask_token": 4}
 
 
-def tiny_models(config_name, vocab=300, seq_len=24):
+def tiny_models(config_name, vocab=300, seq_len=24, dropout=0.1):
     """(teacher, student) with random weights: BERT -> 1-layer DistilBERT (bert_*), or GPT-2 -> 1-layer GPT-2."""
     from transformers import (BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, GPT2Config,
                               GPT2LMHeadModel)
@@ -109,10 +109,11 @@ def tiny_models(config_name, vocab=300, seq_len=24):
                                              num_attention_heads=2, intermediate_size=64,
                                              max_position_embeddings=seq_len))
         student = DistilBertForMaskedLM(DistilBertConfig(vocab_size=vocab, dim=32, n_layers=1, n_heads=2,
-                                                         hidden_dim=64, max_position_embeddings=seq_len))
+                                                         hidden_dim=64, max_position_embeddings=seq_len,
+                                                         dropout=dropout, attention_dropout=dropout))
         return teacher, student
     common = dict(vocab_size=vocab, n_embd=32, n_head=2, n_inner=64, n_positions=seq_len, bos_token_id=vocab - 1,
-                  eos_token_id=vocab - 1)
+                  eos_token_id=vocab - 1, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     return GPT2LMHeadModel(GPT2Config(n_layer=2, **common)), GPT2LMHeadModel(GPT2Config(n_layer=1, **common))
 
 
@@ -134,10 +135,11 @@ def tiny_sequences(n_batches, batch_size, seq_len, vocab, special, mlm, seed=0):
     return out
 
 
-def tiny_distiller(config_name, dump_path, extra=None, device="cpu", bf16=False, n_batches=6):
+def tiny_distiller(config_name, dump_path, extra=None, device="cpu", bf16=False, n_batches=6, sequences=None,
+                   dropout=0.1):
     """A Distiller on tiny random models (bert_mlm, bert_mlm_restrict or gpt2_clm), its batch preparation,
-    and n_batches collated batches, the second one without padding. extra: DistillationConfig fields to
-    override, and `mlm_mask_prop`."""
+    and n_batches collated batches of 3, the second one without padding (or `sequences`: batches of token
+    id arrays, every id below 299). extra: DistillationConfig fields to override, and `mlm_mask_prop`."""
     import torch
 
     from distiller import DistillationConfig, Distiller
@@ -150,16 +152,18 @@ def tiny_distiller(config_name, dump_path, extra=None, device="cpu", bf16=False,
     device = torch.device(device)
     vocab, seq_len, mlm = 300, 24, config_name.startswith("bert")
     torch.manual_seed(0)
-    teacher, student = tiny_models(config_name, vocab, seq_len)
+    teacher, student = tiny_models(config_name, vocab, seq_len, dropout)
     teacher.to(device).eval().requires_grad_(False)
     student.to(device)
     special = dict(BERT_SPECIAL) if mlm else {"bos_token": vocab - 1, "eos_token": vocab - 1, "unk_token": vocab - 1}
-    sequences = tiny_sequences(n_batches, 3, seq_len, vocab, special, mlm)
-    sequences[1] = [s[:12] for s in sequences[1]]  # one batch without padding: every sequence 12 tokens
+    if sequences is None:
+        sequences = tiny_sequences(n_batches, 3, seq_len, vocab, special, mlm)
+        sequences[1] = [s[:12] for s in sequences[1]]  # one batch without padding: every sequence 12 tokens
     config = DistillationConfig(
         dump_path=str(dump_path), mlm=mlm, student_type="distilbert" if mlm else "gpt2", alpha_ce=5.0,
         alpha_cos=1.0, alpha_mlm=2.0 if mlm else 0.0, alpha_clm=0.0 if mlm else 2.0,
-        restrict_ce_to_mask=config_name == "bert_mlm_restrict", batch_size=3, gradient_accumulation_steps=1,
+        restrict_ce_to_mask=config_name == "bert_mlm_restrict", batch_size=len(sequences[0]),
+        gradient_accumulation_steps=1,
         n_epoch=1, seed=0, bf16=bf16, max_model_input_size=seq_len, log_interval=10_000)
     config = dataclasses.replace(config, **extra)
     flat = [s for batch in sequences for s in batch]

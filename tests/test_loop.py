@@ -1,0 +1,72 @@
+"""The loop's bookkeeping (distiller.py): the epoch loss, and gradient accumulation at an epoch's end."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_loop, tiny_distiller
+
+
+def _records(dump, split):
+    with open(dump / "metrics.jsonl") as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+@pytest.mark.parametrize("log_interval", [4, 7, 100])
+def test_epoch_loss_is_the_mean_of_the_epoch_iteration_losses(tmp_path, log_interval):
+    """Whatever --log_interval: no iteration dropped after the last log, none carried over from the previous
+    epoch, and an epoch shorter than the interval does not log 0. The reference is the same run logging every
+    iteration (logging draws nothing random, so both runs compute the same losses)."""
+    losses = {}
+    for interval in (1, log_interval):
+        dump = tmp_path / f"every{interval}"
+        distiller, _, _ = tiny_distiller("bert_mlm", dump, {"n_epoch": 2, "log_interval": interval}, n_batches=6)
+        distiller.train()
+        losses[interval] = _records(dump, "train_epoch")
+        if interval == 1:
+            per_iteration = [r["loss"] for r in _records(dump, "train")]
+    assert len(per_iteration) == 12  # 6 batches a epoch, 2 epochs
+    expected = [np.mean(per_iteration[:6]), np.mean(per_iteration[6:])]
+    assert [r["epoch"] for r in losses[log_interval]] == [0, 1]
+    for record, value in zip(losses[log_interval], expected):
+        assert record["loss"] == pytest.approx(value, rel=1e-6)
+    assert losses[1] == losses[log_interval]
+
+
+def _equal_length_sequences(n, length=16, seed=0):
+    rng = np.random.default_rng(seed)
+    eos = 299
+    return [np.concatenate([[eos], rng.integers(0, 299, size=length - 2), [eos]]).astype(np.int64) for _ in range(n)]
+
+
+def _gradients_per_step(dump, batches_of, accumulation):
+    """The gradient each optimizer step applies (recorded just before it), for a CLM run without dropout
+    or clipping over 36 equal-length sequences cut into batches of `batches_of`."""
+    flat = _equal_length_sequences(36)
+    sequences = [flat[i: i + batches_of] for i in range(0, 36, batches_of)]
+    distiller, prepare, batches = tiny_distiller(
+        "gpt2_clm", dump, {"gradient_accumulation_steps": accumulation, "max_grad_norm": 0.0}, sequences=sequences,
+        dropout=0.0)
+    params = [p for p in distiller.student_lm.parameters() if p.requires_grad]
+    seen, step = [], distiller.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen.append([p.grad.detach().clone() for p in params])
+        return step(*args, **kwargs)
+
+    distiller.optimizer.step = recording_step
+    run_loop(distiller, prepare, batches)
+    return seen
+
+
+def test_a_short_last_accumulation_group_averages_over_the_batches_it_holds(tmp_path):
+    """12 batches of 3 with accumulation 5: steps of 5, 5 and 2 batches, each the average of its batches'
+    gradients, so equal to full-batch steps over the same sequences (batches of 15, 15 and 6). Before the
+    fix the last step was scaled by 2/5."""
+    accumulated = _gradients_per_step(tmp_path / "acc", batches_of=3, accumulation=5)
+    full = _gradients_per_step(tmp_path / "full", batches_of=15, accumulation=1)
+    assert len(accumulated) == len(full) == 3
+    for step, (ours, ref) in enumerate(zip(accumulated, full)):
+        for g, g_ref in zip(ours, ref):
+            torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-7, msg=f"optimizer step {step}")
