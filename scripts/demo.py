@@ -18,6 +18,7 @@ there.
 """
 import argparse
 import ast
+import functools
 import json
 import math
 import os
@@ -44,6 +45,7 @@ PRESETS = {
         "teacher_epochs": 14, "teacher_lr": 1e-3,
         "student_epochs": 3, "student_lr": 5e-4,
         "eval_batch_size": 32, "speed_batches": 10, "speed_rounds": 7,
+        "task_max_train": 4000, "task_epochs": 3, "task_lr": 3e-4, "task_batch_size": 32,
     },
     "quick": {
         "max_lines": 1200, "vocab_size": 600, "max_len": 64,
@@ -53,8 +55,11 @@ PRESETS = {
         "teacher_epochs": 1, "teacher_lr": 1e-3,
         "student_epochs": 1, "student_lr": 5e-4,
         "eval_batch_size": 32, "speed_batches": 2, "speed_rounds": 2,
+        "task_max_train": 300, "task_epochs": 1, "task_lr": 3e-4, "task_batch_size": 32,
     },
 }
+# The downstream task of the default corpus: is a paragraph of the standard library a docstring or a comment?
+STDLIB_TASK = "docstring_or_comment"
 HELDOUT_FRACTION = 0.05
 MIN_WORDS = 8
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -117,24 +122,33 @@ def stdlib_files(root=None):
     return files
 
 
-def stdlib_corpus(seed=0, root=None):
-    """English paragraphs from the standard library's docstrings and comments: deduplicated, shuffled
-    with `seed`. The same Python installation always gives the same list."""
-    lines, seen = [], set()
+@functools.lru_cache(maxsize=4)  # the corpus step and the downstream task both read it: walk the stdlib once
+def stdlib_paragraphs(root=None):
+    """(paragraph, kind) for each English paragraph of the standard library's docstrings and comments, kind
+    being "docstring" or "comment", deduplicated (a paragraph keeps the kind it first appeared with), in the
+    order of the files. The same Python installation always gives the same list."""
+    paragraphs, seen = [], set()
     for path in stdlib_files(root):
         try:
             with open(path, encoding="utf-8") as f:
                 source = f.read()
-            texts = list(_docstrings(source))
+            texts = [(text, "docstring") for text in _docstrings(source)]
         except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
             continue  # e.g. lib2to3's deliberately broken fixtures
-        texts.extend(_comment_blocks(source))
-        for text in texts:
+        texts.extend((text, "comment") for text in _comment_blocks(source))
+        for text, kind in texts:
             for paragraph in re.split(r"\n\s*\n", text):
                 line = " ".join(paragraph.split())
                 if line not in seen and looks_like_english(line):
                     seen.add(line)
-                    lines.append(line)
+                    paragraphs.append((line, kind))
+    return tuple(paragraphs)
+
+
+def stdlib_corpus(seed=0, root=None):
+    """English paragraphs from the standard library's docstrings and comments: deduplicated, shuffled
+    with `seed`."""
+    lines = [line for line, _ in stdlib_paragraphs(root)]
     random.Random(seed).shuffle(lines)
     return lines
 
@@ -151,6 +165,38 @@ def split_heldout(lines, fraction=HELDOUT_FRACTION):
     """(train, held-out): the first `fraction` of the (already shuffled) lines are held out."""
     n_heldout = max(1, round(fraction * len(lines)))
     return lines[n_heldout:], lines[:n_heldout]
+
+
+# ============================================================================================ downstream task
+
+
+def docstring_or_comment_rows(lines, kinds):
+    """(paragraph, "docstring" | "comment") for the lines whose kind is known, in their order."""
+    return [(line, kinds[line]) for line in lines if line in kinds]
+
+
+def write_task_tsv(path, rows):
+    """sentence<TAB>label lines under a header: the layout run_glue_w_distillation.py reads by default."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("sentence\tlabel\n")
+        for text, label in rows:
+            f.write(f"{text.replace(chr(9), ' ')}\t{label}\n")
+
+
+def find_glue_tasks(glue_dir):
+    """[(task name, train file, dev file)] for each GLUE task folder of glue_dir (SST-2/, CoLA/, ... holding
+    train.tsv and dev.tsv, or dev_matched.tsv for MNLI), in the order of the Distil* README's table."""
+    from glue import GLUE_ORDER, get_task
+
+    found = {}
+    for name in sorted(os.listdir(glue_dir)):
+        task = get_task(name)
+        folder = os.path.join(glue_dir, name)
+        dev = next((os.path.join(folder, n) for n in ("dev.tsv", "dev_matched.tsv")
+                    if os.path.isfile(os.path.join(folder, n))), None)
+        if task is not None and dev and os.path.isfile(os.path.join(folder, "train.tsv")):
+            found[task.name] = (task.name, os.path.join(folder, "train.tsv"), dev)
+    return [found[t] for t in GLUE_ORDER if t in found]
 
 
 # ============================================================================================ steps
@@ -310,13 +356,16 @@ def _fmt(value, spec):
     return format(value, spec)
 
 
-def results_markdown(rows):
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
+def results_markdown(rows, downstream_column=None):
+    columns = COLUMNS + ([downstream_column] if downstream_column else [])
+    lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
     for r in rows:
         cells = [r["label"], str(r["layers"]), f"{r['parameters']:,}", _fmt(r["mlm_loss"], ".3f"),
                  _fmt(r["pseudo_perplexity"], ".1f"), _fmt(r["kl_to_teacher"], ".3f"),
                  _fmt(r["top1_agreement"], ".1%"), _fmt(r["sequences_per_second"], ".0f"),
                  _fmt(r["speedup_vs_teacher"], ".2f") + ("x" if r["speedup_vs_teacher"] else "")]
+        if downstream_column:
+            cells.append(_fmt(r.get("downstream_score"), ".1f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -357,7 +406,19 @@ def measure_speed(model_dirs, data_file, batch_size, n_batches, rounds):
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def build_rows(evals, layers):
+def downstream_column(downstream):
+    """The main table's column for the downstream scores: the task's score, or the macro score of several."""
+    tasks = downstream["tasks"]
+    if len(tasks) == 1:
+        from glue import get_task
+
+        task = get_task(tasks[0])
+        metric = "+".join(task.metrics) if task else "accuracy"
+        return f"downstream: {task.display if task else tasks[0].replace('_', ' ')} ({metric.replace('_', ' ')})"
+    return f"downstream macro score ({', '.join(tasks)})"
+
+
+def build_rows(evals, layers, downstream=None):
     teacher_speed = evals["teacher"]["sequences_per_second"]
     labels = {"teacher": "teacher (BERT, pretrained here)", "distilled": "distilled student (DistilBERT)",
               "baseline": "baseline student (same init, no teacher)"}
@@ -371,6 +432,9 @@ def build_rows(evals, layers):
             "sequences_per_second": e["sequences_per_second"],
             "speedup_vs_teacher": e["sequences_per_second"] / teacher_speed,
         })
+    # downstream_table.py's rows are teacher, task-distilled (distilled) student, baseline student, in that order.
+    for row, task_row in zip(rows, downstream["rows"] if downstream else []):
+        row["downstream_score"] = task_row["macro"]
     return rows
 
 
@@ -388,6 +452,9 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="A tiny run that only checks the pipeline (~1 min).")
     parser.add_argument("--steps_scale", type=float, default=1.0,
                         help="Multiply the number of training epochs of every stage (rounded, at least 1).")
+    parser.add_argument("--glue_dir", default=None,
+                        help="Downstream stage on the GLUE tasks found in this folder (SST-2/, CoLA/, ... with "
+                             "train.tsv and dev.tsv) instead of the docstring-or-comment task.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="Echo every step's output, not only its log file.")
     return parser.parse_args(argv)
@@ -411,7 +478,8 @@ class Demo:
     """The demo's state and its steps, one method each, run in order by `run`. Each step reads what the
     earlier ones left on `self` (paths, the tokenizer, evaluation results) and adds its own."""
 
-    STEPS = ("corpus", "tokenizer", "binarize", "teacher", "extract", "distil", "baseline", "evaluate", "results")
+    STEPS = ("corpus", "tokenizer", "binarize", "teacher", "extract", "distil", "baseline", "evaluate", "task_data",
+             "task_teacher", "task_students", "results")
 
     def __init__(self, args):
         self.args = args
@@ -427,6 +495,12 @@ class Demo:
         return max(1, round(epochs * self.args.steps_scale))
 
     def run(self):
+        if self.args.glue_dir:  # fail now, not after the pretraining steps
+            if not os.path.isdir(self.args.glue_dir):
+                raise StepFailed("setup", f"--glue_dir {self.args.glue_dir}: no such folder")
+            if not find_glue_tasks(self.args.glue_dir):
+                raise StepFailed("setup", f"--glue_dir {self.args.glue_dir}: no GLUE task folder (SST-2/, CoLA/, ... "
+                                          "with train.tsv and dev.tsv) in it")
         prepare_workdir(self.workdir)
         print(f"Distil* demo ({'quick' if self.quick else 'full'}), interpreter {sys.executable}, "
               f"workdir {self.pipe.rel(self.workdir)}", flush=True)
@@ -585,14 +659,106 @@ class Demo:
             self.evals[name]["sequences_per_second"] = speed
         pipe.end()
 
+    # -- downstream: fine-tune, task-distil, compare ------------------------------------------------------
+
+    def task_data(self):
+        """9. The labelled task(s): is a paragraph a docstring or a comment (from the corpus itself), or the GLUE
+        tasks found in --glue_dir."""
+        pipe, args = self.pipe, self.args
+        self.tasks = []
+        if args.glue_dir:
+            pipe.begin(f"Downstream tasks: the GLUE tasks in {args.glue_dir}")
+            self.tasks = [{"name": name, "train": train, "dev": dev} for name, train, dev in find_glue_tasks(args.glue_dir)]
+            print(f"    {', '.join(t['name'] for t in self.tasks)}; at most {self.preset['task_max_train']:,} training "
+                  "examples each (--max_train_samples), whole dev sets", flush=True)
+        elif args.corpus:
+            pipe.begin("Downstream task: none for --corpus (give --glue_dir for GLUE tasks)")
+            print("    your own text has no labels to fine-tune on: skipping the downstream stage", flush=True)
+        else:
+            pipe.begin("Downstream task: is a standard-library paragraph a docstring or a comment?")
+            kinds = dict(stdlib_paragraphs())
+            train = docstring_or_comment_rows(self.train_lines, kinds)
+            dev = docstring_or_comment_rows(self.heldout_lines, kinds)  # never seen in pretraining either
+            paths = {split: os.path.join(self.data, f"{STDLIB_TASK}_{split}.tsv") for split in ("train", "dev")}
+            write_task_tsv(paths["train"], train)
+            write_task_tsv(paths["dev"], dev)
+            self.tasks = [{"name": STDLIB_TASK, "train": paths["train"], "dev": paths["dev"]}]
+            majority = max(sum(1 for _, k in dev if k == kind) for kind in ("docstring", "comment")) / len(dev)
+            self.task_note = (f"Downstream task: tell a docstring paragraph from a comment paragraph, trained on at "
+                              f"most {self.preset['task_max_train']:,} paragraphs of the training lines, scored "
+                              f"(accuracy) on the {len(dev):,} held-out ones, where always answering the majority "
+                              f"class scores {majority:.1%}.")
+            print(f"    {len(train):,} training paragraphs (at most {self.preset['task_max_train']:,} used), {len(dev):,} "
+                  f"held-out; {sum(1 for _, k in train if k == 'docstring'):,} of the training ones are docstrings",
+                  flush=True)
+        pipe.end()
+
+    def task_args(self, task, model_dir, out_dir):
+        """One fine-tuning run of run_glue_w_distillation.py: the same data, schedule and seed for every model."""
+        pipe, preset = self.pipe, self.preset
+        n_steps = math.ceil(preset["task_max_train"] / preset["task_batch_size"]) * self.epochs(preset["task_epochs"])
+        return ["--task_name", task["name"], "--train_file", pipe.rel(task["train"]), "--validation_file",
+                pipe.rel(task["dev"]), "--model_name_or_path", pipe.rel(model_dir), "--output_dir", pipe.rel(out_dir),
+                "--do_train", "--do_eval", "--max_train_samples", preset["task_max_train"],
+                "--max_seq_length", preset["max_len"], "--per_gpu_train_batch_size", preset["task_batch_size"],
+                "--per_gpu_eval_batch_size", 64, "--learning_rate", preset["task_lr"], "--weight_decay", "0.01",
+                "--warmup_steps", max(1, round(0.06 * n_steps)), "--num_train_epochs", self.epochs(preset["task_epochs"]),
+                "--logging_steps", 20, "--save_steps", 0, "--seed", self.args.seed, "--no_cuda",
+                "--overwrite_output_dir", "--cache_dir", pipe.rel(os.path.join(self.workdir, "cache"))]
+
+    def task_run_dir(self, role, task):
+        return os.path.join(self.runs, f"{task['name']}_{role}")
+
+    def task_teacher(self):
+        """10. Fine-tune the teacher on each task (run_glue_w_distillation.py, no teacher of its own)."""
+        pipe = self.pipe
+        pipe.begin("Fine-tune the teacher on the downstream task" + ("s" if len(self.tasks) > 1 else ""))
+        if not self.tasks:
+            print("    skipped: no downstream task", flush=True)
+        for task in self.tasks:
+            out = self.task_run_dir("teacher", task)
+            pipe.run("run_glue_w_distillation.py", self.task_args(task, self.teacher_dir, out),
+                     f"10_{task['name']}_teacher.log", progress_file=os.path.join(out, "metrics.jsonl"))
+        pipe.end()
+
+    def task_students(self):
+        """11. Task-distil the distilled student from the fine-tuned teacher; fine-tune the baseline student alone
+        (same data, schedule, seed); then scripts/downstream_table.py."""
+        pipe = self.pipe
+        pipe.begin("Task-distil the distilled student from the fine-tuned teacher; fine-tune the baseline alone")
+        self.downstream = None
+        if not self.tasks:
+            print("    skipped: no downstream task", flush=True)
+            return pipe.end()
+        for task in self.tasks:
+            teacher = self.task_run_dir("teacher", task)
+            for role, model_dir, extra in (
+                    ("distilled", self.distilled_dir, ["--teacher_name_or_path", pipe.rel(teacher), "--alpha_ce", "0.5",
+                                                       "--alpha_task", "0.5", "--temperature", "2"]),
+                    ("baseline", self.baseline_dir, [])):
+                out = self.task_run_dir(role, task)
+                pipe.run("run_glue_w_distillation.py", self.task_args(task, model_dir, out) + extra,
+                         f"11_{task['name']}_{role}.log", progress_file=os.path.join(out, "metrics.jsonl"))
+        self.downstream_prefix = os.path.join(self.workdir, "downstream")
+        folders = {role: [pipe.rel(self.task_run_dir(role, t)) for t in self.tasks]
+                   for role in ("teacher", "distilled", "baseline")}
+        pipe.run("scripts/downstream_table.py",
+                 ["--teacher", "teacher (BERT), fine-tuned", *folders["teacher"],
+                  "--student", "distilled student, task-distilled", *folders["distilled"],
+                  "--student", "baseline student, fine-tuned alone", *folders["baseline"],
+                  "--output", pipe.rel(self.downstream_prefix), "--no_speed"], "11_downstream_table.log")
+        with open(self.downstream_prefix + ".json") as f:
+            self.downstream = json.load(f)
+        pipe.end()
+
     def results(self):
-        """9. The table, results.md and results.json."""
+        """12. The table, results.md and results.json."""
         pipe, preset, evals = self.pipe, self.preset, self.evals
         pipe.begin("Results")
         n_student_layers = len(preset["student_layers"])
         rows = build_rows(evals, {"teacher": preset["teacher"]["layers"], "distilled": n_student_layers,
-                                  "baseline": n_student_layers})
-        table = results_markdown(rows)
+                                  "baseline": n_student_layers}, self.downstream)
+        table = results_markdown(rows, downstream_column(self.downstream) if self.downstream else None)
         chance = math.log(len(self.tok))
         with open(os.path.join(self.workdir, "logs", "04_teacher.log")) as f:
             teacher_steps = _optimizer_steps(f.read())
@@ -609,8 +775,19 @@ class Demo:
                  f"(teacher layers {self.layers}). Inference on the CPU, batches of {preset['eval_batch_size']} "
                  "sequences: half the layers is less than half the compute, as the embeddings and the output layer "
                  "over the whole vocabulary are a large share of such a small model.")
+        downstream_md = ""
+        if self.downstream:
+            t, ds, bs = (r["macro"] for r in self.downstream["rows"])
+            notes += ("\n\n" + getattr(self, "task_note", "Downstream: the GLUE tasks of --glue_dir.") +
+                      " Each model is fine-tuned with the same data, schedule and seed (run_glue_w_distillation.py);"
+                      " the distilled student also learns from the fine-tuned teacher's soft predictions (T = 2).")
+            verdict += (f" Downstream, the task-distilled student scores {ds:.1f} ({ds / t:.0%} of the teacher's "
+                        f"{t:.1f}), the baseline fine-tuned alone {bs:.1f} ({bs / t:.0%}).")
+            with open(self.downstream_prefix + ".md") as f:
+                downstream_md = "\n## Downstream (scripts/downstream_table.py)\n\n" + f.read()
         with open(os.path.join(self.workdir, "results.md"), "w") as f:
-            f.write(f"# Distil* demo results ({'quick' if self.quick else 'full'})\n\n{table}\n{notes}\n\n{verdict}\n")
+            f.write(f"# Distil* demo results ({'quick' if self.quick else 'full'})\n\n{table}\n{notes}\n\n{verdict}\n"
+                    f"{downstream_md}")
         pipe.timings[pipe.step_name] = round(time.time() - pipe._t0, 1)
         args = self.args
         record = {
@@ -619,12 +796,14 @@ class Demo:
             "corpus_lines": {"train": len(self.train_lines), "heldout": len(self.heldout_lines)},
             "corpus_words": {"train": self.n_words[0], "heldout": self.n_words[1]},
             "vocab_size": len(self.tok), "chance_mlm_loss": chance,
-            "steps": {"teacher": teacher_steps, **self.steps}, "columns": COLUMNS, "rows": rows,
+            "steps": {"teacher": teacher_steps, **self.steps}, "rows": rows,
+            "columns": COLUMNS + ([downstream_column(self.downstream)] if self.downstream else []),
             "timings_s": pipe.timings, "total_s": round(time.time() - self.t_start, 1),
+            "downstream": self.downstream,
         }
         with open(os.path.join(self.workdir, "results.json"), "w") as f:
             json.dump(record, f, indent=2)
-        print("\n" + table + "\n" + notes + "\n\n" + verdict, flush=True)
+        print("\n" + table + "\n" + notes + "\n\n" + verdict + "\n" + downstream_md, flush=True)
         print(f"\nTotal {time.time() - self.t_start:.0f}s. Table: {pipe.rel(os.path.join(self.workdir, 'results.md'))}; "
               f"models and logs: {pipe.rel(self.workdir)}/", flush=True)
 

@@ -1,6 +1,7 @@
 """scripts/demo.py: the stdlib corpus, and the whole pipeline in its --quick size."""
 import json
 import math
+import os
 import re
 
 import pytest
@@ -95,7 +96,7 @@ def test_quick_demo_writes_results(quick_run):
         results = json.load(f)
     rows = results["rows"]
     assert [r["name"] for r in rows] == ROW_NAMES
-    assert results["columns"] == demo.COLUMNS
+    assert results["columns"] == demo.COLUMNS + ["downstream: docstring or comment (accuracy)"]
     for row in rows:
         for key in NUMERIC:
             assert isinstance(row[key], (int, float)) and math.isfinite(row[key]) and row[key] > 0, (row["name"], key)
@@ -112,8 +113,8 @@ def test_quick_demo_writes_results(quick_run):
 
     table = (workdir / "results.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| model"))
-    assert [c.strip() for c in header.strip("|").split("|")] == demo.COLUMNS
-    body = [line for line in table.splitlines() if line.startswith("| ")][1:]
+    assert [c.strip() for c in header.strip("|").split("|")] == results["columns"]
+    body = [line for line in table.splitlines() if line.startswith("| ") and "|:---" not in line][1:4]
     assert len(body) == 3
     assert re.search(r"\| 2 \| [\d,]+ \| \d+\.\d{3} \|", body[1])  # the students' numbers are in the cells
     assert "Results" in proc.stdout and body[0] in proc.stdout
@@ -126,6 +127,54 @@ def test_quick_demo_prints_the_commands_it_runs(quick_run):
         assert f"$ python {script}" in proc.stdout
     assert (workdir / "runs" / "distilled" / "config.json").is_file()
     assert (workdir / "runs" / "baseline" / "metrics.jsonl").is_file()
+
+
+def test_quick_demo_downstream_stage(quick_run):
+    """Teacher fine-tuned on the docstring-or-comment task, distilled student task-distilled from it, baseline
+    fine-tuned alone; their scores in the main table and in the downstream table."""
+    workdir, proc = quick_run
+    results = json.loads((workdir / "results.json").read_text())
+    runs = {role: workdir / "runs" / f"{demo.STDLIB_TASK}_{role}" for role in ROW_NAMES}
+    scores = {role: json.loads((runs[role] / "eval_results.json").read_text()) for role in ROW_NAMES}
+    for role, row in zip(ROW_NAMES, results["rows"]):
+        assert scores[role]["task"] == demo.STDLIB_TASK and 0 <= scores[role]["metrics"]["accuracy"] <= 1
+        assert row["downstream_score"] == pytest.approx(scores[role]["score"])
+    assert results["downstream"]["tasks"] == [demo.STDLIB_TASK]
+    # Only the distilled student learnt from the fine-tuned teacher.
+    last = {role: json.loads((runs[role] / "metrics.jsonl").read_text().splitlines()[-1]) for role in ROW_NAMES}
+    assert "loss_ce" in last["distilled"] and "loss_ce" not in last["baseline"]
+    dev = (workdir / "data" / f"{demo.STDLIB_TASK}_dev.tsv").read_text().splitlines()
+    assert dev[0] == "sentence\tlabel" and {line.rsplit("\t", 1)[1] for line in dev[1:]} == {"docstring", "comment"}
+    assert scores["teacher"]["n_examples"] == len(dev) - 1  # scored on every held-out paragraph
+    md = (workdir / "results.md").read_text()
+    assert "## Downstream" in md and "task-distilled" in md
+    for script in ("run_glue_w_distillation.py", "scripts/downstream_table.py"):
+        assert f"$ python {script}" in proc.stdout
+
+
+def test_docstring_or_comment_labels_and_glue_folders(tmp_path):
+    (tmp_path / "mod.py").write_text(
+        '"""A module docstring that is long enough to be kept as one paragraph."""\n'
+        "# A block comment that is long enough to be kept as one paragraph too.\n"
+        "x = 1\n")
+    kinds = dict(demo.stdlib_paragraphs(str(tmp_path)))
+    assert kinds == {"A module docstring that is long enough to be kept as one paragraph.": "docstring",
+                     "A block comment that is long enough to be kept as one paragraph too.": "comment"}
+    assert demo.docstring_or_comment_rows(["unknown line", *kinds], kinds) == list(kinds.items())
+
+    glue = tmp_path / "glue"
+    for name, files in (("SST-2", ["train.tsv", "dev.tsv"]), ("CoLA", ["train.tsv", "dev.tsv"]),
+                        ("MNLI", ["train.tsv", "dev_matched.tsv"]), ("RTE", ["train.tsv"]), ("notes", ["dev.tsv"])):
+        (glue / name).mkdir(parents=True)
+        for f in files:
+            (glue / name / f).write_text("sentence\tlabel\n")
+    assert [(t, os.path.basename(dev)) for t, _, dev in demo.find_glue_tasks(str(glue))] == [
+        ("cola", "dev.tsv"), ("mnli", "dev_matched.tsv"), ("sst2", "dev.tsv")]  # RTE lacks its dev set
+
+
+def test_glue_dir_without_tasks_is_refused_before_any_step(tmp_path, capsys):
+    assert demo.main(["--quick", "--glue_dir", str(tmp_path), "--workdir", str(tmp_path / "out")]) == 1
+    assert "--glue_dir" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------------------------- failures
