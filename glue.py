@@ -99,7 +99,8 @@ def text_columns(data, task, args, source):
         first, second = "sentence1", "sentence2"
     else:
         first, second = "sentence", None
-    for column, flag in ((first, "--text_column"), (second, "--text_pair_column"), (args.label_column, "--label_column")):
+    flags = ((first, "--text_column"), (second, "--text_pair_column"), (args.label_column, "--label_column"))
+    for column, flag in flags:
         if column is not None and column not in names:
             raise UserError(f"{source}: no column {column!r} (columns: {', '.join(names)}); name it with {flag}")
     return first, second

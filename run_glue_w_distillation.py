@@ -47,7 +47,8 @@ def parse_args(argv=None):
         help="A GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli), or the name of a task of your own "
              "given by --train_file / --validation_file.")
     add("--alpha_task", default=0.5, type=float, help="Weight of the task loss (with a teacher).")
-    add("--train_file", default=None, help="Training data (.tsv, .csv, .json/.jsonl); default: the GLUE task from the hub.")
+    add("--train_file", default=None,
+        help="Training data (.tsv, .csv, .json/.jsonl); default: the GLUE task from the hub.")
     add("--validation_file", default=None, help="Evaluation data, same formats.")
     add("--text_column", default=None, help="Column of the (first) sentence (default: sentence or sentence1).")
     add("--text_pair_column", default=None, help="Column of the second sentence of a pair (default: sentence2).")

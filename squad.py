@@ -69,7 +69,8 @@ def _example(source, qa, is_training, v2):
         raise UserError(f"{source}: a question lacks the field {missing}") from None
     answers = qa.get("answers") or []
     if isinstance(answers, dict):  # the hub's column layout
-        answers = [{"text": t, "answer_start": a} for t, a in zip(answers.get("text", []), answers.get("answer_start", []))]
+        answers = [{"text": t, "answer_start": a}
+                   for t, a in zip(answers.get("text", []), answers.get("answer_start", []))]
     impossible = (bool(qa.get("is_impossible", False)) or not answers) if v2 else False
     if v2 and qa.get("is_impossible", False) and answers:
         raise UserError(f"{source}: question {qid} is marked is_impossible but has answers")

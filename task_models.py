@@ -75,7 +75,8 @@ def load_teacher(args, model_class, tokenizer, student, **config_overrides):
         raise UserError(f"--teacher_name_or_path {name}: {_first_line(error)}") from None
     missing = sorted(info.get("missing_keys", ())) + sorted(info.get("mismatched_keys", ()))
     if missing:
-        raise UserError(f"--teacher_name_or_path {name}: its checkpoint has no {model_class.__name__[len('AutoModelFor'):]} "
+        head = model_class.__name__[len("AutoModelFor"):]
+        raise UserError(f"--teacher_name_or_path {name}: its checkpoint has no {head} "
                         f"head ({missing[0]} would be random); fine-tune the teacher on the task first")
     check_same_vocabulary(name, teacher, tokenizer, student)
     return teacher.eval()

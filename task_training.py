@@ -105,16 +105,19 @@ def check_training_args(args):
         raise UserError("--num_train_epochs must be > 0 (or give --max_steps)")
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 are exclusive")
-    if args.teacher_name_or_path is None and args.alpha_ce > 0 and args.alpha_ce != 0.5:
-        logger.warning("--alpha_ce %g has no effect without --teacher_name_or_path", args.alpha_ce)
+    if args.max_train_samples is not None and args.max_train_samples < 1:
+        raise UserError(f"--max_train_samples must be at least 1, got {args.max_train_samples}")
+    if args.max_eval_samples is not None and args.max_eval_samples < 1:
+        raise UserError(f"--max_eval_samples must be at least 1, got {args.max_eval_samples}")
+    if args.do_train and args.teacher_name_or_path is None:
+        logger.info("No --teacher_name_or_path: plain fine-tuning on the task loss (--alpha_* and --temperature "
+                    "are not used).")
 
 
 def subsample(examples, max_train_samples, seed):
     """A seeded random subset of max_train_samples examples, kept in their original order (None: all)."""
     if max_train_samples is None or max_train_samples >= len(examples):
         return examples
-    if max_train_samples < 1:
-        raise UserError(f"--max_train_samples must be at least 1, got {max_train_samples}")
     keep = sorted(random.Random(seed).sample(range(len(examples)), max_train_samples))
     return [examples[i] for i in keep]
 

@@ -668,7 +668,8 @@ class Demo:
         self.tasks = []
         if args.glue_dir:
             pipe.begin(f"Downstream tasks: the GLUE tasks in {args.glue_dir}")
-            self.tasks = [{"name": name, "train": train, "dev": dev} for name, train, dev in find_glue_tasks(args.glue_dir)]
+            self.tasks = [{"name": name, "train": train, "dev": dev}
+                          for name, train, dev in find_glue_tasks(args.glue_dir)]
             print(f"    {', '.join(t['name'] for t in self.tasks)}; at most {self.preset['task_max_train']:,} training "
                   "examples each (--max_train_samples), whole dev sets", flush=True)
         elif args.corpus:
@@ -688,9 +689,9 @@ class Demo:
                               f"most {self.preset['task_max_train']:,} paragraphs of the training lines, scored "
                               f"(accuracy) on the {len(dev):,} held-out ones, where always answering the majority "
                               f"class scores {majority:.1%}.")
-            print(f"    {len(train):,} training paragraphs (at most {self.preset['task_max_train']:,} used), {len(dev):,} "
-                  f"held-out; {sum(1 for _, k in train if k == 'docstring'):,} of the training ones are docstrings",
-                  flush=True)
+            n_doc = sum(1 for _, k in train if k == "docstring")
+            print(f"    {len(train):,} training paragraphs (at most {self.preset['task_max_train']:,} used), "
+                  f"{len(dev):,} held-out; {n_doc:,} of the training ones are docstrings", flush=True)
         pipe.end()
 
     def task_args(self, task, model_dir, out_dir):
@@ -702,7 +703,8 @@ class Demo:
                 "--do_train", "--do_eval", "--max_train_samples", preset["task_max_train"],
                 "--max_seq_length", preset["max_len"], "--per_gpu_train_batch_size", preset["task_batch_size"],
                 "--per_gpu_eval_batch_size", 64, "--learning_rate", preset["task_lr"], "--weight_decay", "0.01",
-                "--warmup_steps", max(1, round(0.06 * n_steps)), "--num_train_epochs", self.epochs(preset["task_epochs"]),
+                "--warmup_steps", max(1, round(0.06 * n_steps)),
+                "--num_train_epochs", self.epochs(preset["task_epochs"]),
                 "--logging_steps", 20, "--save_steps", 0, "--seed", self.args.seed, "--no_cuda",
                 "--overwrite_output_dir", "--cache_dir", pipe.rel(os.path.join(self.workdir, "cache"))]
 

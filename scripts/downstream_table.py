@@ -173,7 +173,8 @@ def markdown(table):
         shares = []
         if "share_of_teacher" in row and row["share_of_teacher"] is not None:
             shares.append(f"{100 * row['share_of_teacher']:.0f}% (macro)")
-        shares += [f"{100 * row[f'{t}_share_of_teacher']:.0f}% (SQuAD F1)" for t in squad if f"{t}_share_of_teacher" in row]
+        shares += [f"{100 * row[f'{t}_share_of_teacher']:.0f}% (SQuAD F1)"
+                   for t in squad if f"{t}_share_of_teacher" in row]
         cells.append(", ".join(shares) if shares else "-" if "share_of_teacher" in row else "(teacher)")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
