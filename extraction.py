@@ -19,7 +19,7 @@ import torch
 from transformers import (AutoConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, GPT2LMHeadModel,
                           RobertaForMaskedLM)
 
-from utils import UserError, logger
+from utils import UserError, first_line, logger
 
 # The layers the original DistilBERT / DistilRoBERTa / DistilGPT2 students were initialised from.
 ORIGINAL_LAYERS = [0, 2, 4, 7, 9, 11]
@@ -134,11 +134,6 @@ def same_architecture_student_config(teacher_config, n_layers):
 # --------------------------------------------------------------------------------------------------------
 
 
-def first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _ffn_size(config):
     """Width of the feed-forward block, whatever the config class calls it."""
     if config.model_type == "distilbert":
@@ -182,7 +177,7 @@ def load_teacher_config(model_name):
         raise UserError(f"--model_name {model_name}: no such directory")
     try:
         return AutoConfig.from_pretrained(model_name)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # malformed JSON, an unknown model type, a missing file: the input's fault
         raise UserError(f"--model_name {model_name}: cannot load a model config: {first_line(error)}")
 
 
@@ -192,7 +187,7 @@ def load_teacher_weights(model_name, config, model_class):
         teacher, info = model_class.from_pretrained(
             model_name, config=config, dtype=torch.float32, output_loading_info=True
         )
-    except (OSError, ValueError) as error:
+    except Exception as error:  # a corrupt or truncated weights file, shapes that do not fit: the input's fault
         raise UserError(f"--model_name {model_name}: cannot load the weights: {first_line(error)}")
     # A base-model checkpoint (no LM head) loads with a random head; copying that into the student would be
     # silently wrong, so refuse it.
@@ -220,7 +215,7 @@ def load_student_config(path, recipe):
         raise UserError(f"--student_config {path}: no such file or directory")
     try:
         config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # not JSON, not a model config
         raise UserError(f"--student_config {path}: cannot read it as a model config: {first_line(error)}")
     if config.model_type != recipe.student_type:
         raise UserError(

@@ -17,9 +17,9 @@ from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPI
                           AutoModelForMaskedLM, AutoTokenizer)
 from transformers.utils import cached_file
 
-from extraction import (check_layers, default_layers, first_line, load_teacher_config, load_teacher_weights, parse_layers,
+from extraction import (check_layers, default_layers, load_teacher_config, load_teacher_weights, parse_layers,
                         save_state_dict)
-from utils import UserError, logger
+from utils import UserError, first_line, logger
 
 
 # Config fields that say how many of the *first* layers have some property (Qwen2 uses sliding windows from
@@ -260,7 +260,7 @@ def load_teacher_tokenizer(model_name):
         return None
     try:
         return AutoTokenizer.from_pretrained(model_name)
-    except (OSError, ValueError, TypeError) as error:
+    except Exception as error:  # malformed tokenizer files fail in many ways, all the folder's fault
         raise UserError(f"--model_name {model_name}: it has tokenizer files but they do not load: "
                         f"{first_line(error)}")
 

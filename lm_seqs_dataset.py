@@ -29,6 +29,8 @@ from torch.utils.data import Dataset
 logger = logging.getLogger("distil")
 
 MAGIC = b"DSTLBIN\x01"
+NPY_MAGIC = b"\x93NUMPY"  # token counts (scripts/token_counts.py)
+PICKLE_PROTOCOL_2_PLUS = b"\x80"  # how every pickle the original scripts wrote (protocol 4) begins
 HEADER_BYTES = 4096
 FORMAT_VERSION = 1
 MIN_SEQ_LEN = 12  # the original dropped sequences of 11 tokens or fewer
@@ -287,6 +289,11 @@ class BinarizedCorpus:
             head = f.read(HEADER_BYTES)
         if head.startswith(MAGIC):
             return cls._open_binarized(path, head, size)
+        if head.startswith(NPY_MAGIC):
+            raise ValueError(f"{path}: a NumPy array (token counts?), not a binarized corpus")
+        if not head.startswith(PICKLE_PROTOCOL_2_PLUS):
+            raise ValueError(f"{path}: not a binarized corpus (scripts/binarized_data.py writes them) nor the "
+                             "original scripts' pickle")
         return cls._open_legacy(path)
 
     @classmethod
@@ -346,8 +353,13 @@ def load_token_counts(path, vocab_size=None):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: token counts file not found")
     with open(path, "rb") as f:
-        is_npy = f.read(6) == b"\x93NUMPY"
-    if is_npy:
+        head = f.read(len(MAGIC))
+    if head.startswith(MAGIC):
+        raise ValueError(f"{path}: a binarized corpus, not token counts (scripts/token_counts.py makes them)")
+    if not head.startswith((NPY_MAGIC, PICKLE_PROTOCOL_2_PLUS)):
+        raise ValueError(f"{path}: not token counts (a .npy array from scripts/token_counts.py, or the original "
+                         "scripts' pickle)")
+    if head.startswith(NPY_MAGIC):
         try:
             counts = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from utils import UserError, logger
+from utils import UserError, first_line, logger
 
 # type -> (config class, model class, tokenizer class), by name in transformers
 MODEL_CLASSES = {
@@ -98,16 +98,28 @@ def load_student_weights(student, path):
     return missing, list(result.unexpected_keys)
 
 
+def load_pretrained(load, flag, name, what):
+    """load() (a from_pretrained call), any failure reported as the one-line UserError `flag name: cannot load
+    what (reason)`. A malformed folder fails in many ways (JSON, a safetensors header, a size mismatch, an
+    unknown model type): every one is the input's fault."""
+    try:
+        return load()
+    except Exception as exc:
+        raise UserError(f"{flag} {name}: cannot load {what} ({first_line(exc)})") from None
+
+
 def build_student(student_type, config_path, *, mlm, pretrained_weights=None, initializer_range=0.02,
                   freeze_pos_embs=False, freeze_token_type_embds=False):
     """The student: from its config (random init at initializer_range), then a state dict or a model folder
     (--student_pretrained_weights) on top; position / token-type embeddings frozen as asked."""
     config_class, model_class, _ = model_classes(student_type, mlm)
-    config = config_class.from_pretrained(config_path)
+    config = load_pretrained(lambda: config_class.from_pretrained(config_path), "--student_config", config_path,
+                             f"a {student_type} config")
     config.initializer_range = initializer_range
     if pretrained_weights and os.path.isdir(pretrained_weights):
         logger.info("Loading the student from the folder %s", pretrained_weights)
-        student = model_class.from_pretrained(pretrained_weights, config=config)
+        student = load_pretrained(lambda: model_class.from_pretrained(pretrained_weights, config=config),
+                                  "--student_pretrained_weights", pretrained_weights, f"a {student_type} model")
     else:
         student = model_class.from_config(config) if student_type == AUTO else model_class(config)
         if pretrained_weights:
@@ -127,10 +139,7 @@ def build_student(student_type, config_path, *, mlm, pretrained_weights=None, in
 def load_tokenizer(model_type, name, flag, mlm=True):
     """The tokenizer of a --*_type from a folder or hub name; `flag` names the option it came from."""
     _, _, tokenizer_class = model_classes(model_type, mlm)
-    try:
-        tokenizer = tokenizer_class.from_pretrained(name)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{flag} {name}: cannot load a {model_type} tokenizer ({str(exc).splitlines()[0]})") from None
+    tokenizer = load_pretrained(lambda: tokenizer_class.from_pretrained(name), flag, name, f"a {model_type} tokenizer")
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # transformers 5 builds one from an empty folder
         raise UserError(f"{flag} {name}: no tokenizer vocabulary found there, only special tokens")
     return tokenizer
@@ -139,10 +148,8 @@ def load_tokenizer(model_type, name, flag, mlm=True):
 def load_teacher(teacher_type, name, mlm=True, flag="--teacher_name"):
     """The frozen teacher (eval mode, no gradients), refused when its checkpoint lacks weights of its class."""
     _, model_class, _ = model_classes(teacher_type, mlm)
-    try:
-        teacher, info = model_class.from_pretrained(name, output_loading_info=True)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{flag} {name}: cannot load a {teacher_type} model ({str(exc).splitlines()[0]})") from None
+    teacher, info = load_pretrained(lambda: model_class.from_pretrained(name, output_loading_info=True), flag, name,
+                                    f"a {teacher_type} model")
     if info.get("missing_keys"):
         # e.g. a checkpoint without its LM head: a randomly initialised head would be a useless teacher
         raise UserError(f"{flag} {name}: the checkpoint lacks {len(info['missing_keys'])} weights of "

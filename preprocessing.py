@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lm_seqs_dataset import BinarizedWriter
-from utils import logger, special_token_ids
+from utils import first_line, logger, special_token_ids
 
 # Which special tokens frame a sequence, and whether the text needs the leading space that byte-level BPE
 # sees after a special token (the original joined "<s> " + line, so the first word got its space; we
@@ -37,8 +37,9 @@ def load_framing_tokenizer(tokenizer_type, tokenizer_name):
     class_name, start_attr, end_attr, prefix = TOKENIZER_TYPES[tokenizer_type]
     try:
         tokenizer = getattr(transformers, class_name).from_pretrained(tokenizer_name)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"--tokenizer_name {tokenizer_name}: cannot load a {tokenizer_type} tokenizer ({exc})")
+    except Exception as exc:  # malformed tokenizer files fail in many ways, all the folder's fault
+        raise ValueError(f"--tokenizer_name {tokenizer_name}: cannot load a {tokenizer_type} tokenizer "
+                         f"({first_line(exc)})") from None
     if start_attr is None:
         if tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None:
             start_attr, end_attr = "cls_token", "sep_token"
@@ -59,6 +60,19 @@ def tokenizer_slug(tokenizer_name):
     if os.path.isdir(tokenizer_name):
         return os.path.basename(os.path.normpath(os.path.abspath(tokenizer_name)))
     return tokenizer_name.strip("/").replace("/", "_")
+
+
+def check_text_file(path, flag, sample_bytes=1 << 16):
+    """Refuse a file that is not text (e.g. a binarized corpus or a model file given by mistake): NUL bytes, or
+    more than 1% of its first 64 KiB not decodable as UTF-8. Text with a few stray bytes passes (they are
+    read as U+FFFD)."""
+    with open(path, "rb") as f:
+        head = f.read(sample_bytes)
+    text = head.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - (1 if len(head) == sample_bytes else 0)  # a character cut at the sample's end
+    if b"\0" in head or bad > 0.01 * max(len(text), 1):
+        raise ValueError(f"{flag} {path}: not a text file (binary content in its first {len(head):,} bytes); "
+                         "expected one sequence per line of UTF-8 text")
 
 
 def frame(ids, start_id, end_id):
@@ -97,6 +111,7 @@ def binarize(file_path, tokenizer_type, tokenizer_name, dump_file, batch_lines=1
         raise ValueError(f"--file_path {file_path}: no such file")
     if os.path.getsize(file_path) == 0:
         raise ValueError(f"--file_path {file_path}: the file is empty")
+    check_text_file(file_path, "--file_path")
     tokenizer, start_id, end_id, prefix = load_framing_tokenizer(tokenizer_type, tokenizer_name)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     # A tokenizer.json may switch on fixed padding/truncation (the real bert-base-uncased one pads to 128):

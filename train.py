@@ -30,7 +30,7 @@ from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset, load_token_counts
 from masking import MlmMasking, smoothed_token_probs
 from models import AUTO, build_student, framing_token_ids, load_teacher, load_tokenizer, max_input_size
 from utils import (UserError, cleanup_distributed, fail, git_info, init_distributed, logger, set_seed,
-                   special_token_ids, write_json_atomic)
+                   special_token_ids, user_input, write_json_atomic)
 
 
 # ------------------------------------------------------------------------------------------------ flags
@@ -324,7 +324,8 @@ def build_evaluator(args, ctx, student, teacher, tokenizer, special_tok_ids, max
     evaluation meet here, not inside each other."""
     if args.eval_data_file is None:
         return None
-    eval_corpus = BinarizedCorpus.open(args.eval_data_file)
+    with user_input("--eval_data_file"):
+        eval_corpus = BinarizedCorpus.open(args.eval_data_file)
     check_compatibility(args, student, teacher, tokenizer, eval_corpus, None, special_tok_ids)
     eval_dataset = LmSeqsDataset(eval_corpus, special_tok_ids=special_tok_ids, mlm=args.mlm, max_len=max_len)
     if len(eval_dataset) == 0:
@@ -351,10 +352,12 @@ def main(argv=None):
     max_len = max_input_size(teacher.config if teacher is not None else None, tokenizer)
 
     logger.info("Loading data from %s", args.data_file)
-    corpus = BinarizedCorpus.open(args.data_file)
+    with user_input("--data_file"):
+        corpus = BinarizedCorpus.open(args.data_file)
     counts = None
     if args.mlm:
-        counts = load_token_counts(args.token_counts)
+        with user_input("--token_counts"):
+            counts = load_token_counts(args.token_counts)
 
     student = build_student(args.student_type, args.student_config, mlm=args.mlm,
                             pretrained_weights=args.student_pretrained_weights,

@@ -3,6 +3,7 @@
 `init_distributed()` is the one place that decides how many processes there are, which device each
 one drives and which one is the master. A single `python train.py` is simply a world of size 1.
 """
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,6 +25,24 @@ logger = logging.getLogger("distil")
 
 class UserError(Exception):
     """A problem with the user's input (a flag, a file): reported as one line, exit status 2."""
+
+
+def first_line(exc):
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def user_input(flag, errors=(ValueError, OSError)):
+    """Inside, reading the input of `flag` may fail on a missing or malformed file: such an error becomes a
+    one-line UserError that names the flag (this project's readers start their messages with the path)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except errors as exc:
+        raise UserError(f"{flag} {first_line(exc)}") from None
 
 
 def fail(message):

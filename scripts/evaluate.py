@@ -16,8 +16,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from evaluation import count_parameters, evaluate, inference_speed  # noqa: E402
 from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset  # noqa: E402
-from models import framing_token_ids, max_input_size, model_classes  # noqa: E402
-from utils import UserError, fail, logger, special_token_ids, write_json_atomic  # noqa: E402
+from models import framing_token_ids, load_pretrained, max_input_size, model_classes  # noqa: E402
+from utils import UserError, fail, first_line, logger, special_token_ids, write_json_atomic  # noqa: E402
 
 
 
@@ -73,18 +73,13 @@ def _check_args(args):
 
 def _load_config(path, model_type, flag, mlm=True):
     config_class, _, _ = model_classes(model_type, mlm)
-    try:
-        return config_class.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{flag} {path}: cannot load a {model_type} config ({str(exc).splitlines()[0]})") from None
+    return load_pretrained(lambda: config_class.from_pretrained(path), flag, path, f"a {model_type} config")
 
 
 def _load_model(path, model_type, config, flag, mlm=True):
     _, model_class, _ = model_classes(model_type, mlm)
-    try:
-        return model_class.from_pretrained(path, config=config)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{flag} {path}: cannot load a {model_type} model ({str(exc).splitlines()[0]})") from None
+    return load_pretrained(lambda: model_class.from_pretrained(path, config=config), flag, path,
+                           f"a {model_type} model")
 
 
 def _load_tokenizer(args):
@@ -98,8 +93,8 @@ def _load_tokenizer(args):
         _, _, tokenizer_class = model_classes(model_type, args.mlm)
         try:
             return tokenizer_class.from_pretrained(path)
-        except (OSError, ValueError, TypeError) as exc:
-            errors.append(f"{flag} {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        except Exception as exc:  # a malformed tokenizer folder fails in many ways, all the folder's fault
+            errors.append(f"{flag} {path}: {first_line(exc)}")
     if args.tokenizer is not None:
         raise UserError(f"cannot load a tokenizer ({'; '.join(errors)})")
     raise UserError(f"no tokenizer in --model {args.model}" + (f" nor --teacher {args.teacher}" if args.teacher else "")

@@ -15,7 +15,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lm_seqs_dataset import BinarizedCorpus, save_token_counts  # noqa: E402
 from preprocessing import count_tokens  # noqa: E402
-from utils import fail, logger  # noqa: E402
+from utils import UserError, fail, logger, user_input  # noqa: E402
 
 
 def main(argv=None):
@@ -28,7 +28,8 @@ def main(argv=None):
                         help="Vocabulary size (default: the one recorded in the data file, else 30522).")
     args = parser.parse_args(argv)
     try:
-        corpus = BinarizedCorpus.open(args.data_file)
+        with user_input("--data_file"):
+            corpus = BinarizedCorpus.open(args.data_file)
         recorded = corpus.metadata.get("vocab_size")
         if args.vocab_size is not None and recorded is not None and args.vocab_size != recorded:
             raise ValueError(f"--vocab_size {args.vocab_size} but {corpus.path} was binarized with a vocabulary "
@@ -41,7 +42,7 @@ def main(argv=None):
         counts = count_tokens(corpus, vocab_size)
         os.makedirs(os.path.dirname(os.path.abspath(args.token_counts_dump)), exist_ok=True)
         save_token_counts(args.token_counts_dump, counts)
-    except (ValueError, FileNotFoundError) as exc:
+    except (UserError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     logger.info("Counted %d tokens over %d ids in %.2fs -> %s", int(counts.sum()), vocab_size, time.time() - t0,
                 args.token_counts_dump)

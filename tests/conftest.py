@@ -79,7 +79,7 @@ def expect_error(capsys, main, argv, *needles):
     error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1, error_lines
     for needle in needles:
-        assert needle in error_lines[0], error_lines[0]
+        assert str(needle) in error_lines[0], error_lines[0]
     return error_lines[0]
 
 

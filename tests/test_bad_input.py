@@ -92,6 +92,31 @@ def runs(tiny, binarized, tmp_path_factory):
     cases["force_data_inside"] = _train_args(tiny, binarized, inside, data=inside_data, extra=["--force"])
     details["force_data_inside"] = (inside, inside_data)
 
+    # files that exist but cannot be read as what they should be (nothing may be written for any of them)
+    not_json = details["not_json"] = root / "student_not_json.json"
+    not_json.write_text("{ this is not json")
+    cases["config_not_json"] = _train_args(tiny, binarized, dump("config_not_json"), config=not_json)
+    broken = {}
+    for name, filename, content in (
+            ("corrupt_weights", "model.safetensors", os.urandom(4096)),
+            ("truncated_weights", "model.safetensors", (tiny["bert"] / "model.safetensors").read_bytes()[:20_000]),
+            ("unknown_model_type", "config.json", b'{"model_type": "no_such_model"}')):
+        folder = broken[name] = details[name] = root / f"teacher_{name}"
+        shutil.copytree(tiny["bert"], folder)
+        (folder / filename).write_bytes(content)
+        cases[f"teacher_{name}"] = _train_args(tiny, binarized, dump(f"teacher_{name}"),
+                                               extra=["--teacher_name", folder])
+    cases["student_folder_corrupt"] = _train_args(
+        tiny, binarized, dump("student_folder_corrupt"),
+        extra=["--student_pretrained_weights", broken["corrupt_weights"]])
+    prose = details["prose"] = root / "prose.txt"
+    prose.write_text("the king won the war\n" * 300)
+    cases["data_is_text"] = _train_args(tiny, binarized, dump("data_is_text"), data=prose)
+    cases["data_is_counts"] = _train_args(tiny, binarized, dump("data_is_counts"), data=binarized["bert"][1])
+    cases["counts_is_corpus"] = _train_args(tiny, binarized, dump("counts_is_corpus"), counts=binarized["bert"][0])
+    cases["eval_data_is_text"] = _train_args(tiny, binarized, dump("eval_data_is_text"),
+                                             extra=["--eval_data_file", prose])
+
     # flag-only mistakes
     cases["alpha_clm_mlm"] = _train_args(tiny, binarized, dump("clm"), extra=["--alpha_clm", "0.5"])
     cases["word_mask"] = _train_args(tiny, binarized, dump("word_mask"), extra=["--word_mask", "0.5"])
@@ -106,7 +131,8 @@ def runs(tiny, binarized, tmp_path_factory):
     not_a_tokenizer.mkdir()
     for case, corpus, tokenizer in (("bin_missing", root / "no_such_corpus.txt", tiny["bert"]),
                                     ("bin_empty", empty, tiny["bert"]), ("bin_blank", blank, tiny["bert"]),
-                                    ("bin_no_vocab", text, not_a_tokenizer)):
+                                    ("bin_no_vocab", text, not_a_tokenizer),
+                                    ("bin_binary", binarized["bert"][0], tiny["bert"])):
         details[case] = (corpus, root / f"out_{case}")
         cases[case] = ["scripts/binarized_data.py", "--file_path", corpus, "--tokenizer_type", "bert",
                        "--tokenizer_name", tokenizer, "--dump_file", root / f"out_{case}" / "dump"]
@@ -173,6 +199,31 @@ def test_force_refuses_to_delete_the_data_file(runs, binarized):
     assert sorted(os.listdir(dump)) == ["data.bin", "marker.txt"]
     assert (dump / "marker.txt").read_text() == "previous run, keep me"
     assert data.read_bytes() == open(binarized["bert"][0], "rb").read()
+
+
+@pytest.mark.parametrize("case, flag, file_key, words", [
+    ("config_not_json", "--student_config", "not_json", "cannot load a distilbert config"),
+    ("teacher_corrupt_weights", "--teacher_name", "corrupt_weights", "cannot load a bert model"),
+    ("teacher_truncated_weights", "--teacher_name", "truncated_weights", "cannot load a bert model"),
+    ("teacher_unknown_model_type", "--teacher_name", "unknown_model_type", "cannot load a bert model"),
+    ("student_folder_corrupt", "--student_pretrained_weights", "corrupt_weights", "cannot load a distilbert model"),
+    ("data_is_text", "--data_file", "prose", "not a binarized corpus"),
+    ("data_is_counts", "--data_file", None, "token counts?), not a binarized corpus"),
+    ("counts_is_corpus", "--token_counts", None, "a binarized corpus, not token counts"),
+    ("eval_data_is_text", "--eval_data_file", "prose", "not a binarized corpus"),
+])
+def test_a_file_of_the_wrong_kind_is_one_error_naming_flag_and_file(runs, binarized, case, flag, file_key, words):
+    _, details = runs
+    path = details[file_key] if file_key else binarized["bert"][{"data_is_counts": 1, "counts_is_corpus": 0}[case]]
+    line = _check_one_error(_result(runs, case), flag, path, words)
+    assert line.index(flag) < line.index(str(path))  # "error: --flag path: what is wrong"
+
+
+def test_binarizing_a_binary_file_is_refused(runs):
+    _, details = runs
+    corpus, out = details["bin_binary"]
+    _check_one_error(_result(runs, "bin_binary"), "--file_path", corpus, "not a text file")
+    assert not out.exists()
 
 
 def test_alpha_clm_with_mlm(runs):

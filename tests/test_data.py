@@ -11,7 +11,7 @@ import torch
 
 import lm_seqs_dataset
 import preprocessing
-from conftest import load_script, run_script
+from conftest import expect_error, load_script, run_script
 from lm_seqs_dataset import (BinarizedCorpus, BinarizedWriter, LmSeqsDataset, load_legacy_pickle, load_token_counts,
                              resolve_data_file, save_token_counts)
 
@@ -565,6 +565,16 @@ def test_token_counts_script_reports_a_truncated_file(tmp_path):
     errors = _error_lines(proc)
     assert len(errors) == 1 and str(path) in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_token_counts_script_refuses_a_text_file_naming_the_flag(tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a corpus\n" * 100)
+    line = expect_error(capsys, load_script("token_counts").main,
+                        ["--data_file", str(text), "--token_counts_dump", str(tmp_path / "out" / "c.npy")],
+                        "--data_file", text, "not a binarized corpus")
+    assert line.startswith("error: --data_file ")
+    assert not (tmp_path / "out").exists()
 
 
 def test_binarization_ignores_padding_and_truncation_in_tokenizer_json(tiny, tmp_path):

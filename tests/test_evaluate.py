@@ -1,6 +1,7 @@
 """evaluation.py and scripts/evaluate.py: fixed masking, metrics against hand computations, sharding, the command line."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -326,19 +327,31 @@ def test_cli_bad_data_file_is_one_error_line_and_exit_2(tiny, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: --data_file ") and "missing.bin" in lines[0], proc.stderr
 
 
-@pytest.mark.parametrize("case", ["model", "vocab", "mlm_gpt2"])
+@pytest.mark.parametrize("case", ["model", "vocab", "mlm_gpt2", "corrupt_weights", "unknown_type", "data_is_counts"])
 def test_cli_user_errors_name_the_flag(tiny, binarized, tmp_path, case):
     args = {"model": tiny["bert"], "model_type": "bert", "data_file": binarized["bert"][0]}
+    broken = tmp_path / "broken"
+    if case in ("corrupt_weights", "unknown_type"):
+        shutil.copytree(tiny["bert"], broken)
+        if case == "corrupt_weights":
+            (broken / "model.safetensors").write_bytes(b"\x00" * 64 + b"garbage")
+        else:
+            (broken / "config.json").write_text('{"model_type": "no_such_model"}')
+        args["model"] = broken
+    elif case == "data_is_counts":
+        args["data_file"] = binarized["bert"][1]
     if case == "model":
         args["model"] = tmp_path / "no_model"
     elif case == "vocab":  # a 300-token roberta student against the 200-token bert teacher
         args.update(model=tiny["roberta"], model_type="roberta", teacher=tiny["bert"], teacher_type="bert",
                     data_file=binarized["roberta"][0])
-    else:
+    elif case == "mlm_gpt2":
         args.update(model=tiny["gpt2"], model_type="gpt2", data_file=binarized["gpt2"][0], mlm="")
     flags = [x for k, v in args.items() for x in ((f"--{k}", str(v)) if v != "" else (f"--{k}",))]
     with pytest.raises(UserError) as err:
         evaluate_cli.main(flags)
     expected = {"model": ["--model", "no_model"], "vocab": ["vocabulary", "300", "200", "--teacher"],
-                "mlm_gpt2": ["--mlm", "gpt2"]}[case]
+                "mlm_gpt2": ["--mlm", "gpt2"], "corrupt_weights": ["--model", str(broken), "cannot load a bert"],
+                "unknown_type": ["--model", str(broken), "cannot load a bert"],
+                "data_is_counts": ["--data_file", str(binarized["bert"][1]), "not a binarized corpus"]}[case]
     assert all(word in str(err.value) for word in expected), str(err.value)

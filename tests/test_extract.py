@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -423,6 +424,19 @@ def test_errors(bert_dir, gpt2_dir, bert_base_model_dir, bad_student_configs, tm
                   "--student_config", path, "3 layers")
     expect_error(capsys, distil, ["--model_name", bert_dir, "--dump_checkpoint", str(tmp_path)],
                   "--dump_checkpoint")
+    not_json = tmp_path / "not.json"
+    not_json.write_text("{ not json")
+    expect_error(capsys, distil, ["--model_name", bert_dir, "--student_config", str(not_json), *base],
+                 "--student_config", not_json, "cannot read it as a model config")
+    weights = os.path.join(bert_dir, "model.safetensors")
+    with open(weights, "rb") as f:
+        head = f.read(9999)
+    for name, content in (("corrupt", os.urandom(4096)), ("truncated", head)):
+        broken = tmp_path / f"teacher_{name}"
+        shutil.copytree(bert_dir, broken)
+        (broken / "model.safetensors").write_bytes(content)
+        expect_error(capsys, distil, ["--model_name", str(broken), *base], "--model_name", broken,
+                     "cannot load the weights")
     assert not out.parent.exists()
 
 
