@@ -32,7 +32,9 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # the library modules (measure_speed); every other step runs a repository script
+sys.path.insert(0, REPO)  # the library modules; every step after the tokenizer runs a repository script
+from preprocessing import check_text_file  # noqa: E402
+from utils import UserError  # noqa: E402
 
 # Two sizes of the same pipeline. The full one is sized for ~8-10 minutes on 2 CPU cores; the quick one only
 # proves every step runs and produces a table (its numbers mean little).
@@ -467,8 +469,7 @@ def prepare_workdir(workdir):
     marker = os.path.join(workdir, ".distil-demo")
     if os.path.exists(workdir) and os.listdir(workdir):
         if not os.path.exists(marker):
-            raise StepFailed("setup", f"--workdir {workdir} is not empty and was not made by this demo; "
-                                      "choose another folder")
+            raise UserError(f"--workdir {workdir} is not empty and was not made by this demo; choose another folder")
         shutil.rmtree(workdir)
     os.makedirs(workdir, exist_ok=True)
     open(marker, "w").close()
@@ -494,13 +495,25 @@ class Demo:
     def epochs(self, epochs):
         return max(1, round(epochs * self.args.steps_scale))
 
+    def check_inputs(self):
+        """The user's inputs, before anything is written or trained (a UserError: one line, exit 2)."""
+        args = self.args
+        if args.corpus:
+            if not os.path.isfile(args.corpus):
+                raise UserError(f"--corpus {args.corpus}: no such file")
+            try:
+                check_text_file(args.corpus, "--corpus")
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+        if args.glue_dir:
+            if not os.path.isdir(args.glue_dir):
+                raise UserError(f"--glue_dir {args.glue_dir}: no such folder")
+            if not find_glue_tasks(args.glue_dir):
+                raise UserError(f"--glue_dir {args.glue_dir}: no GLUE task folder (SST-2/, CoLA/, ... with "
+                                "train.tsv and dev.tsv) in it")
+
     def run(self):
-        if self.args.glue_dir:  # fail now, not after the pretraining steps
-            if not os.path.isdir(self.args.glue_dir):
-                raise StepFailed("setup", f"--glue_dir {self.args.glue_dir}: no such folder")
-            if not find_glue_tasks(self.args.glue_dir):
-                raise StepFailed("setup", f"--glue_dir {self.args.glue_dir}: no GLUE task folder (SST-2/, CoLA/, ... "
-                                          "with train.tsv and dev.tsv) in it")
+        self.check_inputs()
         prepare_workdir(self.workdir)
         print(f"Distil* demo ({'quick' if self.quick else 'full'}), interpreter {sys.executable}, "
               f"workdir {self.pipe.rel(self.workdir)}", flush=True)
@@ -512,8 +525,6 @@ class Demo:
         """1. The corpus, split into training and held-out lines."""
         args, pipe = self.args, self.pipe
         pipe.begin("Corpus: " + (args.corpus if args.corpus else "Python standard library docstrings and comments"))
-        if args.corpus and not os.path.isfile(args.corpus):
-            raise StepFailed(pipe.step_name, f"--corpus {args.corpus}: no such file")
         lines = read_corpus(args.corpus, args.seed) if args.corpus else stdlib_corpus(args.seed)
         if self.preset["max_lines"]:
             lines = lines[:self.preset["max_lines"]]
@@ -816,6 +827,9 @@ def main(argv=None):
     try:
         demo.run()
         return 0
+    except UserError as exc:  # the inputs, checked before anything runs
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except StepFailed as exc:
         print(f"\nerror: step {pipe.step_no} ({exc.step}) failed: {exc}", file=sys.stderr)
         if exc.command:

@@ -196,6 +196,19 @@ def test_failing_step_is_named_and_exits_nonzero(tmp_path):
 def test_refuses_a_workdir_it_did_not_make(tmp_path, capsys):
     precious = tmp_path / "precious.txt"
     precious.write_text("keep me")
-    assert demo.main(["--quick", "--workdir", str(tmp_path)]) == 1
+    assert demo.main(["--quick", "--workdir", str(tmp_path)]) == 2
     assert precious.read_text() == "keep me"
-    assert "not empty and was not made by this demo" in capsys.readouterr().err
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--workdir" in errors[0] and "not empty and was not made by this demo" in errors[0]
+
+
+@pytest.mark.parametrize("content", [None, b"DSTLBIN\x01\x00\x00binary"])
+def test_a_missing_or_binary_corpus_is_one_error_before_anything_is_written(tmp_path, capsys, content):
+    corpus = tmp_path / "corpus.bin"
+    if content is not None:
+        corpus.write_bytes(content * 100)
+    workdir = tmp_path / "out"
+    assert demo.main(["--quick", "--corpus", str(corpus), "--workdir", str(workdir)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: --corpus {corpus}"), errors
+    assert not workdir.exists()
