@@ -83,7 +83,8 @@ def parse_args(argv=None):
                         help="Cosine loss between a student and a teacher of different hidden sizes, through a "
                              "learned linear projection (trained and checkpointed, not exported with the student).")
     parser.add_argument("--freeze_pos_embs", action="store_true",
-                        help="Freeze positional embeddings during distillation. For student_type in ['roberta', 'gpt2'] only.")
+                        help="Freeze the student's positional embeddings during distillation (RoBERTa, GPT-2, and a "
+                             "DistilBERT with learned positions; sinusoidal ones are always frozen).")
     parser.add_argument("--freeze_token_type_embds", action="store_true",
                         help="Freeze token type embeddings during distillation if existent. For student_type in ['roberta'] only.")
 
