@@ -173,7 +173,7 @@ def test_docstring_or_comment_labels_and_glue_folders(tmp_path):
 
 
 def test_glue_dir_without_tasks_is_refused_before_any_step(tmp_path, capsys):
-    assert demo.main(["--quick", "--glue_dir", str(tmp_path), "--workdir", str(tmp_path / "out")]) == 1
+    assert demo.main(["--quick", "--glue_dir", str(tmp_path), "--workdir", str(tmp_path / "out")]) == 2
     assert "--glue_dir" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
