@@ -146,7 +146,8 @@ def prepare_output_dir(args, inputs=()):
     of the run's inputs. `inputs`: paths the run reads (models, data files). Called before anything is written.
     """
     out = os.path.abspath(args.output_dir)
-    for path in inputs:
+    # Evaluating alone only adds result files, so it may write into the evaluated model's own folder.
+    for path in inputs if args.do_train else ():
         if path and os.path.exists(path):
             path = os.path.abspath(path)
             if out == path or path.startswith(out + os.sep):
