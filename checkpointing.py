@@ -17,7 +17,7 @@ FORMAT = "distil-checkpoint-v1"
 # The loop's counters a checkpoint restores, and the settings that must not change across a resume (the
 # batches already consumed are skipped by position, which only means the same thing with these equal).
 RESUMABLE_COUNTERS = ("epoch", "n_iter", "n_total_iter", "n_optimizer_steps", "n_skipped_steps",
-                      "n_consecutive_bad_steps", "n_sequences_epoch", "total_loss_epoch")
+                      "n_consecutive_bad_steps", "n_sequences_epoch", "total_loss_epoch", "n_finite_iter_epoch")
 MUST_MATCH_ON_RESUME = ("world_size", "batch_size", "gradient_accumulation_steps", "seed", "group_by_size", "mlm",
                         "student_type", "n_epoch")
 

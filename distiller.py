@@ -125,7 +125,8 @@ class Distiller:
         self._at_boundary = False
         self._checkpoint_due = False
         self.n_sequences_epoch = 0
-        self.total_loss_epoch = 0.0
+        self.total_loss_epoch = 0.0  # sum of the epoch's finite iteration losses (a device tensor once training)
+        self.n_finite_iter_epoch = 0  # how many they are: a skipped, non-finite iteration is left out
         self.last_log = time.time()
         self._running = {}  # loss name -> (sum tensor, count) since the last log, kept on the device
         self._pending_outcomes = []  # (iteration, host copy of "skipped", event) not yet read by the host
@@ -319,7 +320,9 @@ class Distiller:
         for name, value in losses.items():
             total, count = self._running.get(name, (0.0, 0))
             self._running[name] = (total + value.detach().float(), count + 1)
-        self.total_loss_epoch = self.total_loss_epoch + losses["total"].float()  # on the device: read at epoch end
+        finite = torch.isfinite(losses["total"])  # on the device, read at epoch end
+        self.total_loss_epoch = self.total_loss_epoch + torch.where(finite, losses["total"].float(), 0.0)
+        self.n_finite_iter_epoch = self.n_finite_iter_epoch + finite.to(torch.int64)
         self.optimize(loss)
 
     def optimize(self, loss):
@@ -515,12 +518,13 @@ class Distiller:
         self.n_sequences_epoch = 0
         self.n_iter = 0
         self.total_loss_epoch = 0.0
+        self.n_finite_iter_epoch = 0
         self.save_training_state()
 
     def epoch_mean_loss(self):
-        """The mean of the epoch's iteration losses, over every rank's iterations (collective, on the host
-        group: once an epoch, so the read of the device sum does not matter)."""
-        sums = torch.tensor([float(self.total_loss_epoch), self.n_iter], dtype=torch.float64)
+        """The mean of the epoch's iteration losses, over every rank's iterations, non-finite ones (skipped
+        steps) left out (collective, on the host group: once an epoch, so reading the device sums is fine)."""
+        sums = torch.tensor([float(self.total_loss_epoch), float(self.n_finite_iter_epoch)], dtype=torch.float64)
         if self.multi_gpu:
             torch.distributed.all_reduce(sums, group=self._host_group)
         return float(sums[0] / sums[1]) if sums[1] else float("nan")
@@ -585,6 +589,8 @@ class Distiller:
         self.scaler.load_state_dict(state["scaler"])
         for name, value in state["counters"].items():
             setattr(self, name, value)
+        if "n_finite_iter_epoch" not in state["counters"]:  # written before that counter existed
+            self.n_finite_iter_epoch = self.n_iter
         checkpointing.set_rng_state(state["rng"][self.ctx.global_rank])
         logger.info("Resumed from %s: epoch %d, %d batches into it, iteration %d.", path, self.epoch, self.n_iter,
                     self.n_total_iter)

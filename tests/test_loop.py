@@ -13,25 +13,32 @@ def _records(dump, split):
         return [r for r in map(json.loads, f) if r["split"] == split]
 
 
-@pytest.mark.parametrize("log_interval", [4, 7, 100])
-def test_epoch_loss_is_the_mean_of_the_epoch_iteration_losses(tmp_path, log_interval):
-    """Whatever --log_interval: no iteration dropped after the last log, none carried over from the previous
-    epoch, and an epoch shorter than the interval does not log 0. The reference is the same run logging every
-    iteration (logging draws nothing random, so both runs compute the same losses)."""
-    losses = {}
-    for interval in (1, log_interval):
-        dump = tmp_path / f"every{interval}"
-        distiller, _, _ = tiny_distiller("bert_mlm", dump, {"n_epoch": 2, "log_interval": interval}, n_batches=6)
-        distiller.train()
-        losses[interval] = _records(dump, "train_epoch")
-        if interval == 1:
-            per_iteration = [r["loss"] for r in _records(dump, "train")]
-    assert len(per_iteration) == 12  # 6 batches a epoch, 2 epochs
+def _epoch_records(dump, log_interval):
+    distiller, _, _ = tiny_distiller("bert_mlm", dump, {"n_epoch": 2, "log_interval": log_interval}, n_batches=6)
+    distiller.train()
+    return _records(dump, "train_epoch"), [r["loss"] for r in _records(dump, "train")]
+
+
+@pytest.fixture(scope="module")
+def every_iteration(tmp_path_factory):
+    """The reference run: every iteration's loss logged (logging draws nothing random, so a run with another
+    --log_interval computes the very same losses)."""
+    return _epoch_records(tmp_path_factory.mktemp("every1"), 1)
+
+
+@pytest.mark.parametrize("log_interval", [4, 100])
+def test_epoch_loss_is_the_mean_of_the_epoch_iteration_losses(tmp_path, every_iteration, log_interval):
+    """Whatever --log_interval: no iteration dropped after the last log (4: logs at iterations 4, 8, 12 of two
+    6-iteration epochs), none carried over from the previous epoch, and an epoch shorter than the interval
+    (100) does not log 0."""
+    reference_epochs, per_iteration = every_iteration
+    epochs, _ = _epoch_records(tmp_path, log_interval)
+    assert len(per_iteration) == 12  # 6 batches an epoch, 2 epochs
     expected = [np.mean(per_iteration[:6]), np.mean(per_iteration[6:])]
-    assert [r["epoch"] for r in losses[log_interval]] == [0, 1]
-    for record, value in zip(losses[log_interval], expected):
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    for record, value in zip(epochs, expected):
         assert record["loss"] == pytest.approx(value, rel=1e-6)
-    assert losses[1] == losses[log_interval]
+    assert epochs == reference_epochs
 
 
 def _equal_length_sequences(n, length=16, seed=0):
@@ -49,13 +56,8 @@ def _gradients_per_step(dump, batches_of, accumulation):
         "gpt2_clm", dump, {"gradient_accumulation_steps": accumulation, "max_grad_norm": 0.0}, sequences=sequences,
         dropout=0.0)
     params = [p for p in distiller.student_lm.parameters() if p.requires_grad]
-    seen, step = [], distiller.optimizer.step
-
-    def recording_step(*args, **kwargs):
-        seen.append([p.grad.detach().clone() for p in params])
-        return step(*args, **kwargs)
-
-    distiller.optimizer.step = recording_step
+    seen = []
+    distiller.optimizer.register_step_pre_hook(lambda *_: seen.append([p.grad.detach().clone() for p in params]))
     run_loop(distiller, prepare, batches)
     return seen
 

@@ -1,5 +1,6 @@
 """Durable runs: resume after SIGKILL or SIGTERM, non-finite steps, corrupted files."""
 import json
+import math
 import os
 import time
 
@@ -82,7 +83,9 @@ def test_nan_on_one_rank_is_skipped_everywhere(tiny, binarized, tmp_path):
                      env={"FAULT": "nan", "FAULT_ITER": "5", "FAULT_RANK": "1", "FINAL_WEIGHTS_DIR": str(out)})
     assert proc.stderr.count("step skipped on every rank") == 2  # logged by both ranks
     records = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["skipped_steps"] == 1
+    assert [r for r in records if r["split"] == "train"][-1]["skipped_steps"] == 1
+    epoch_losses = [r["loss"] for r in records if r["split"] == "train_epoch"]
+    assert len(epoch_losses) == 2 and all(math.isfinite(x) for x in epoch_losses)  # the NaN iteration left out
     rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     _assert_same_weights(rank0, rank1, atol=0)
     assert all(torch.isfinite(v).all() for v in rank0.values())
