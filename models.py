@@ -109,9 +109,10 @@ def load_pretrained(load, flag, name, what):
 
 
 def build_student(student_type, config_path, *, mlm, pretrained_weights=None, initializer_range=0.02,
-                  freeze_pos_embs=False, freeze_token_type_embds=False):
+                  freeze_pos_embs=False, freeze_token_type_embds=False, gradient_checkpointing=False):
     """The student: from its config (random init at initializer_range), then a state dict or a model folder
-    (--student_pretrained_weights) on top; position / token-type embeddings frozen as asked."""
+    (--student_pretrained_weights) on top; position / token-type embeddings frozen as asked; activations
+    recomputed in backward block by block with gradient_checkpointing."""
     config_class, model_class, _ = model_classes(student_type, mlm)
     config = load_pretrained(lambda: config_class.from_pretrained(config_path), "--student_config", config_path,
                              f"a {student_type} config")
@@ -133,7 +134,19 @@ def build_student(student_type, config_path, *, mlm, pretrained_weights=None, in
             param.requires_grad = False
         if freeze_token_type_embds and name.endswith("token_type_embeddings.weight"):
             param.requires_grad = False
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(student)
     return student
+
+
+def enable_gradient_checkpointing(model):
+    """Keep only each block's input in forward and recompute the block in backward (--gradient_checkpointing):
+    activation memory of one block instead of all of them, for about one more forward of compute. The
+    non-reentrant implementation, which works under DDP and FSDP and with frozen parameters."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(f"--gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    logger.info("Gradient checkpointing: the student's blocks are recomputed in backward.")
 
 
 def load_tokenizer(model_type, name, flag, mlm=True):
@@ -145,11 +158,13 @@ def load_tokenizer(model_type, name, flag, mlm=True):
     return tokenizer
 
 
-def load_teacher(teacher_type, name, mlm=True, flag="--teacher_name"):
-    """The frozen teacher (eval mode, no gradients), refused when its checkpoint lacks weights of its class."""
+def load_teacher(teacher_type, name, mlm=True, flag="--teacher_name", dtype=None):
+    """The frozen teacher (eval mode, no gradients), refused when its checkpoint lacks weights of its class.
+    dtype: load the weights in this dtype (default: float32)."""
     _, model_class, _ = model_classes(teacher_type, mlm)
-    teacher, info = load_pretrained(lambda: model_class.from_pretrained(name, output_loading_info=True), flag, name,
-                                    f"a {teacher_type} model")
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    teacher, info = load_pretrained(lambda: model_class.from_pretrained(name, output_loading_info=True, **kwargs),
+                                    flag, name, f"a {teacher_type} model")
     if info.get("missing_keys"):
         # e.g. a checkpoint without its LM head: a randomly initialised head would be a useless teacher
         raise UserError(f"{flag} {name}: the checkpoint lacks {len(info['missing_keys'])} weights of "
@@ -206,7 +221,14 @@ class RowLogitsLM(torch.nn.Module):
         self._split = (split_lm_head(model),)  # a tuple: not registered twice as submodules
         self._prepare_mask = _is_plain_bidirectional(model)
 
-    def forward(self, input_ids, attention_mask, rows):
+    def forward(self, input_ids, attention_mask, rows=None):
+        """(logits at rows, last hidden states); without rows, the wrapped model's own forward and output.
+
+        The second form is how the held-out evaluation runs a model sharded with FSDP (sharding.py): the
+        wrapper is the root of the sharded model, so the model must be called through it.
+        """
+        if rows is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask)
         split = self._split[0]
         if attention_mask is not None and self._prepare_mask:
             attention_mask = self.prepared_attention_mask(attention_mask)
@@ -243,6 +265,6 @@ class TeacherLM(RowLogitsLM):
     the teacher's and the student's graphs do not evict each other (they differ at least in grad mode).
     """
 
-    def forward(self, input_ids, attention_mask, rows):
+    def forward(self, input_ids, attention_mask, rows=None):
         with torch.no_grad():
             return super().forward(input_ids, attention_mask, rows)
