@@ -7,7 +7,9 @@
 only runs the loop, in XLM's verbs: `step` (forward, losses, backward) -> `optimize` (accumulate, clip, step)
 -> `iter` (counters, log, checkpoint) -> `end_epoch`. The loss maths is in losses.py, the masking in
 masking.py, the model wrappers in models.py, the checkpoint format in checkpointing.py. One process is just
-a world of size 1: the same code runs under torchrun with DDP.
+a world of size 1: the same code runs under torchrun with DDP, or with the student and teacher sharded by
+FSDP2 (config.fsdp: sharding.py decides how; the loop calls it where DDP and FSDP differ: setup, clipping,
+saving, parameter statistics).
 """
 import contextlib
 import dataclasses
@@ -25,7 +27,8 @@ from grouped_batch_sampler import training_batch_sampler
 from losses import IGNORE_INDEX, distillation_losses
 from masking import prepare_batch_clm, prepare_batch_mlm
 from models import RowLogitsLM, TeacherLM
-from utils import logger
+from sharding import Fsdp
+from utils import logger, set_seed
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 LOSS_NAMES = ("ce", "mlm", "clm", "mse", "cos")
@@ -64,6 +67,8 @@ class DistillationConfig:
     save_total_limit: int = 3
     max_bad_steps: int = 20
     eval_interval: int = 0
+    fsdp: bool = False  # shard student (and teacher) with FSDP2 (sharding.py) instead of DDP; needs world size > 1
+    teacher_replicated: bool = False  # with fsdp: keep the whole teacher on every rank
 
     @classmethod
     def from_args(cls, args, **resolved):
@@ -135,6 +140,7 @@ class Distiller:
         self._setup_data()
         self._setup_precision()
         self._setup_models()
+        self._setup_fsdp()  # before the optimizer: sharding replaces the parameters
         self._setup_optimizer()
         self._setup_ddp()
         if self.is_master:
@@ -197,9 +203,27 @@ class Distiller:
         self.student_lm = RowLogitsLM(self.student, self.hidden_projection)
         self.teacher_lm = TeacherLM(self.teacher) if self.teacher is not None else None
 
+    def _setup_fsdp(self):
+        """Under config.fsdp, shard the student (the RowLogitsLM wrapper is the root) and the teacher."""
+        self.sharding = None
+        if not self.config.fsdp:
+            return
+        if not torch.distributed.is_initialized():  # train.py runs a single process unsharded
+            raise ValueError("fsdp needs an initialised process group (torchrun)")
+        if self.config.fp16 or self.config.compile:
+            raise ValueError("fsdp runs in float32 or bfloat16 (not float16), uncompiled")
+        self.sharding = Fsdp(self.ctx, bf16=self.config.bf16, shard_teacher=not self.config.teacher_replicated)
+        self.student_lm = self.sharding.shard_student(self.student_lm)
+        if self.teacher_lm is not None:
+            self.teacher_lm = self.sharding.shard_teacher(self.teacher_lm)
+
     def _setup_ddp(self):
         self.model = self.student_lm
-        if self.multi_gpu:
+        if self.sharding is not None:
+            # No DDP: FSDP reduce-scatters the gradients itself. Stop signals are agreed as under DDP (below).
+            backend = torch.distributed.get_backend()
+            self._host_group = None if backend == "gloo" else torch.distributed.new_group(backend="gloo")
+        elif self.multi_gpu:
             from torch.nn.parallel import DistributedDataParallel
 
             # The LM head is only unused when no loss reads the logits (cosine loss alone).
@@ -268,8 +292,8 @@ class Distiller:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
         logger.info("Training is finished; saving the final student.")
+        self.save_final()
         if self.is_master:
-            self.save_final()
             self.tensorboard.close()
 
     def loss_rows(self, attn_mask, lm_labels):
@@ -341,7 +365,10 @@ class Distiller:
         boundary = (self.n_iter + 1) % acc == 0 or self.n_iter + 1 == len(self.dataloader)
         group_size = min(acc, len(self.dataloader) - self.n_iter // acc * acc)
         self._at_boundary = boundary
-        sync_ctx = self.model.no_sync() if (self.multi_gpu and not boundary) else contextlib.nullcontext()
+        # Under FSDP the gradients are reduce-scattered after every batch and accumulate as shards: skipping
+        # that (as DDP's no_sync does) would keep a full unsharded gradient on every rank.
+        ddp = self.multi_gpu and self.sharding is None
+        sync_ctx = self.model.no_sync() if (ddp and not boundary) else contextlib.nullcontext()
         with sync_ctx:
             self.scaler.scale(loss / group_size).backward()
         if not boundary:
@@ -349,7 +376,10 @@ class Distiller:
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.student_lm.parameters() if p.grad is not None]
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if self.sharding is not None:
+            grad_norm = self.sharding.clip_grad_norm_(params, max_norm)  # the global norm of the shards
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         self._last_grad_norm = grad_norm.detach()
         bad = ~torch.isfinite(grad_norm)
         self.optimizer.grad_scale, self.optimizer.found_inf = None, bad.to(torch.float32)
@@ -410,7 +440,10 @@ class Distiller:
         evaluates its shard and gets the global numbers."""
         if self.evaluator is None:
             return None
-        metrics = self.evaluator(self.student, teacher=self.teacher)
+        if self.sharding is not None:  # sharded models run through their FSDP roots (RowLogitsLM without rows)
+            metrics = self.evaluator(self.student_lm, teacher=self.teacher_lm)
+        else:
+            metrics = self.evaluator(self.student, teacher=self.teacher)
         logger.info("Evaluation at iteration %d: %s", self.n_total_iter,
                     ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
         if self.is_master:
@@ -442,8 +475,7 @@ class Distiller:
             return True
         if self._checkpoint_due:
             self._checkpoint_due = False
-            if self.is_master:
-                self.save_checkpoint()
+            self.save_checkpoint()
             self.save_training_state()
         return False
 
@@ -478,6 +510,10 @@ class Distiller:
         self._running = {}
         if bar is not None:
             bar.set_postfix({"loss": f"{averages.get('total', float('nan')):.4f}"})
+        stats = None
+        if self.sharding is not None:  # collective: each rank holds a shard of every parameter
+            stats = self.sharding.parameter_statistics((n, p) for n, p in self.student.named_parameters()
+                                                       if p.requires_grad)
         if not self.is_master:
             return
         step = self.n_total_iter
@@ -496,6 +532,11 @@ class Distiller:
         tb.add_scalar("global/speed", (time.time() - self.last_log) / self.config.log_interval, step)
         if getattr(self, "_last_grad_norm", None) is not None:
             tb.add_scalar("global/grad_norm", float(self._last_grad_norm), step)
+        if stats is not None:
+            for name, (mean, std) in stats.items():
+                tb.add_scalar(f"parameter_mean/{name}", mean, step)
+                tb.add_scalar(f"parameter_std/{name}", std, step)
+            return
         for name, param in self.student.named_parameters():
             if param.requires_grad:
                 tb.add_scalar(f"parameter_mean/{name}", param.data.float().mean().item(), step)
@@ -507,13 +548,12 @@ class Distiller:
         logger.info("%d sequences trained on this process in epoch %d.", self.n_sequences_epoch, self.epoch)
         self.evaluate()
         epoch_loss = self.epoch_mean_loss()
-        if self.is_master:
-            self.save_checkpoint(checkpoint_name=f"model_epoch_{self.epoch}.pth")
-            if self.n_iter:
-                logger.info("Epoch %d: mean loss %.6g over %d iterations.", self.epoch, epoch_loss, self.n_iter)
-                self.tensorboard.add_scalar("epoch/loss", epoch_loss, self.epoch)
-                self.write_metrics({"split": "train_epoch", "epoch": self.epoch, "step": self.n_total_iter,
-                                    "loss": epoch_loss})
+        self.save_checkpoint(checkpoint_name=f"model_epoch_{self.epoch}.pth")
+        if self.is_master and self.n_iter:
+            logger.info("Epoch %d: mean loss %.6g over %d iterations.", self.epoch, epoch_loss, self.n_iter)
+            self.tensorboard.add_scalar("epoch/loss", epoch_loss, self.epoch)
+            self.write_metrics({"split": "train_epoch", "epoch": self.epoch, "step": self.n_total_iter,
+                                "loss": epoch_loss})
         self.epoch += 1
         self.n_sequences_epoch = 0
         self.n_iter = 0
@@ -538,23 +578,53 @@ class Distiller:
 
     # -- saving -----------------------------------------------------------------------------------------
 
+    def student_state_dict(self):
+        """The student's full weights on the master (None on the other ranks). Under FSDP: collective, the
+        shards gathered one tensor at a time to the master's CPU (sharding.Fsdp.gather_state_dict)."""
+        if self.sharding is not None:
+            state = self.sharding.gather_state_dict(self.student_lm, prefix="model.")
+            return state if self.is_master else None
+        return self.student.state_dict() if self.is_master else None
+
     def save_checkpoint(self, checkpoint_name="checkpoint.pth"):
-        """Student weights (a plain state dict), written atomically. Master only."""
+        """Student weights (a plain state dict), written atomically by the master. Every rank calls it (under
+        FSDP they all take part in gathering the weights)."""
+        state = self.student_state_dict()
+        if not self.is_master:
+            return
         path = os.path.join(self.dump_path, checkpoint_name)
         tmp = f"{path}.tmp"
-        torch.save(self.student.state_dict(), tmp)
+        torch.save(state, tmp)
         os.replace(tmp, path)
+
+    def _trainer_state(self, rngs):
+        """Everything but the weights and the optimizer's per-parameter state."""
+        return {
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rngs,
+            "counters": {name: _plain(getattr(self, name)) for name in checkpointing.RESUMABLE_COUNTERS},
+            "run": self._run_identity(),
+        }
 
     def save_training_state(self):
         """Everything needed to continue exactly: weights, optimizer, schedule, scaler, counters, every rank's RNG.
 
         Collective (every rank contributes its RNG state); only the master writes, atomically, then rotates.
+        Under FSDP every rank writes its own shards into a checkpoint folder (checkpointing.save_sharded).
         """
         self._settle_outcomes()
         rngs = [checkpointing.rng_state()]
         if self.multi_gpu:
             rngs = [None] * self.ctx.world_size
             torch.distributed.all_gather_object(rngs, checkpointing.rng_state())
+        if self.sharding is not None:
+            state = dict(self._trainer_state(rngs), hidden_projection=self.hidden_projection is not None)
+            checkpointing.save_sharded(checkpointing.checkpoint_path(self.dump_path, self.n_total_iter, sharded=True),
+                                       self.student_lm, self.optimizer, state, self.is_master)
+            if self.is_master:
+                checkpointing.rotate_checkpoints(self.dump_path, self.config.save_total_limit)
+            return
         if not self.is_master:
             return
         state = {
@@ -562,11 +632,7 @@ class Distiller:
             "student": self.student.state_dict(),
             "hidden_projection": self.hidden_projection.state_dict() if self.hidden_projection is not None else None,
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rngs,
-            "counters": {name: _plain(getattr(self, name)) for name in checkpointing.RESUMABLE_COUNTERS},
-            "run": self._run_identity(),
+            **self._trainer_state(rngs),
         }
         checkpointing.save_atomic(state, checkpointing.checkpoint_path(self.dump_path, self.n_total_iter))
         checkpointing.rotate_checkpoints(self.dump_path, self.config.save_total_limit)
@@ -577,26 +643,75 @@ class Distiller:
         return {name: values[name] for name in checkpointing.MUST_MATCH_ON_RESUME}
 
     def load_training_state(self, state, path):
-        """Continue from a checkpoint written by save_training_state (see train.py --resume)."""
-        checkpointing.check_same_run(state, self._run_identity(), path)
-        self.student.load_state_dict(state["student"])
-        if (state.get("hidden_projection") is None) != (self.hidden_projection is None):
-            raise ValueError(f"{path}: the checkpoint and this run disagree on the hidden projection")
-        if self.hidden_projection is not None:
-            self.hidden_projection.load_state_dict(state["hidden_projection"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Continue from a checkpoint written by save_training_state (see train.py --resume).
+
+        A sharded checkpoint (--fsdp) written at the end of an epoch may be resumed on another number of ranks:
+        DCP reshards the weights and optimizer state, the next epoch's data is dealt to the new ranks, the
+        learning-rate schedule goes on from the steps taken over the new run's total, and the random
+        generators are seeded afresh. In the middle of an epoch the position in the data only has a meaning
+        on the same number of ranks.
+        """
+        sharded = state.get("format") == checkpointing.SHARDED_FORMAT
+        if sharded != (self.sharding is not None):
+            raise ValueError(f"{path}: written {'with' if sharded else 'without'} fsdp, this run is "
+                             f"{'not ' if self.sharding is None else ''}sharded")
+        rng = None
+        if sharded:
+            rng = self._load_sharded_state(state, path)
+        else:
+            checkpointing.check_same_run(state, self._run_identity(), path)
+            self.student.load_state_dict(state["student"])
+            if (state.get("hidden_projection") is None) != (self.hidden_projection is None):
+                raise ValueError(f"{path}: the checkpoint and this run disagree on the hidden projection")
+            if self.hidden_projection is not None:
+                self.hidden_projection.load_state_dict(state["hidden_projection"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            rng = state["rng"][self.ctx.global_rank]
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         for name, value in state["counters"].items():
             setattr(self, name, value)
         if "n_finite_iter_epoch" not in state["counters"]:  # written before that counter existed
             self.n_finite_iter_epoch = self.n_iter
-        checkpointing.set_rng_state(state["rng"][self.ctx.global_rank])
+        if rng is not None:
+            checkpointing.set_rng_state(rng)
+        else:  # another number of ranks: no generator state to continue, a fresh seed per rank and epoch
+            set_seed(self.config.seed + self.ctx.global_rank + 1000 * self.epoch)
         logger.info("Resumed from %s: epoch %d, %d batches into it, iteration %d.", path, self.epoch, self.n_iter,
                     self.n_total_iter)
 
+    def _load_sharded_state(self, state, path):
+        """Checks and the shards of a sharded checkpoint; returns this rank's RNG state, or None when the
+        checkpoint was written by another number of ranks."""
+        run = self._run_identity()
+        saved_world = state["run"].get("world_size")
+        resharding = saved_world != run["world_size"]
+        if resharding and state["counters"]["n_iter"] != 0:
+            raise ValueError(f"{path}: written mid-epoch by {saved_world} ranks, this run has {run['world_size']}; a "
+                             "sharded checkpoint can change its number of ranks only at the end of an epoch")
+        checkpointing.check_same_run(state, dict(run, world_size=saved_world) if resharding else run, path)
+        if state["hidden_projection"] != (self.hidden_projection is not None):
+            raise ValueError(f"{path}: the checkpoint and this run disagree on the hidden projection")
+        checkpointing.load_sharded(path, self.student_lm, self.optimizer)
+        if resharding:
+            logger.warning("Resuming on %d ranks a checkpoint written by %d at the end of epoch %d: weights and "
+                           "optimizer resharded, random generators seeded afresh.", run["world_size"], saved_world,
+                           state["counters"]["epoch"] - 1)
+            return None
+        return state["rng"][self.ctx.global_rank]
+
     def save_final(self):
-        """A folder that `from_pretrained(dump_path)` loads: config, weights, and the teacher's tokenizer."""
-        self.student.save_pretrained(self.dump_path)
+        """A folder that `from_pretrained(dump_path)` loads: config, weights, and the teacher's tokenizer.
+
+        Every rank calls it; the master writes. Under FSDP the weights are gathered to the master's CPU first
+        (no rank holds a second full copy on its device) and written from there, as safetensors."""
+        state = self.student_state_dict() if self.sharding is not None else None
+        if not self.is_master:
+            return
+        if state is None:
+            self.student.save_pretrained(self.dump_path)
+        else:
+            # save_pretrained drops the duplicate key of tied weights from the dict it is given: pass a copy
+            self.student.save_pretrained(self.dump_path, state_dict=dict(state))
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(self.dump_path)

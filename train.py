@@ -10,6 +10,8 @@ Single process (GPU if there is one, else CPU):
 
 Several processes (one per GPU; gloo on a CPU-only machine):
     torchrun --nproc_per_node=4 train.py --n_gpu 4 <same flags>
+Student and teacher sharded with FSDP2 instead of replicated with DDP (models that do not fit one GPU):
+    torchrun --nproc_per_node=8 train.py --n_gpu 8 --fsdp --bf16 [--teacher_replicated] [--gradient_checkpointing] <same flags>
 
 Flow: parse -> sanity_checks (flags alone) -> load and check everything (tokenizer, data, counts, student,
 teacher) -> only then prepare the dump folder -> Distiller(...).train().
@@ -23,12 +25,13 @@ import sys
 import numpy as np
 import torch
 
-from checkpointing import find_resumable_checkpoint, load_checkpoint_file
+from checkpointing import find_resumable_checkpoint, is_sharded, load_checkpoint_file
 from distiller import DistillationConfig, Distiller, TrainingError
 from evaluation import evaluate
 from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset, load_token_counts
 from masking import MlmMasking, smoothed_token_probs
 from models import AUTO, build_student, framing_token_ids, load_teacher, load_tokenizer, max_input_size
+from sharding import teacher_dtype, use_fsdp
 from utils import (UserError, cleanup_distributed, fail, git_info, init_distributed, logger, set_seed,
                    special_token_ids, user_input, write_json_atomic)
 
@@ -110,6 +113,15 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the student and teacher forwards. Each new batch shape compiles at first "
                              "(lengths vary; after the first recompilation shapes are treated as dynamic).")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="Shard the student (weights, gradients, optimizer state) and the teacher across the "
+                             "processes with FSDP2 instead of a full copy on each (DDP). Needs torchrun with 2 or "
+                             "more processes; with --bf16, bf16 weights and compute, fp32 gradient reduction.")
+    parser.add_argument("--teacher_replicated", action="store_true",
+                        help="With --fsdp: keep the whole teacher on every process (no all-gathers for its "
+                             "forward) when it fits; the student stays sharded.")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="Recompute the student's blocks in backward instead of keeping their activations.")
     parser.add_argument("--n_gpu", type=int, default=1, help="Number of GPUs in the node (0: CPU).")
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
                         help="Set by torch.distributed.launch; torchrun sets LOCAL_RANK instead.")
@@ -204,6 +216,13 @@ def sanity_checks(args):
         raise UserError(f"--eval_data_file {args.eval_data_file}: no such file")
     if args.num_workers < 0:
         raise UserError("--num_workers must be >= 0")
+    if args.teacher_replicated and not args.fsdp:
+        raise UserError("--teacher_replicated only applies with --fsdp (under DDP every rank holds the whole teacher)")
+    if args.fsdp and args.fp16:
+        raise UserError("--fsdp runs in float32 or with --bf16, not --fp16 (its loss scaling would need the "
+                        "overflow check agreed across shards)")
+    if args.fsdp and args.compile:
+        raise UserError("--compile is not supported with --fsdp yet; drop one of them")
 
 
 def check_dump_path(args, ctx):
@@ -253,7 +272,7 @@ def build_teacher(args):
     if not needs_teacher(args):
         logger.info("No teacher: --alpha_ce, --alpha_mse and --alpha_cos are 0, training on the LM loss alone.")
         return None
-    return load_teacher(args.teacher_type, args.teacher_name, args.mlm)
+    return load_teacher(args.teacher_type, args.teacher_name, args.mlm, dtype=teacher_dtype(args.fsdp, args.bf16))
 
 
 def check_compatibility(args, student, teacher, tokenizer, corpus, counts, special_tok_ids):
@@ -290,14 +309,24 @@ def check_compatibility(args, student, teacher, tokenizer, corpus, counts, speci
 
 
 def find_checkpoint(args):
-    """(path, state) to resume from, or (None, None) when not resuming. Corrupted files are named."""
+    """(path, state) to resume from, or (None, None) when not resuming. Corrupted files are named.
+
+    A sharded checkpoint (a folder, written with --fsdp) yields only its trainer state here; the Distiller
+    reads its shards once the sharded student exists. It resumes only with --fsdp, and a one-file checkpoint
+    only without."""
     if args.resume is None:
         return None, None
     if args.resume != "latest":
-        return args.resume, load_checkpoint_file(args.resume)
-    path, state = find_resumable_checkpoint(args.dump_path)
-    if path is None:
-        raise UserError(f"--resume: no valid checkpoint in {os.path.join(args.dump_path, 'checkpoints')}")
+        path, state = args.resume, load_checkpoint_file(args.resume)
+    else:
+        path, state = find_resumable_checkpoint(args.dump_path)
+        if path is None:
+            raise UserError(f"--resume: no valid checkpoint in {os.path.join(args.dump_path, 'checkpoints')}")
+    if is_sharded(path) and not args.fsdp:
+        raise UserError(f"--resume {path}: a sharded checkpoint written with --fsdp; resume it with --fsdp under "
+                        "torchrun (2 or more processes)")
+    if not is_sharded(path) and args.fsdp:
+        raise UserError(f"--resume {path}: written without --fsdp; resume it without --fsdp")
     return path, state
 
 
@@ -341,6 +370,7 @@ def main(argv=None):
     args = parse_args(argv)
     sanity_checks(args)
     ctx = init_distributed(args.n_gpu, args.local_rank)
+    args.fsdp = use_fsdp(args.fsdp, ctx)  # one process: unsharded, with a warning
     check_dump_path(args, ctx)
     resume_path, resume_state = find_checkpoint(args)
     set_seed(args.seed)
@@ -363,7 +393,8 @@ def main(argv=None):
     student = build_student(args.student_type, args.student_config, mlm=args.mlm,
                             pretrained_weights=args.student_pretrained_weights,
                             initializer_range=args.initializer_range, freeze_pos_embs=args.freeze_pos_embs,
-                            freeze_token_type_embds=args.freeze_token_type_embds)
+                            freeze_token_type_embds=args.freeze_token_type_embds,
+                            gradient_checkpointing=args.gradient_checkpointing)
     max_len = min(max_len, max_input_size(student.config))
     check_compatibility(args, student, teacher, tokenizer, corpus, counts, special_tok_ids)
 
@@ -384,9 +415,10 @@ def main(argv=None):
     prepare_dump_path(args, ctx, {"special_tok_ids": special_tok_ids, "max_model_input_size": max_len})
     if ctx.is_master:
         student.config.save_pretrained(args.dump_path)
-    student.to(ctx.device)
-    if teacher is not None:
-        teacher.to(ctx.device)
+    if not args.fsdp:  # under FSDP the sharding moves each unit to the device as it shards it
+        student.to(ctx.device)
+        if teacher is not None:
+            teacher.to(ctx.device)
     # Different masking and dropout on each rank; the models were already initialised identically above.
     set_seed(args.seed + ctx.global_rank)
 

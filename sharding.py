@@ -1,0 +1,177 @@
+"""FSDP2: the student and the teacher sharded across ranks, for models that do not fit one GPU under DDP.
+
+    torchrun --nproc_per_node=8 train.py --fsdp --bf16 <flags>                      # both sharded
+    torchrun --nproc_per_node=8 train.py --fsdp --bf16 --teacher_replicated <flags> # teacher whole on every rank
+
+DDP (the default) keeps a full copy of everything on every rank. Under `--fsdp` every parameter, gradient and
+optimizer state of the student lives on one rank only (1/world_size of each tensor, cut along its first
+dimension); each transformer block is gathered just before it runs and freed after, forward and backward. The
+teacher is sharded the same way for its forward only (it has no gradients and no optimizer state), or kept
+whole on every rank with `--teacher_replicated` when it fits, which saves its all-gathers.
+
+This module makes every sharding decision; the loop (distiller.py) only calls it:
+    plan = Fsdp(ctx, bf16=..., shard_teacher=...)
+    student_lm = plan.shard_student(student_lm)      # models.RowLogitsLM, the FSDP root of the student
+    teacher_lm = plan.shard_teacher(teacher_lm)      # models.TeacherLM
+    norm = plan.clip_grad_norm_(params, max_norm)    # the global norm, the same on every rank
+    state = plan.gather_state_dict(student_lm)       # full weights on the master's CPU (collective)
+The resumable checkpoint (torch.distributed.checkpoint, one file per rank) is in checkpointing.py.
+
+Units: `fully_shard` on each block of the model's layer list (extraction_auto.find_layer_stack), then on the
+RowLogitsLM / TeacherLM wrapper as the root, which holds the rest (embeddings, final norm, LM head, the
+hidden projection). The wrapper, not the Hugging Face model, is the root because the training forward calls
+the model's encoder and its head separately (the head only at the loss rows): the root's hooks must run
+around that forward. Tied input/output embeddings sit in the root unit together, as FSDP2 requires.
+"""
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from extraction_auto import find_layer_stack
+from utils import UserError, logger
+
+
+def use_fsdp(requested, ctx):
+    """Whether this run shards (--fsdp with several processes). With one process there is nothing to shard
+    across: the run goes on unsharded (a world of size 1, as without --fsdp), with a warning."""
+    if requested and not ctx.multi_gpu:
+        logger.warning("--fsdp with a single process: nothing to shard across, training unsharded (world size 1). "
+                       "Launch several processes with torchrun to shard.")
+        return False
+    return requested
+
+
+def teacher_dtype(fsdp, bf16):
+    """The dtype the teacher is loaded in: bfloat16 under --fsdp --bf16 (it is frozen, and autocast runs its
+    matmuls in bf16 anyway: storing it in bf16 halves its memory), else float32 as under DDP."""
+    return torch.bfloat16 if (fsdp and bf16) else None
+
+
+def transformer_blocks(model):
+    """The model's transformer blocks (the modules of its layer list), or [] when there is none to find."""
+    try:
+        stack = find_layer_stack(model)
+    except UserError as exc:
+        logger.warning("FSDP: %s; the whole model is one unit (gathered at once in every forward).", exc)
+        return []
+    return list(model.get_submodule(stack.path))
+
+
+def cast_parameters(module, dtype):
+    """Cast the floating-point parameters (not the buffers: e.g. rotary frequencies stay float32)."""
+    for param in module.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+class Fsdp:
+    """The FSDP2 plan of a run: a 1-D mesh over all ranks (one node or several), mixed precision with --bf16.
+
+    ctx: utils.RunContext (process group initialised); bf16: parameters and compute in bfloat16, gradients
+    reduced in float32 (the sharded master weights and the optimizer stay float32); shard_teacher: False to
+    keep the teacher whole on every rank (--teacher_replicated).
+    """
+
+    def __init__(self, ctx, *, bf16=False, shard_teacher=True):
+        self.ctx = ctx
+        self.device = ctx.device
+        self.mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+        self.bf16 = bf16
+        self.teacher_sharded = shard_teacher
+
+    def _policy(self):
+        if not self.bf16:
+            return MixedPrecisionPolicy()
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+    def shard_student(self, student_lm):
+        """Shard a models.RowLogitsLM in place, block by block, then the rest; returns it (now the FSDP root).
+
+        Parameters move to the device unit by unit, so a rank never holds more than one full block on it.
+        The blocks free their gathered weights after forward (gathered again for backward); the root keeps
+        its own (embeddings, head) from forward to backward, where they are needed again at once.
+        """
+        policy = self._policy()
+        for block in transformer_blocks(student_lm.model):
+            fully_shard(block, mesh=self.mesh, mp_policy=policy)
+        fully_shard(student_lm, mesh=self.mesh, mp_policy=policy)
+        n_local = sum(p.to_local().numel() for p in student_lm.parameters())
+        logger.info("FSDP: student sharded over %d ranks (%d parameters on this one)%s.", self.ctx.world_size,
+                    n_local, ", bf16 parameters and compute, fp32 gradient reduction" if self.bf16 else "")
+        return student_lm
+
+    def shard_teacher(self, teacher_lm):
+        """Shard a models.TeacherLM for its forward (or move it whole to the device with --teacher_replicated).
+
+        Every unit, the root included, frees its gathered weights right after forward: there is no backward
+        to keep them for. Under --bf16 the teacher is stored in bfloat16 (see teacher_dtype).
+        """
+        if self.bf16:
+            cast_parameters(teacher_lm, torch.bfloat16)
+        if not self.teacher_sharded:
+            logger.info("FSDP: teacher replicated on every rank (--teacher_replicated).")
+            return teacher_lm.to(self.device)
+        for block in transformer_blocks(teacher_lm.model):
+            fully_shard(block, mesh=self.mesh, reshard_after_forward=True)
+        fully_shard(teacher_lm, mesh=self.mesh, reshard_after_forward=True)
+        logger.info("FSDP: teacher sharded over %d ranks for its forward.", self.ctx.world_size)
+        return teacher_lm
+
+    @staticmethod
+    def clip_grad_norm_(params, max_norm):
+        """clip_grad_norm_ over sharded gradients: the global 2-norm (each rank's shard norms combined by one
+        all-reduce inside DTensor's full_tensor), the same tensor on every rank, so every rank clips by the
+        same factor and agrees on skipping a non-finite step. Returns the norm before clipping."""
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
+
+    @staticmethod
+    def gather_state_dict(module, prefix=""):
+        """Full (unsharded) weights of `module` on the master, as CPU tensors; {} on the other ranks.
+
+        Collective. Tensors are gathered one at a time and moved to the master's CPU as they come, so no rank
+        ever holds a second full copy of the model on its device, and the other ranks hold none at all.
+        Only the keys under `prefix` are kept, with the prefix removed.
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if full:
+            # A tied parameter (output projection = word embeddings) is gathered once per name: make its names
+            # share one tensor again, as in the unsharded model's state_dict (save_pretrained then writes it once).
+            first_name = {}
+            for name, param in module.named_parameters(remove_duplicate=False):
+                if name in full:
+                    full[name] = full[first_name.setdefault(id(param), name)]
+        return {key[len(prefix):]: value for key, value in full.items() if key.startswith(prefix)}
+
+    @staticmethod
+    def parameter_statistics(named_parameters):
+        """{name: (mean, std)} of sharded parameters, from each rank's shard sums and one all-reduce.
+
+        Collective (every rank calls it); for the TensorBoard parameter curves.
+        """
+        names, sums = [], []
+        first = torch.distributed.get_rank() == 0
+        for name, param in named_parameters:
+            if isinstance(param, DTensor):
+                local = param.detach().to_local().double()
+            else:  # replicated: counted once
+                local = param.detach().double().flatten()[: param.numel() if first else 0]
+            sums.append(torch.stack([local.sum(), (local * local).sum(), local.new_tensor(local.numel())]))
+            names.append(name)
+        if not sums:
+            return {}
+        totals = torch.stack(sums)  # (n_params, 3): sum, sum of squares, count
+        torch.distributed.all_reduce(totals)
+        out = {}
+        for name, (total, squares, count) in zip(names, totals.cpu().tolist()):
+            mean = total / max(count, 1)
+            var = (squares - count * mean * mean) / (count - 1) if count > 1 else 0.0
+            out[name] = (mean, max(var, 0.0) ** 0.5)
+        return out
