@@ -23,12 +23,13 @@ hidden projection). The wrapper, not the Hugging Face model, is the root because
 the model's encoder and its head separately (the head only at the loss rows): the root's hooks must run
 around that forward. Tied input/output embeddings sit in the root unit together, as FSDP2 requires.
 """
+import warnings
+
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from extraction_auto import find_layer_stack
 from utils import UserError, logger
 
 
@@ -50,6 +51,8 @@ def teacher_dtype(fsdp, bf16):
 
 def transformer_blocks(model):
     """The model's transformer blocks (the modules of its layer list), or [] when there is none to find."""
+    from extraction_auto import find_layer_stack  # the same rule `extract.py --model_type auto` slices by
+
     try:
         stack = find_layer_stack(model)
     except UserError as exc:
@@ -93,6 +96,11 @@ class Fsdp:
         its own (embeddings, head) from forward to backward, where they are needed again at once.
         """
         policy = self._policy()
+        # Some models' last hidden states are a view (GPT-2 reshapes them), which FSDP2 warns about in every run:
+        # an in-place change of the output would bypass its backward hook. The losses never change their inputs
+        # in place (losses.py), so the warning says nothing here.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(RowLogitsLM|TeacherLM)\) returned a "
+                                r"view tensor")
         for block in transformer_blocks(student_lm.model):
             fully_shard(block, mesh=self.mesh, mp_policy=policy)
         fully_shard(student_lm, mesh=self.mesh, mp_policy=policy)
