@@ -2,6 +2,10 @@
 
     python scripts/benchmark.py --size tiny --config all                  # CPU, about 1-2 minutes
     python scripts/benchmark.py --size base --config all --device cuda --bf16 --json bench.json
+    python scripts/benchmark.py --fsdp_ranks 1,2,4 --config gpt2_clm --size base --batch_size 2 --seq_len 128
+                                      # FSDP2: per-rank memory of the same model on 1, 2 and 4 ranks (CPU, gloo)
+    python scripts/benchmark.py --fsdp_ranks 8 --config gpt2_clm --size xl --device cuda --bf16 --gradient_checkpointing
+                                      # FSDP2 on 8 GPUs, a student + teacher that do not fit one GPU under DDP
     python scripts/benchmark.py --config bert_mlm --steps 2 --warmup 1 --vocab_size 500 --hidden_size 32 \
         --teacher_layers 2 --student_layers 1 --batch_size 4 --seq_len 32      # a smoke run
 
@@ -19,9 +23,18 @@ Per configuration and side: sequences/s, real (non-padding) tokens/s, the step's
 (above the steady state of weights and optimizer state), and a "loss only" micro-benchmark that times
 losses + backward on fixed logits. On CUDA also MFU. Ratios are ours / reference: > 1 is faster for
 throughput, < 1 is less memory.
+
+--fsdp_ranks N1,N2,...: instead, for one configuration, the Distiller with --fsdp (sharding.py) under torchrun on
+N1, then N2, ... processes of this machine (gloo on the CPU, NCCL on GPUs), and per rank: the bytes it holds of
+the student's weights, gradients and optimizer state and of the teacher's weights (the sharded parts, which
+fall as 1/ranks), the process memory after setup and at its peak over the steps (RSS on the CPU, the CUDA
+allocator on a GPU), and the time per step. Each launch runs this script with --fsdp_worker; on several nodes,
+launch that yourself: torchrun --nnodes ... scripts/benchmark.py --fsdp_worker out.json <flags>.
 """
 import argparse
+import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -32,6 +45,8 @@ import tempfile
 import time
 
 import numpy as np
+import subprocess
+
 import psutil
 import torch
 import torch.nn as nn
@@ -59,6 +74,11 @@ PRESETS = {
                  student_layers=3, batch_size=8, seq_len=128, steps=3, warmup=1, loss_steps=2),
     "base": dict(vocab_bert=30522, vocab_gpt2=50257, hidden=768, heads=12, ffn=3072, teacher_layers=12,
                  student_layers=6, batch_size=16, seq_len=512, steps=20, warmup=5, loss_steps=10),
+    # For --fsdp_ranks on GPUs: a 6.7B teacher and a 2.6B student (GPT-2 shapes). Under DDP a rank would hold
+    # 2.6B x 16 bytes (fp32 weights, gradients, AdamW moments) + 6.7B x 4 bytes (fp32 teacher) = 69 GB
+    # before activations: more than an 80 GB GPU has room for at this batch.
+    "xl": dict(vocab_bert=30522, vocab_gpt2=50257, hidden=4096, heads=32, ffn=16384, teacher_layers=32,
+               student_layers=12, batch_size=4, seq_len=1024, steps=5, warmup=2, loss_steps=2),
 }
 
 
@@ -189,8 +209,9 @@ def make_config(config_name, student_type, args, max_len, dump_path):
         max_model_input_size=max_len)
 
 
-def make_distiller(config, device, sequences, student, teacher, special):
-    """A Distiller over these pre-made batches, in one process (its TensorBoard files go to config.dump_path)."""
+def make_distiller(config, device, sequences, student, teacher, special, ctx=None):
+    """A Distiller over these pre-made batches, in one process unless ctx (a RunContext) says otherwise (its
+    TensorBoard files go to config.dump_path)."""
     flat = [s for batch in sequences for s in batch]
     dataset = LmSeqsDataset(flat, special_tok_ids=special, mlm=config.mlm, max_len=config.max_model_input_size)
     masking = None
@@ -199,7 +220,8 @@ def make_distiller(config, device, sequences, student, teacher, special):
         masking = MlmMasking(token_probs=smoothed_token_probs(counts, special.values(), 0.7).to(device),
                              mask_prop=0.15, split=(0.8, 0.1, 0.1), mask_id=special["mask_token"],
                              vocab_size=student.config.vocab_size, restrict_to_mask=config.restrict_ce_to_mask)
-    return Distiller(config, RunContext(device=device), dataset, student, teacher, masking=masking), dataset
+    ctx = ctx or RunContext(device=device)
+    return Distiller(config, ctx, dataset, student, teacher, masking=masking), dataset
 
 
 # ----------------------------------------------------------------------------------------- the steps
@@ -522,6 +544,172 @@ def ratios(result):
             "loss_only_peak_mem": _ratio(lo["ours"]["peak_bytes"], lo["reference"]["peak_bytes"])}
 
 
+# ------------------------------------------------------------------------------- FSDP2: memory per rank
+
+
+def local_bytes(tensors):
+    """Bytes this rank holds of these tensors: a sharded (DTensor) one counts its local shard only."""
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for t in tensors:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        total += t.numel() * t.element_size()
+    return total
+
+
+def fsdp_worker(args):
+    """One rank of a --fsdp_ranks launch: the Distiller with fsdp=True on args.config, warm-up and timed steps
+    on pre-made batches, then this rank's memory; rank 0 writes every rank's figures to args.fsdp_worker."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = args.device == "cuda"
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl", device_id=device)
+    else:
+        torch.distributed.init_process_group("gloo")
+    ctx = RunContext(world_size=world, global_rank=rank, local_rank=local_rank, device=device)
+    config_name = args.config
+    torch.manual_seed(args.seed)  # the same weights on every rank, as train.py builds them
+    # On a GPU the models are built there (each rank's host memory then never holds them whole); sharding frees
+    # the full copies block by block.
+    with torch.device(device) if cuda else contextlib.nullcontext():
+        teacher, student, student_type = build_models(config_name, args.size, args)
+    teacher.eval().requires_grad_(False)
+    if args.gradient_checkpointing:
+        from models import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(student)
+    n_teacher, n_student = (sum(p.numel() for p in m.parameters()) for m in (teacher, student))
+    vocab = student.config.vocab_size
+    special = special_ids(config_name, vocab)
+    sequences = make_sequences(args.warmup + args.steps, args.batch_size, args.seq_len, vocab, special,
+                               config_name.startswith("bert"), args.seed)
+    proc = psutil.Process()
+    with tempfile.TemporaryDirectory() as dump:
+        config = dataclasses.replace(make_config(config_name, student_type, args, args.seq_len, dump), fsdp=True,
+                                     teacher_replicated=args.teacher_replicated, compile=False)
+        distiller, dataset = make_distiller(config, device, sequences, student, teacher, special, ctx=ctx)
+        del student, teacher
+        prepare = distiller.prepare_batch_mlm if config.mlm else distiller.prepare_batch_clm
+        batches = [prepare(*dataset.batch_sequences([(s, len(s)) for s in batch])) for batch in sequences]
+        distiller.student.train()
+        release_freed_host_memory()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        after_setup = torch.cuda.memory_allocated(device) if cuda else proc.memory_info().rss
+        with PeakSampler(lambda: proc.memory_info().rss) as rss:
+            for batch in batches[:args.warmup]:
+                distiller.step(*batch)
+            sync(device)
+            t0 = time.perf_counter()
+            for batch in batches[args.warmup:]:
+                distiller.step(*batch)
+            sync(device)
+            seconds = (time.perf_counter() - t0) / args.steps
+        after_steps = proc.memory_info().rss
+        # live tensor bytes at the peak of one more step, above what exists before it (CPU: profiler)
+        step_peak = step_alloc_peak(distiller.step, batches[-1], device)
+        trainable = [p for p in distiller.student_lm.parameters() if p.requires_grad]
+        optimizer_state = [v for state in distiller.optimizer.state.values() for v in state.values()
+                           if torch.is_tensor(v)]
+        mine = {
+            "rank": rank, "student_bytes": local_bytes(distiller.student_lm.parameters()),
+            "grad_bytes": local_bytes(trainable),  # the sharded gradients have the shape and dtype of the shards
+            "optimizer_bytes": local_bytes(optimizer_state),
+            "teacher_bytes": local_bytes(distiller.teacher_lm.parameters()),
+            "after_setup_bytes": after_setup, "rss_peak_bytes": rss.peak, "rss_after_steps_bytes": after_steps,
+            "step_alloc_peak_bytes": step_peak,
+            "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+            "seconds_per_step": seconds,
+        }
+        mine["sharded_bytes"] = sum(mine[k] for k in ("student_bytes", "grad_bytes", "optimizer_bytes",
+                                                       "teacher_bytes"))
+        ranks = [None] * world
+        torch.distributed.all_gather_object(ranks, mine)
+        if rank == 0:
+            payload = {"world_size": world, "config": config_name, "size": args.size, "device": str(device),
+                       "device_name": torch.cuda.get_device_name(device) if cuda else "cpu", "bf16": args.bf16,
+                       "batch_size": args.batch_size, "seq_len": args.seq_len, "teacher_params": n_teacher,
+                       "student_params": n_student, "teacher_replicated": args.teacher_replicated,
+                       "gradient_checkpointing": args.gradient_checkpointing, "torch": torch.__version__,
+                       "ranks": ranks}
+            with open(args.fsdp_worker, "w") as f:
+                json.dump(payload, f, indent=2)
+    torch.distributed.barrier()  # no rank exits while another still finishes the last collective (train.py)
+    torch.distributed.destroy_process_group()
+
+
+def _worker_argv(argv):
+    """This command line for the workers: without --fsdp_ranks and --json (and their values)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--fsdp_ranks", "--json"):
+            skip = True
+        elif not arg.startswith(("--fsdp_ranks=", "--json=")):
+            out.append(arg)
+    return out
+
+
+def bench_fsdp_ranks(args, argv):
+    """torchrun this script with --fsdp_worker on each number of ranks of args.fsdp_ranks, on this machine."""
+    import socket
+
+    results = []
+    for n in args.fsdp_ranks:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "ranks.json")
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_addr=127.0.0.1",
+                   f"--master_port={port}", os.path.abspath(__file__), "--fsdp_worker", out, *_worker_argv(argv)]
+            t0 = time.time()
+            subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            with open(out) as f:
+                results.append(json.load(f))
+            print(f"[{n} ranks: {time.time() - t0:.0f}s]", file=sys.stderr, flush=True)
+    return results
+
+
+def print_fsdp_table(results):
+    first = results[0]
+    gpu = first["device"] != "cpu"
+    print(f"\nFSDP2 per rank: {first['config']}, size {first['size']}, teacher {first['teacher_params'] / 1e6:.1f}M "
+          f"and student {first['student_params'] / 1e6:.1f}M parameters, batch {first['batch_size']}, seq_len <= "
+          f"{first['seq_len']}, {'bf16' if first['bf16'] else 'fp32'}, {first['device_name']}, torch {first['torch']}"
+          f"{', teacher replicated' if first['teacher_replicated'] else ''}"
+          f"{', gradient checkpointing' if first['gradient_checkpointing'] else ''}")
+    print("MiB, the largest over the ranks. sharded = student weights + gradients + optimizer state + teacher "
+          f"weights held by the rank; x = sharded / the same on {first['world_size']} rank(s). "
+          + ("alloc: the CUDA allocator after setup, and its peak over the steps." if gpu else
+             "step: tensor bytes one step adds at its peak (profiler): gathered units, activations, logits, "
+             "gradients before their reduce-scatter. RSS: process memory after setup and at its peak over the "
+             "steps (it includes ~0.4 GB of torch and transformers code, and memory the allocator keeps)."))
+    header = (f"{'ranks':>5} {'student':>8} {'grads':>8} {'optim':>8} {'teacher':>8} {'sharded':>8} {'x':>5} "
+              + ("" if gpu else f"{'step':>6} ") + f"{'alloc' if gpu else 'RSS':>9} {'peak':>9} {'s/step':>7}")
+    print(header)
+    print("-" * len(header))
+    base = max(r["sharded_bytes"] for r in first["ranks"])
+    for res in results:
+        top = {k: max((r[k] for r in res["ranks"]), key=lambda v: -1 if v is None else v)
+               for k in res["ranks"][0] if k != "rank"}
+        peak = top["cuda_peak_bytes"] if gpu else top["rss_peak_bytes"]
+        print(f"{res['world_size']:>5} {_mb(top['student_bytes']):>8} {_mb(top['grad_bytes']):>8} "
+              f"{_mb(top['optimizer_bytes']):>8} {_mb(top['teacher_bytes']):>8} {_mb(top['sharded_bytes']):>8} "
+              f"{top['sharded_bytes'] / base:>5.2f} " + ("" if gpu else f"{_mb(top['step_alloc_peak_bytes']):>6} ")
+              + f"{_mb(top['after_setup_bytes']):>9} {_mb(peak):>9} "
+              f"{top['seconds_per_step']:>7.2f}")
+    ddp = 16 * first["student_params"] + 4 * first["teacher_params"]
+    print(f"Under DDP every rank holds all of it, at any number of ranks: 16 bytes per student parameter (fp32 "
+          f"weights, gradients, two AdamW moments) + 4 per teacher parameter (fp32) = {ddp / 2**20:.0f} MiB.")
+
+
 # --------------------------------------------------------------------------------------------- output
 
 
@@ -616,6 +804,12 @@ def parse_args(argv=None):
     parser.add_argument("--peak_flops", type=float, default=None, help="Device peak FLOP/s for MFU (else a table).")
     parser.add_argument("--seed", type=int, default=56, help="Seed of the models, batches, masking and dropout.")
     parser.add_argument("--json", type=str, default=None, help="Also write every figure to this JSON file.")
+    parser.add_argument("--fsdp_ranks", type=str, default=None,
+                        help="Comma-separated numbers of processes, e.g. 1,2,4: per-rank memory of --config under "
+                             "FSDP2 on each (see the module docstring) instead of the comparison with the reference.")
+    parser.add_argument("--teacher_replicated", action="store_true", help="With --fsdp_ranks: train.py's flag.")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="With --fsdp_ranks: train.py's flag.")
+    parser.add_argument("--fsdp_worker", type=str, default=None, help=argparse.SUPPRESS)  # one rank, under torchrun
     args = parser.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -631,13 +825,35 @@ def parse_args(argv=None):
         parser.error("need --steps >= 1, --warmup >= 0, --batch_size >= 1, --seq_len >= 16")
     if args.vocab_size is not None and args.vocab_size <= 2 * max(BERT_SPECIAL.values()):
         parser.error(f"--vocab_size must be above {2 * max(BERT_SPECIAL.values())} (BERT's special ids go to 103)")
+    if args.fsdp_ranks is not None or args.fsdp_worker is not None:
+        if args.config == "all":
+            parser.error("--fsdp_ranks measures one configuration: give --config")
+        if args.compile:
+            parser.error("--fsdp_ranks: --compile is not supported with FSDP")
+    if args.fsdp_ranks is not None:
+        try:
+            args.fsdp_ranks = [int(n) for n in args.fsdp_ranks.split(",")]
+        except ValueError:
+            parser.error(f"--fsdp_ranks {args.fsdp_ranks}: expected comma-separated numbers, e.g. 1,2,4")
+        if min(args.fsdp_ranks) < 1:
+            parser.error("--fsdp_ranks: every number of ranks must be at least 1")
     return args
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(map(str, argv))
     args = parse_args(argv)
     logging.getLogger("distil").setLevel(logging.WARNING)
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    if args.fsdp_worker:
+        return fsdp_worker(args)
+    if args.fsdp_ranks:
+        results = bench_fsdp_ranks(args, argv)
+        print_fsdp_table(results)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "fsdp": results}, f, indent=2)
+        return results
     device = torch.device(args.device)
     names = CONFIGS if args.config == "all" else (args.config,)
     results = []
