@@ -133,12 +133,14 @@ def test_fsdp_ends_with_the_ddp_student(runs):
     _assert_same(_load(fsdp_dump / "model_epoch_0.pth"), fsdp, atol=0)  # the end-of-epoch save, gathered too
     # the losses logged along the way and the held-out evaluation (run through the sharded models) agree too
     logs = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (fsdp_dump, ddp_dump)]
-    assert len(logs[0]) == len(logs[1]) > 3 and logs[0][-1]["split"] == "eval"
+    assert len(logs[0]) == len(logs[1]) > 3
     for a, b in zip(*logs):
         assert a["split"] == b["split"] and a["step"] == b["step"]
-        key = "loss" if a["split"] == "train" else "mlm_loss"
-        assert a[key] == pytest.approx(b[key], rel=1e-5)
-    assert logs[0][-1]["kl_teacher_student"] == pytest.approx(logs[1][-1]["kl_teacher_student"], rel=1e-5)
+        for key in ("loss", "mlm_loss", "kl_teacher_student"):
+            assert (key in a) == (key in b), (key, a, b)
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a, b)
+    assert "eval" in {record["split"] for record in logs[0]}
 
 
 def test_fsdp_step_makes_no_host_sync(runs):
@@ -247,8 +249,9 @@ def test_bad_input_is_one_line(tiny, binarized, runs, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     # the reverse needs several processes (--fsdp alone runs unsharded): every rank says it, in one line
     proc, _, _ = _run(runs["tmp"], tiny, binarized, "ddp", ["--fsdp", "--resume"], expect_ok=False)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2 and all("written without --fsdp; resume it without --fsdp" in e for e in errors), errors
+    assert proc.returncode != 0
+    # (the two ranks write to one pipe, so their lines may interleave: count the messages, not the lines)
+    assert proc.stderr.count("written without --fsdp; resume it without --fsdp") == 2, proc.stderr[-3000:]
 
 
 def test_fsdp_with_one_process_warns_and_trains_unsharded(tiny, binarized, tmp_path):
