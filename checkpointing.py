@@ -136,11 +136,17 @@ def find_resumable_checkpoint(dump_path):
 
 
 def rotate_checkpoints(dump_path, keep):
+    """Delete all but the newest `keep` checkpoints, and the folders a crashed sharded save left behind.
+    Master only, between saves."""
     for path in list_checkpoints(dump_path)[:-keep] if keep > 0 else []:
         if is_sharded(path):
             shutil.rmtree(path)
         else:
             os.remove(path)
+    folder = os.path.join(dump_path, CHECKPOINT_DIR)
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if name.startswith(CHECKPOINT_PREFIX) and name.endswith((".tmp", ".old")):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------- sharded (--fsdp) checkpoints
