@@ -255,8 +255,11 @@ def test_bad_input_is_one_line(tiny, binarized, runs, tmp_path, capsys):
 
 
 def test_fsdp_with_one_process_warns_and_trains_unsharded(tiny, binarized, tmp_path):
+    """(--gradient_checkpointing works without FSDP too.)"""
     dump = tmp_path / "one"
-    proc = run_script("train.py", *_args(tiny, binarized, dump, ["--fsdp", "--checkpoint_interval", "1000"]))
+    proc = run_script("train.py", *_args(tiny, binarized, dump, ["--fsdp", "--checkpoint_interval", "1000",
+                                                                 "--gradient_checkpointing"]))
     assert "--fsdp with a single process: nothing to shard across, training unsharded" in proc.stderr
+    assert "Gradient checkpointing: the student's blocks are recomputed in backward" in proc.stderr
     assert (dump / "model.safetensors").exists()
     assert all(name.endswith(".pt") for name in os.listdir(dump / "checkpoints"))  # one-file checkpoints
