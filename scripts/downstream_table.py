@@ -159,14 +159,16 @@ def _f(value, spec, suffix=""):
 def markdown(table):
     tasks, squad = table["tasks"], table["squad_tasks"]
     has_wnli = "wnli" in tasks
-    head = ["Model", "Parameters", "Inference seq/s", "Speed-up", "Macro-score"]
+    timed = any(row["inference_seq_per_s"] for row in table["rows"])  # not with --no_speed
+    head = ["Model", "Parameters"] + (["Inference seq/s", "Speed-up"] if timed else []) + ["Macro-score"]
     head += ["Macro w/o WNLI"] if has_wnli else []
     head += [_display(t) for t in tasks] + [f"{'SQuAD v2.0' if t == 'squad_v2' else 'SQuAD'} EM/F1" for t in squad]
     head += ["Share of teacher"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|"]
     for row in table["rows"]:
-        cells = [row["model"], _f(row["parameters"], ",d"), _f(row["inference_seq_per_s"], ".1f"),
-                 _f(row["speedup"], ".2f", "x"), _f(row["macro"], ".1f")]
+        cells = [row["model"], _f(row["parameters"], ",d")]
+        cells += [_f(row["inference_seq_per_s"], ".1f"), _f(row["speedup"], ".2f", "x")] if timed else []
+        cells += [_f(row["macro"], ".1f")]
         cells += [_f(row["macro_without_wnli"], ".1f")] if has_wnli else []
         cells += [_f(row["scores"].get(t), ".1f") for t in tasks]
         cells += [f"{row[t]['exact']:.1f}/{row[t]['f1']:.1f}" if t in row else "-" for t in squad]
