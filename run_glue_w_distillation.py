@@ -231,12 +231,18 @@ def run(args):
                 evaluate(args, model, tokenizer, ctx, task, eval_set, folder, folder)
         evaluate(args, student, tokenizer, ctx, task, eval_set, args.output_dir,
                  args.output_dir if args.do_train else args.model_name_or_path)
+    return ctx
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        run(args)
+        ctx = run(args)
+        if ctx.multi_gpu:
+            # Every rank leaves together: a rank exiting right after the last collective (the evaluation's
+            # all_gather_object) can finalise Python while a gloo worker thread still releases that collective's
+            # tensors, and the process then aborts (see train.py).
+            torch.distributed.barrier()
     except UserError as error:
         fail(str(error))
     finally:

@@ -267,7 +267,12 @@ def run(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        run(args)
+        ctx = run(args)
+        if ctx.multi_gpu:
+            # Every rank leaves together: a rank exiting right after the last collective (the evaluation's
+            # all_gather_object) can finalise Python while a gloo worker thread still releases that collective's
+            # tensors, and the process then aborts (see train.py).
+            torch.distributed.barrier()
     except UserError as error:
         fail(str(error))
     finally:
