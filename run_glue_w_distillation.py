@@ -31,9 +31,9 @@ from glue import (GLUE_TASKS, Task, get_task, glue_metrics, infer_custom_task, l
 from losses import classification_kd_loss, classification_loss, task_distillation_loss  # noqa: E402
 from task_evaluation import predict, write_eval_results  # noqa: E402
 from task_models import clamp_max_seq_length, load_student, load_teacher, load_tokenizer  # noqa: E402
-from task_training import (TaskTrainer, TokenizedSet, add_training_arguments, check_training_args,  # noqa: E402
-                           clear_old_checkpoints, list_checkpoints, newest_checkpoint, prepare_output_dir)
-from utils import UserError, cleanup_distributed, fail, init_distributed, logger, set_seed  # noqa: E402
+from task_training import (TokenizedSet, add_training_arguments, check_training_args, newest_checkpoint,  # noqa: E402
+                           prepare_output_dir, task_main, train_and_evaluate)
+from utils import UserError, init_distributed, logger, set_seed  # noqa: E402
 
 COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "labels")
 
@@ -202,51 +202,19 @@ def run(args):
             eval_raw = eval_raw.select(range(min(args.max_eval_samples, len(eval_raw))))
         eval_set = TokenizedSet(tokenize(args, tokenizer, eval_raw, task, eval_source), COLUMNS)
     train_set = TokenizedSet(tokenize(args, tokenizer, train_raw, task, source), COLUMNS) if args.do_train else None
-    os.makedirs(args.output_dir, exist_ok=True)  # every input checked: from here on, the run writes
 
-    if args.do_train:
-        if ctx.is_master and args.overwrite_output_dir and not args.resume:
-            clear_old_checkpoints(args.output_dir)
-        trainer = TaskTrainer(args, ctx, student, teacher, train_set, make_loss_fn(args), tokenizer,
-                              tokenizer.pad_token_id)
-        if resume_from:
-            trainer.load_checkpoint(resume_from)
+    def reload(folder):
+        checkpoint_args = argparse.Namespace(**dict(vars(args), model_name_or_path=folder, config_name=""))
+        return load_student(checkpoint_args, AutoModelForSequenceClassification, **overrides)
 
-        def on_log(step):
-            if args.evaluate_during_training:
-                metrics = evaluate(args, student, tokenizer, ctx, task, eval_set, os.path.join(args.output_dir, "eval"))
-                if metrics is not None:
-                    trainer.write_metrics({"step": step, "split": "eval", **metrics})
-
-        trainer.train(on_log=on_log)
-        if ctx.is_master:
-            trainer.save_model(args.output_dir)
-            logger.info("Saved the fine-tuned student to %s", args.output_dir)
-
-    if args.do_eval:
-        if args.eval_all_checkpoints:
-            for _, folder in list_checkpoints(args.output_dir):
-                model = load_student(argparse.Namespace(**dict(vars(args), model_name_or_path=folder, config_name="")),
-                                     AutoModelForSequenceClassification, **overrides).to(ctx.device)
-                evaluate(args, model, tokenizer, ctx, task, eval_set, folder, folder)
-        evaluate(args, student, tokenizer, ctx, task, eval_set, args.output_dir,
-                 args.output_dir if args.do_train else args.model_name_or_path)
+    train_and_evaluate(args, ctx, student, teacher, train_set, make_loss_fn(args), tokenizer,
+                       lambda model, folder, path: evaluate(args, model, tokenizer, ctx, task, eval_set, folder, path),
+                       reload, resume_from)
     return ctx
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        ctx = run(args)
-        if ctx.multi_gpu:
-            # Every rank leaves together: a rank exiting right after the last collective (the evaluation's
-            # all_gather_object) can finalise Python while a gloo worker thread still releases that collective's
-            # tensors, and the process then aborts (see train.py).
-            torch.distributed.barrier()
-    except UserError as error:
-        fail(str(error))
-    finally:
-        cleanup_distributed()
+    task_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

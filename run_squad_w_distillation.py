@@ -31,10 +31,9 @@ from squad import examples_from_records, postprocess_predictions, read_squad_exa
 from squad_metrics import squad_scores  # noqa: E402
 from task_evaluation import predict, write_eval_results  # noqa: E402
 from task_models import clamp_max_seq_length, load_student, load_teacher, load_tokenizer  # noqa: E402
-from task_training import (TaskTrainer, TokenizedSet, add_training_arguments, check_training_args,  # noqa: E402
-                           clear_old_checkpoints, list_checkpoints, newest_checkpoint, prepare_output_dir,
-                           subsample)
-from utils import UserError, cleanup_distributed, fail, init_distributed, logger, set_seed  # noqa: E402
+from task_training import (TokenizedSet, add_training_arguments, check_training_args, newest_checkpoint,  # noqa: E402
+                           prepare_output_dir, subsample, task_main, train_and_evaluate)
+from utils import UserError, init_distributed, logger, set_seed  # noqa: E402
 
 TRAIN_COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions")
 EVAL_COLUMNS = ("input_ids", "token_type_ids", "attention_mask")
@@ -232,51 +231,19 @@ def run(args):
     if args.do_train:
         examples = load_examples(args, evaluate=False)
         train_set = TokenizedSet(load_features(args, tokenizer, examples, ctx, evaluate=False), TRAIN_COLUMNS)
-    os.makedirs(args.output_dir, exist_ok=True)  # every input checked: from here on, the run writes
 
-    if args.do_train:
-        if ctx.is_master and args.overwrite_output_dir and not args.resume:
-            clear_old_checkpoints(args.output_dir)
-        trainer = TaskTrainer(args, ctx, student, teacher, train_set, make_loss_fn(args), tokenizer,
-                              tokenizer.pad_token_id)
-        if resume_from:
-            trainer.load_checkpoint(resume_from)
+    def reload(folder):
+        checkpoint_args = argparse.Namespace(**dict(vars(args), model_name_or_path=folder, config_name=""))
+        return load_student(checkpoint_args, AutoModelForQuestionAnswering)
 
-        def on_log(step):
-            if args.evaluate_during_training:  # the latest evaluation's predictions land in output_dir/eval
-                metrics = evaluate(args, student, tokenizer, ctx, eval_data, os.path.join(args.output_dir, "eval"))
-                if metrics is not None:
-                    trainer.write_metrics({"step": step, "split": "eval", **metrics})
-
-        trainer.train(on_log=on_log)
-        if ctx.is_master:
-            trainer.save_model(args.output_dir)
-            logger.info("Saved the fine-tuned student to %s", args.output_dir)
-
-    if args.do_eval:
-        if args.eval_all_checkpoints:
-            for _, folder in list_checkpoints(args.output_dir):
-                model = load_student(argparse.Namespace(**dict(vars(args), model_name_or_path=folder, config_name="")),
-                                     AutoModelForQuestionAnswering).to(ctx.device)
-                evaluate(args, model, tokenizer, ctx, eval_data, folder, folder)
-        evaluate(args, student, tokenizer, ctx, eval_data, args.output_dir,
-                 args.output_dir if args.do_train else args.model_name_or_path)
+    train_and_evaluate(args, ctx, student, teacher, train_set, make_loss_fn(args), tokenizer,
+                       lambda model, folder, path: evaluate(args, model, tokenizer, ctx, eval_data, folder, path),
+                       reload, resume_from)
     return ctx
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        ctx = run(args)
-        if ctx.multi_gpu:
-            # Every rank leaves together: a rank exiting right after the last collective (the evaluation's
-            # all_gather_object) can finalise Python while a gloo worker thread still releases that collective's
-            # tensors, and the process then aborts (see train.py).
-            torch.distributed.barrier()
-    except UserError as error:
-        fail(str(error))
-    finally:
-        cleanup_distributed()
+    task_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

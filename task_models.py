@@ -13,11 +13,7 @@ import os
 
 from transformers import AutoConfig, AutoTokenizer
 
-from utils import UserError, logger
-
-
-def _first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+from utils import UserError, first_line, logger
 
 
 def _cache(args):
@@ -30,7 +26,7 @@ def load_tokenizer(args):
         tokenizer = AutoTokenizer.from_pretrained(name, cache_dir=_cache(args))
     except (OSError, ValueError, TypeError) as error:
         flag = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
-        raise UserError(f"{flag} {name}: no tokenizer loads from it ({_first_line(error)})") from None
+        raise UserError(f"{flag} {name}: no tokenizer loads from it ({first_line(error)})") from None
     if tokenizer.pad_token_id is None:
         raise UserError(f"the tokenizer of {name} has no padding token")
     return tokenizer
@@ -40,7 +36,7 @@ def load_config(name, flag, model_type, cache_dir=None, **overrides):
     try:
         config = AutoConfig.from_pretrained(name, cache_dir=cache_dir, **overrides)
     except (OSError, ValueError) as error:
-        raise UserError(f"{flag} {name}: not a model folder or hub name ({_first_line(error)})") from None
+        raise UserError(f"{flag} {name}: not a model folder or hub name ({first_line(error)})") from None
     if model_type not in (None, "auto") and model_type != config.model_type:
         raise UserError(f"{flag} {name} is a {config.model_type} model, but its type flag says {model_type}")
     return config
@@ -55,7 +51,7 @@ def load_student(args, model_class, **config_overrides):
         model, info = model_class.from_pretrained(args.model_name_or_path, config=config, cache_dir=_cache(args),
                                                   output_loading_info=True)
     except (OSError, ValueError) as error:
-        raise UserError(f"--model_name_or_path {args.model_name_or_path}: {_first_line(error)}") from None
+        raise UserError(f"--model_name_or_path {args.model_name_or_path}: {first_line(error)}") from None
     if info.get("missing_keys"):
         logger.info("Student: %d tensor(s) start from random init (the task head): %s", len(info["missing_keys"]),
                     ", ".join(sorted(info["missing_keys"])[:6]))
@@ -72,7 +68,7 @@ def load_teacher(args, model_class, tokenizer, student, **config_overrides):
         teacher, info = model_class.from_pretrained(name, config=config, cache_dir=_cache(args),
                                                     output_loading_info=True)
     except (OSError, ValueError) as error:
-        raise UserError(f"--teacher_name_or_path {name}: {_first_line(error)}") from None
+        raise UserError(f"--teacher_name_or_path {name}: {first_line(error)}") from None
     missing = sorted(info.get("missing_keys", ())) + sorted(info.get("mismatched_keys", ()))
     if missing:
         head = model_class.__name__[len("AutoModelFor"):]

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from checkpointing import rng_state, save_atomic, set_rng_state
 from grouped_batch_sampler import training_batch_sampler
-from utils import UserError, logger, write_json_atomic
+from utils import UserError, cleanup_distributed, fail, logger, write_json_atomic
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.pt"
@@ -445,3 +445,55 @@ class TaskTrainer:
             self.epoch, self.batches_done = self.epoch + 1, 0
         logger.info("Resumed from %s: step %d, epoch %d, %d batches into it.", folder, self.global_step, self.epoch,
                     self.batches_done)
+
+
+# ------------------------------------------------------------------------------------------ both scripts
+
+
+def train_and_evaluate(args, ctx, student, teacher, train_set, loss_fn, tokenizer, evaluate, reload, resume_from=None):
+    """The second half both task scripts share, once every input is checked: with --do_train, fine-tune (and
+    evaluate at each log with --evaluate_during_training) then save the student in --output_dir; with
+    --do_eval, evaluate every checkpoint (--eval_all_checkpoints) and the final model.
+
+    evaluate(model, out_folder, model_path) -> metrics or None (None on the ranks that do not write);
+    reload(folder) -> the model saved in a checkpoint folder.
+    """
+    os.makedirs(args.output_dir, exist_ok=True)  # every input checked: from here on, the run writes
+    if args.do_train:
+        if ctx.is_master and args.overwrite_output_dir and not args.resume:
+            clear_old_checkpoints(args.output_dir)
+        trainer = TaskTrainer(args, ctx, student, teacher, train_set, loss_fn, tokenizer, tokenizer.pad_token_id)
+        if resume_from:
+            trainer.load_checkpoint(resume_from)
+
+        def on_log(step):
+            if args.evaluate_during_training:  # the latest evaluation's outputs land in output_dir/eval
+                metrics = evaluate(student, os.path.join(args.output_dir, "eval"), None)
+                if metrics is not None:
+                    trainer.write_metrics({"step": step, "split": "eval", **metrics})
+
+        trainer.train(on_log=on_log)
+        if ctx.is_master:
+            trainer.save_model(args.output_dir)
+            logger.info("Saved the fine-tuned student to %s", args.output_dir)
+    if args.do_eval:
+        if args.eval_all_checkpoints:
+            for _, folder in list_checkpoints(args.output_dir):
+                evaluate(reload(folder).to(ctx.device), folder, folder)
+        evaluate(student, args.output_dir, args.output_dir if args.do_train else args.model_name_or_path)
+
+
+def task_main(run, args):
+    """The task scripts' entry point: run(args) -> RunContext; every rank leaves together; a UserError is one
+    `error:` line and exit status 2; the process group is always torn down."""
+    try:
+        ctx = run(args)
+        if ctx.multi_gpu:
+            # A rank exiting right after the last collective (the evaluation's all_gather_object) can finalise
+            # Python while a gloo worker thread still releases that collective's tensors, and the process then
+            # aborts (see train.py).
+            torch.distributed.barrier()
+    except UserError as error:
+        fail(str(error))
+    finally:
+        cleanup_distributed()

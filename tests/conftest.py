@@ -72,12 +72,13 @@ def run_torchrun(*args, nproc=2, **kwargs):
 
 
 def expect_error(capsys, main, argv, *needles):
-    """main(argv) exits with status 2 and prints exactly one `error:` line containing every needle."""
+    """main(argv) exits with status 2 after exactly one `error:` line, containing every needle, and no traceback."""
     with pytest.raises(SystemExit) as excinfo:
-        main(argv)
+        main([str(a) for a in argv])
     assert excinfo.value.code == 2
-    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1, error_lines
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "Traceback" not in err, err[-2000:]
     for needle in needles:
         assert str(needle) in error_lines[0], error_lines[0]
     return error_lines[0]

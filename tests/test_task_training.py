@@ -5,13 +5,12 @@ import json
 import os
 import random
 import shutil
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, run_script
+from conftest import REPO, expect_error, run_script, run_torchrun
 from losses import (classification_kd_loss, classification_loss, soft_target_kl, span_ce_loss, span_kd_loss,
                     task_distillation_loss)
 from test_squad import make_records
@@ -86,15 +85,6 @@ def test_classification_losses_match_the_model():
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
-def torchrun(*args, nproc=2, **kwargs):
-    """A script under `python -m torch.distributed.run` with nproc gloo processes on this machine."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return run_script("-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-                      f"--master_port={port}", *args, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def task_data(tiny, tmp_path_factory):
     """A DistilBERT student folder sharing the tiny BERT's tokenizer, a sentence task and a SQuAD file."""
@@ -165,7 +155,7 @@ def table(d, name, teacher, student):
 def squad_teacher(task_data):
     """A SQuAD teacher fine-tuned in two gloo processes (the first half of the two-process end-to-end run)."""
     folder = task_data["root"] / "squad_teacher"
-    torchrun(*squad_args(task_data, folder, task_data["teacher"], "--num_train_epochs", "3"), env=SCRIPT_ENV)
+    run_torchrun(*squad_args(task_data, folder, task_data["teacher"], "--num_train_epochs", "3"), env=SCRIPT_ENV)
     return folder
 
 
@@ -207,7 +197,7 @@ def test_glue_end_to_end_one_process(task_data):
 def test_squad_end_to_end_two_processes(task_data, squad_teacher):
     d = task_data
     teacher, student = squad_teacher, d["root"] / "squad_student"
-    torchrun(*squad_args(d, student, d["student"], "--teacher_name_or_path", teacher, "--num_train_epochs", "1"),
+    run_torchrun(*squad_args(d, student, d["student"], "--teacher_name_or_path", teacher, "--num_train_epochs", "1"),
              env=SCRIPT_ENV)
     two = results(student)
     assert two["task"] == "squad" and two["metrics"]["total"] == 30
@@ -260,18 +250,6 @@ def test_teacher_with_alpha_ce_zero_is_plain_fine_tuning_and_resume_is_exact(tas
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-
-
-def expect_error(capsys, main, argv, *needles):
-    """main(argv) exits with status 2 after one `error:` line holding every needle, and no traceback."""
-    with pytest.raises(SystemExit) as excinfo:
-        main([str(a) for a in argv])
-    assert excinfo.value.code == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
