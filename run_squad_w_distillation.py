@@ -31,9 +31,9 @@ from squad import examples_from_records, postprocess_predictions, read_squad_exa
 from squad_metrics import squad_scores  # noqa: E402
 from task_evaluation import predict, write_eval_results  # noqa: E402
 from task_models import clamp_max_seq_length, load_student, load_teacher, load_tokenizer  # noqa: E402
-from task_training import (TokenizedSet, add_training_arguments, check_training_args, newest_checkpoint,  # noqa: E402
-                           prepare_output_dir, subsample, task_main, train_and_evaluate)
-from utils import UserError, init_distributed, logger, set_seed  # noqa: E402
+from task_training import (TokenizedSet, add_training_arguments, check_training_args, start_run,  # noqa: E402
+                           subsample, task_main, train_and_evaluate)
+from utils import UserError, logger  # noqa: E402
 
 TRAIN_COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions")
 EVAL_COLUMNS = ("input_ids", "token_type_ids", "attention_mask")
@@ -207,14 +207,7 @@ def evaluate(args, model, tokenizer, ctx, eval_data, out_folder, model_path=None
 
 def run(args):
     check_args(args)
-    prepare_output_dir(args, inputs=[args.model_name_or_path, args.teacher_name_or_path, args.train_file,
-                                     args.predict_file])
-    ctx = init_distributed(n_gpu=0 if args.no_cuda or not torch.cuda.is_available() else 1,
-                           local_rank=args.local_rank)
-    set_seed(args.seed)
-    resume_from = newest_checkpoint(args.output_dir) if args.resume else None
-    if resume_from:
-        args.model_name_or_path = resume_from  # the student continues from its checkpointed weights
+    ctx, resume_from = start_run(args, [args.train_file, args.predict_file])
     tokenizer = load_tokenizer(args)
     from transformers import AutoModelForQuestionAnswering
 

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from checkpointing import rng_state, save_atomic, set_rng_state
 from grouped_batch_sampler import training_batch_sampler
-from utils import UserError, cleanup_distributed, fail, logger, write_json_atomic
+from utils import UserError, cleanup_distributed, fail, init_distributed, logger, set_seed, write_json_atomic
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.pt"
@@ -448,6 +448,19 @@ class TaskTrainer:
 
 
 # ------------------------------------------------------------------------------------------ both scripts
+
+
+def start_run(args, data_files):
+    """The first steps both task scripts share, once the flags are checked: refuse an --output_dir that is in
+    use, set up the processes and the seed, and with --resume point the student at the newest checkpoint.
+    Returns (RunContext, that checkpoint folder or None)."""
+    prepare_output_dir(args, inputs=[args.model_name_or_path, args.teacher_name_or_path, *data_files])
+    ctx = init_distributed(n_gpu=0 if args.no_cuda or not torch.cuda.is_available() else 1, local_rank=args.local_rank)
+    set_seed(args.seed)
+    resume_from = newest_checkpoint(args.output_dir) if args.resume else None
+    if resume_from:
+        args.model_name_or_path = resume_from  # the student continues from its checkpointed weights
+    return ctx, resume_from
 
 
 def train_and_evaluate(args, ctx, student, teacher, train_set, loss_fn, tokenizer, evaluate, reload, resume_from=None):
