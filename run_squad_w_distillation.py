@@ -82,7 +82,8 @@ def load_examples(args, evaluate):
     path = args.predict_file if evaluate else args.train_file
     if path is not None:
         examples = read_squad_examples(path, is_training=not evaluate,
-                                       version_2_with_negative=args.version_2_with_negative)
+                                       version_2_with_negative=args.version_2_with_negative,
+                                       flag="--predict_file" if evaluate else "--train_file")
     else:
         from datasets import load_dataset
 

@@ -27,30 +27,34 @@ CLS_INDEX = 0
 # ------------------------------------------------------------------------------------------------ reading
 
 
-def read_squad_examples(path, is_training, version_2_with_negative=False):
+def read_squad_examples(path, is_training, version_2_with_negative=False, flag=None):
     """The questions of an official-format SQuAD file, as flat dicts: id, title, context, question,
-    answers {"text": [...], "answer_start": [...]}, is_impossible.
+    answers {"text": [...], "answer_start": [...]}, is_impossible. `flag` (e.g. "--train_file") prefixes every
+    error about the file.
 
     Every answer must be the slice of its context that answer_start points at; the first offence is
     refused with its question id, since a shifted answer would silently teach the wrong span.
     """
+    source = f"{flag} {path}" if flag else path
     if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file")
+        raise UserError(f"{source}: no such file")
     try:
         with open(path, encoding="utf-8") as f:
             articles = json.load(f)["data"]
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{path}: not a JSON file ({error})") from None
+        raise UserError(f"{source}: not a JSON file ({error})") from None
     except (KeyError, TypeError):
-        raise UserError(f"{path}: not the SQuAD layout (no top-level 'data' list)") from None
+        raise UserError(f"{source}: not the SQuAD layout (no top-level 'data' list)") from None
+    if not isinstance(articles, list) or not all(isinstance(a, dict) for a in articles):
+        raise UserError(f"{source}: not the SQuAD layout ('data' must be a list of articles)")
     records = []
     for article in articles:
         for paragraph in article.get("paragraphs", []):
             for qa in paragraph.get("qas", []):
                 if "context" not in paragraph:
-                    raise UserError(f"{path}: a paragraph lacks the field 'context'")
+                    raise UserError(f"{source}: a paragraph lacks the field 'context'")
                 records.append(dict(qa, context=paragraph["context"], title=article.get("title", "")))
-    return examples_from_records(records, path, is_training, version_2_with_negative)
+    return examples_from_records(records, source, is_training, version_2_with_negative)
 
 
 def examples_from_records(records, source, is_training, version_2_with_negative=False):

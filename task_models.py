@@ -24,7 +24,7 @@ def load_tokenizer(args):
     name = args.tokenizer_name or args.model_name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, cache_dir=_cache(args))
-    except (OSError, ValueError, TypeError) as error:
+    except Exception as error:  # malformed tokenizer files fail in many ways, all the folder's fault
         flag = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
         raise UserError(f"{flag} {name}: no tokenizer loads from it ({first_line(error)})") from None
     if tokenizer.pad_token_id is None:
@@ -35,7 +35,7 @@ def load_tokenizer(args):
 def load_config(name, flag, model_type, cache_dir=None, **overrides):
     try:
         config = AutoConfig.from_pretrained(name, cache_dir=cache_dir, **overrides)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # not JSON, an unknown model type, a missing file: the input's fault
         raise UserError(f"{flag} {name}: not a model folder or hub name ({first_line(error)})") from None
     if model_type not in (None, "auto") and model_type != config.model_type:
         raise UserError(f"{flag} {name} is a {config.model_type} model, but its type flag says {model_type}")
@@ -50,7 +50,7 @@ def load_student(args, model_class, **config_overrides):
     try:
         model, info = model_class.from_pretrained(args.model_name_or_path, config=config, cache_dir=_cache(args),
                                                   output_loading_info=True)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # a corrupt or truncated weights file, shapes that do not fit: the input's fault
         raise UserError(f"--model_name_or_path {args.model_name_or_path}: {first_line(error)}") from None
     if info.get("missing_keys"):
         logger.info("Student: %d tensor(s) start from random init (the task head): %s", len(info["missing_keys"]),
@@ -67,7 +67,7 @@ def load_teacher(args, model_class, tokenizer, student, **config_overrides):
     try:
         teacher, info = model_class.from_pretrained(name, config=config, cache_dir=_cache(args),
                                                     output_loading_info=True)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # a corrupt or truncated weights file, shapes that do not fit: the input's fault
         raise UserError(f"--teacher_name_or_path {name}: {first_line(error)}") from None
     missing = sorted(info.get("missing_keys", ())) + sorted(info.get("mismatched_keys", ()))
     if missing:

@@ -325,3 +325,24 @@ def test_bad_squad_input_and_existing_output_dir(task_data, tmp_path, capsys):
     assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
     expect_error(capsys, squad_script.main, args + ["--output_dir", d["student"], "--overwrite_output_dir"],
                  "holds an input of this run")
+
+
+def test_malformed_model_and_data_files_name_their_flag(task_data, tmp_path, capsys):
+    """Files that exist but are not what they should be: a student folder with corrupt weights, a SQuAD file that
+    is not JSON. One error line naming the flag and the file, nothing written."""
+    import run_squad_w_distillation as squad_script
+
+    d = task_data
+    corrupt = tmp_path / "corrupt_student"
+    shutil.copytree(d["student"], corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 16 + b"not safetensors")
+    out = tmp_path / "out"
+    args = [str(a) for a in squad_args(d, out, corrupt)[1:]]
+    expect_error(capsys, squad_script.main, args, "--model_name_or_path", corrupt)
+    not_json = tmp_path / "train.json"
+    not_json.write_text("{ not json")
+    args = [str(a) for a in squad_args(d, out, d["student"])[1:]]
+    flag_at = args.index("--train_file")
+    args[flag_at + 1] = str(not_json)
+    expect_error(capsys, squad_script.main, args, f"--train_file {not_json}", "not a JSON file")
+    assert not out.exists()
