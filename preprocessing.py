@@ -30,7 +30,7 @@ TOKENIZER_TYPES = {
 }
 
 
-def load_framing_tokenizer(tokenizer_type, tokenizer_name):
+def load_framing_tokenizer(tokenizer_type, tokenizer_name, flag="--tokenizer_name"):
     """(tokenizer, start id, end id, text prefix) of a --tokenizer_type: what binarize frames each line with."""
     import transformers
 
@@ -38,7 +38,7 @@ def load_framing_tokenizer(tokenizer_type, tokenizer_name):
     try:
         tokenizer = getattr(transformers, class_name).from_pretrained(tokenizer_name)
     except Exception as exc:  # malformed tokenizer files fail in many ways, all the folder's fault
-        raise ValueError(f"--tokenizer_name {tokenizer_name}: cannot load a {tokenizer_type} tokenizer "
+        raise ValueError(f"{flag} {tokenizer_name}: cannot load a {tokenizer_type} tokenizer "
                          f"({first_line(exc)})") from None
     if start_attr is None:
         if tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None:
@@ -49,9 +49,9 @@ def load_framing_tokenizer(tokenizer_type, tokenizer_name):
     start_id = getattr(tokenizer, start_attr + "_id")
     end_id = getattr(tokenizer, end_attr + "_id")
     if start_id is None or end_id is None:
-        raise ValueError(f"--tokenizer_name {tokenizer_name}: the tokenizer has no {start_attr}/{end_attr}")
+        raise ValueError(f"{flag} {tokenizer_name}: the tokenizer has no {start_attr}/{end_attr}")
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # transformers 5 builds one from an empty folder
-        raise ValueError(f"--tokenizer_name {tokenizer_name}: no vocabulary found, only special tokens")
+        raise ValueError(f"{flag} {tokenizer_name}: no vocabulary found, only special tokens")
     return tokenizer, start_id, end_id, prefix
 
 

@@ -106,7 +106,7 @@ def without_padding_or_truncation(tokenizer_type, folder, workdir):
     """
     from preprocessing import load_framing_tokenizer
 
-    tokenizer = load_framing_tokenizer(tokenizer_type, folder)[0]
+    tokenizer = load_framing_tokenizer(tokenizer_type, folder, "--tokenizer")[0]
     backend = tokenizer.backend_tokenizer
     found = {"padding": backend.padding, "truncation": backend.truncation}
     if not backend.padding and not backend.truncation:
@@ -130,7 +130,7 @@ def bench_tokenization(args, workdir):
         print(f"WARNING: {args.tokenizer}/tokenizer.json turns on padding {settings['padding']} and truncation "
               f"{settings['truncation']}, which binarize() keeps: it would write padded, truncated sequences. "
               "Benchmarking a copy without them.", file=sys.stderr)
-    tokenizer, start_id, end_id, prefix = load_framing_tokenizer(args.tokenizer_type, folder)
+    tokenizer, start_id, end_id, prefix = load_framing_tokenizer(args.tokenizer_type, folder, "--tokenizer")
     if tokenizer.backend_tokenizer.padding or tokenizer.backend_tokenizer.truncation:
         raise RuntimeError(f"{folder}: padding/truncation still on after saving a copy without them")
     res = {"lines": n, "bytes": os.path.getsize(text), "repeat": args.repeat,
@@ -339,6 +339,15 @@ def parse_args(argv=None):
             parser.error("nothing to do: give --text and --tokenizer, and/or --synthetic_tokens")
         if args.text is not None and not os.path.isfile(args.text):
             parser.error(f"--text {args.text}: no such file")
+        if args.text is not None:
+            from preprocessing import check_text_file, load_framing_tokenizer
+            from utils import fail
+
+            try:
+                check_text_file(args.text, "--text")
+                load_framing_tokenizer(args.tokenizer_type, args.tokenizer, "--tokenizer")  # now, not after timing
+            except ValueError as exc:
+                fail(str(exc))
         if args.repeat < 1 or args.loop_lines < 0 or args.synthetic_tokens < 0:
             parser.error("--repeat must be >= 1, --loop_lines and --synthetic_tokens >= 0")
     return args

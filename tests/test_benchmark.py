@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_script, run_script
+from conftest import expect_error, load_script, run_script
 
 benchmark = load_script("benchmark")
 bench_preprocessing = load_script("bench_preprocessing")
@@ -174,3 +174,15 @@ def test_bench_preprocessing_smoke(tiny, tmp_path):
 def test_bench_preprocessing_needs_work_to_do():
     proc = run_script("scripts/bench_preprocessing.py", expect_ok=False)
     assert "nothing to do" in proc.stderr
+
+
+def test_bench_preprocessing_refuses_inputs_of_the_wrong_kind(tiny, tmp_path, capsys):
+    binary = tmp_path / "corpus.bin"
+    binary.write_bytes(b"DSTLBIN\x01\x00" * 100)
+    expect_error(capsys, bench_preprocessing.main, ["--text", binary, "--tokenizer", tiny["bert"]],
+                 f"--text {binary}", "not a text file")
+    broken = tmp_path / "tokenizer"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{ not json")
+    expect_error(capsys, bench_preprocessing.main, ["--text", tiny["corpus"], "--tokenizer", broken],
+                 f"--tokenizer {broken}", "cannot load")
