@@ -196,13 +196,9 @@ def run(args):
         eval_set = TokenizedSet(tokenize(args, tokenizer, eval_raw, task, eval_source), COLUMNS)
     train_set = TokenizedSet(tokenize(args, tokenizer, train_raw, task, source), COLUMNS) if args.do_train else None
 
-    def reload(folder):
-        checkpoint_args = argparse.Namespace(**dict(vars(args), model_name_or_path=folder, config_name=""))
-        return load_student(checkpoint_args, AutoModelForSequenceClassification, **overrides)
-
     train_and_evaluate(args, ctx, student, teacher, train_set, make_loss_fn(args), tokenizer,
                        lambda model, folder, path: evaluate(args, model, tokenizer, ctx, task, eval_set, folder, path),
-                       reload, resume_from)
+                       AutoModelForSequenceClassification, resume_from, **overrides)
     return ctx
 
 

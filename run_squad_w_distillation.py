@@ -226,13 +226,9 @@ def run(args):
         examples = load_examples(args, evaluate=False)
         train_set = TokenizedSet(load_features(args, tokenizer, examples, ctx, evaluate=False), TRAIN_COLUMNS)
 
-    def reload(folder):
-        checkpoint_args = argparse.Namespace(**dict(vars(args), model_name_or_path=folder, config_name=""))
-        return load_student(checkpoint_args, AutoModelForQuestionAnswering)
-
     train_and_evaluate(args, ctx, student, teacher, train_set, make_loss_fn(args), tokenizer,
                        lambda model, folder, path: evaluate(args, model, tokenizer, ctx, eval_data, folder, path),
-                       reload, resume_from)
+                       AutoModelForQuestionAnswering, resume_from)
     return ctx
 
 

@@ -13,6 +13,7 @@ decay, logging (tqdm on the master, TensorBoard, metrics.jsonl), and checkpoints
 the epoch). Between log steps the loop never reads a device value on the host: running losses are summed
 on the device and read at log time.
 """
+import argparse
 import contextlib
 import inspect
 import json
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from checkpointing import rng_state, save_atomic, set_rng_state
 from grouped_batch_sampler import training_batch_sampler
+from task_models import load_student
 from utils import UserError, cleanup_distributed, fail, init_distributed, logger, set_seed, write_json_atomic
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -463,13 +465,14 @@ def start_run(args, data_files):
     return ctx, resume_from
 
 
-def train_and_evaluate(args, ctx, student, teacher, train_set, loss_fn, tokenizer, evaluate, reload, resume_from=None):
+def train_and_evaluate(args, ctx, student, teacher, train_set, loss_fn, tokenizer, evaluate, model_class,
+                       resume_from=None, **config_overrides):
     """The second half both task scripts share, once every input is checked: with --do_train, fine-tune (and
     evaluate at each log with --evaluate_during_training) then save the student in --output_dir; with
-    --do_eval, evaluate every checkpoint (--eval_all_checkpoints) and the final model.
+    --do_eval, evaluate every checkpoint (--eval_all_checkpoints, reloaded as model_class with the student's
+    config_overrides) and the final model.
 
-    evaluate(model, out_folder, model_path) -> metrics or None (None on the ranks that do not write);
-    reload(folder) -> the model saved in a checkpoint folder.
+    evaluate(model, out_folder, model_path) -> metrics or None (None on the ranks that do not write).
     """
     os.makedirs(args.output_dir, exist_ok=True)  # every input checked: from here on, the run writes
     if args.do_train:
@@ -492,7 +495,9 @@ def train_and_evaluate(args, ctx, student, teacher, train_set, loss_fn, tokenize
     if args.do_eval:
         if args.eval_all_checkpoints:
             for _, folder in list_checkpoints(args.output_dir):
-                evaluate(reload(folder).to(ctx.device), folder, folder)
+                checkpoint_args = argparse.Namespace(**dict(vars(args), model_name_or_path=folder, config_name=""))
+                model = load_student(checkpoint_args, model_class, **config_overrides)
+                evaluate(model.to(ctx.device), folder, folder)
         evaluate(student, args.output_dir, args.output_dir if args.do_train else args.model_name_or_path)
 
 
