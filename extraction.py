@@ -19,7 +19,7 @@ import torch
 from transformers import (AutoConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, GPT2LMHeadModel,
                           RobertaForMaskedLM)
 
-from utils import UserError, first_line, logger
+from utils import UserError, load_pretrained, logger
 
 # The layers the original DistilBERT / DistilRoBERTa / DistilGPT2 students were initialised from.
 ORIGINAL_LAYERS = [0, 2, 4, 7, 9, 11]
@@ -175,20 +175,14 @@ def load_teacher_config(model_name):
     looks_like_path = os.path.isabs(model_name) or model_name.startswith((".", "~"))
     if looks_like_path and not os.path.isdir(os.path.expanduser(model_name)):
         raise UserError(f"--model_name {model_name}: no such directory")
-    try:
-        return AutoConfig.from_pretrained(model_name)
-    except Exception as error:  # malformed JSON, an unknown model type, a missing file: the input's fault
-        raise UserError(f"--model_name {model_name}: cannot load a model config: {first_line(error)}")
+    return load_pretrained(lambda: AutoConfig.from_pretrained(model_name), "--model_name", model_name, "a model config")
 
 
 def load_teacher_weights(model_name, config, model_class):
-    try:
-        # float32 whatever the checkpoint's dtype: the student is trained from these tensors.
-        teacher, info = model_class.from_pretrained(
-            model_name, config=config, dtype=torch.float32, output_loading_info=True
-        )
-    except Exception as error:  # a corrupt or truncated weights file, shapes that do not fit: the input's fault
-        raise UserError(f"--model_name {model_name}: cannot load the weights: {first_line(error)}")
+    # float32 whatever the checkpoint's dtype: the student is trained from these tensors.
+    teacher, info = load_pretrained(
+        lambda: model_class.from_pretrained(model_name, config=config, dtype=torch.float32, output_loading_info=True),
+        "--model_name", model_name, "the weights")
     # A base-model checkpoint (no LM head) loads with a random head; copying that into the student would be
     # silently wrong, so refuse it.
     missing = sorted(info.get("missing_keys", ())) + sorted(info.get("mismatched_keys", ()))
@@ -213,10 +207,7 @@ def load_teacher(model_name, recipe, script_name):
 def load_student_config(path, recipe):
     if not os.path.exists(path):
         raise UserError(f"--student_config {path}: no such file or directory")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as error:  # not JSON, not a model config
-        raise UserError(f"--student_config {path}: cannot read it as a model config: {first_line(error)}")
+    config = load_pretrained(lambda: AutoConfig.from_pretrained(path), "--student_config", path, "a model config")
     if config.model_type != recipe.student_type:
         raise UserError(
             f"--student_config {path} is a {config.model_type} config, the student must be {recipe.student_type}"

@@ -19,7 +19,7 @@ from transformers.utils import cached_file
 
 from extraction import (check_layers, default_layers, load_teacher_config, load_teacher_weights, parse_layers,
                         save_state_dict)
-from utils import UserError, first_line, logger
+from utils import UserError, load_pretrained, logger
 
 
 # Config fields that say how many of the *first* layers have some property (Qwen2 uses sliding windows from
@@ -258,11 +258,8 @@ def load_teacher_tokenizer(model_name):
     """The teacher's tokenizer, or None when it has none (the student folder then has none either)."""
     if not _has_tokenizer(model_name):
         return None
-    try:
-        return AutoTokenizer.from_pretrained(model_name)
-    except Exception as error:  # malformed tokenizer files fail in many ways, all the folder's fault
-        raise UserError(f"--model_name {model_name}: it has tokenizer files but they do not load: "
-                        f"{first_line(error)}")
+    return load_pretrained(lambda: AutoTokenizer.from_pretrained(model_name), "--model_name", model_name,
+                           "its tokenizer files")
 
 
 def save_model_folder(model, tokenizer, folder):

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from utils import UserError, first_line, logger
+from utils import UserError, load_pretrained, logger
 
 # type -> (config class, model class, tokenizer class), by name in transformers
 MODEL_CLASSES = {
@@ -70,12 +70,10 @@ def load_student_weights(student, path):
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        state = load_file(path)
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # weights_only refuses pickled code; any failure is the file's fault
-            raise UserError(f"--student_pretrained_weights {path}: not a loadable state dict ({exc})") from None
+        state = load_pretrained(lambda: load_file(path), "--student_pretrained_weights", path, "a state dict")
+    else:  # weights_only refuses pickled code
+        state = load_pretrained(lambda: torch.load(path, map_location="cpu", weights_only=True),
+                                "--student_pretrained_weights", path, "a state dict")
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"--student_pretrained_weights {path}: expected a dict of parameter name -> tensor")
     own = student.state_dict()
@@ -96,16 +94,6 @@ def load_student_weights(student, path):
         logger.warning("Ignored tensors of %s that the student does not have: %s", path,
                        ", ".join(result.unexpected_keys))
     return missing, list(result.unexpected_keys)
-
-
-def load_pretrained(load, flag, name, what):
-    """load() (a from_pretrained call), any failure reported as the one-line UserError `flag name: cannot load
-    what (reason)`. A malformed folder fails in many ways (JSON, a safetensors header, a size mismatch, an
-    unknown model type): every one is the input's fault."""
-    try:
-        return load()
-    except Exception as exc:
-        raise UserError(f"{flag} {name}: cannot load {what} ({first_line(exc)})") from None
 
 
 def build_student(student_type, config_path, *, mlm, pretrained_weights=None, initializer_range=0.02,

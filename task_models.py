@@ -13,7 +13,7 @@ import os
 
 from transformers import AutoConfig, AutoTokenizer
 
-from utils import UserError, first_line, logger
+from utils import UserError, load_pretrained, logger
 
 
 def _cache(args):
@@ -22,21 +22,17 @@ def _cache(args):
 
 def load_tokenizer(args):
     name = args.tokenizer_name or args.model_name_or_path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, cache_dir=_cache(args))
-    except Exception as error:  # malformed tokenizer files fail in many ways, all the folder's fault
-        flag = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
-        raise UserError(f"{flag} {name}: no tokenizer loads from it ({first_line(error)})") from None
+    flag = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
+    tokenizer = load_pretrained(lambda: AutoTokenizer.from_pretrained(name, cache_dir=_cache(args)), flag, name,
+                                "a tokenizer")
     if tokenizer.pad_token_id is None:
         raise UserError(f"the tokenizer of {name} has no padding token")
     return tokenizer
 
 
 def load_config(name, flag, model_type, cache_dir=None, **overrides):
-    try:
-        config = AutoConfig.from_pretrained(name, cache_dir=cache_dir, **overrides)
-    except Exception as error:  # not JSON, an unknown model type, a missing file: the input's fault
-        raise UserError(f"{flag} {name}: not a model folder or hub name ({first_line(error)})") from None
+    config = load_pretrained(lambda: AutoConfig.from_pretrained(name, cache_dir=cache_dir, **overrides), flag, name,
+                             "a model config")
     if model_type not in (None, "auto") and model_type != config.model_type:
         raise UserError(f"{flag} {name} is a {config.model_type} model, but its type flag says {model_type}")
     return config
@@ -47,11 +43,10 @@ def load_student(args, model_class, **config_overrides):
     config = load_config(args.config_name or args.model_name_or_path,
                          "--config_name" if args.config_name else "--model_name_or_path",
                          args.model_type, _cache(args), **config_overrides)
-    try:
-        model, info = model_class.from_pretrained(args.model_name_or_path, config=config, cache_dir=_cache(args),
-                                                  output_loading_info=True)
-    except Exception as error:  # a corrupt or truncated weights file, shapes that do not fit: the input's fault
-        raise UserError(f"--model_name_or_path {args.model_name_or_path}: {first_line(error)}") from None
+    model, info = load_pretrained(
+        lambda: model_class.from_pretrained(args.model_name_or_path, config=config, cache_dir=_cache(args),
+                                            output_loading_info=True),
+        "--model_name_or_path", args.model_name_or_path, "the student's weights")
     if info.get("missing_keys"):
         logger.info("Student: %d tensor(s) start from random init (the task head): %s", len(info["missing_keys"]),
                     ", ".join(sorted(info["missing_keys"])[:6]))
@@ -64,11 +59,9 @@ def load_teacher(args, model_class, tokenizer, student, **config_overrides):
     if name is None:
         return None
     config = load_config(name, "--teacher_name_or_path", args.teacher_type, _cache(args), **config_overrides)
-    try:
-        teacher, info = model_class.from_pretrained(name, config=config, cache_dir=_cache(args),
-                                                    output_loading_info=True)
-    except Exception as error:  # a corrupt or truncated weights file, shapes that do not fit: the input's fault
-        raise UserError(f"--teacher_name_or_path {name}: {first_line(error)}") from None
+    teacher, info = load_pretrained(
+        lambda: model_class.from_pretrained(name, config=config, cache_dir=_cache(args), output_loading_info=True),
+        "--teacher_name_or_path", name, "the teacher's weights")
     missing = sorted(info.get("missing_keys", ())) + sorted(info.get("mismatched_keys", ()))
     if missing:
         head = model_class.__name__[len("AutoModelFor"):]

@@ -33,6 +33,16 @@ def first_line(exc):
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def load_pretrained(load, flag, name, what):
+    """load() (a from_pretrained call, or any reader of a file the user named), any failure reported as the
+    one-line UserError `flag name: cannot load what (reason)`. A malformed folder fails in many ways (JSON, a
+    safetensors header, a size mismatch, an unknown model type): every one is the input's fault."""
+    try:
+        return load()
+    except Exception as exc:
+        raise UserError(f"{flag} {name}: cannot load {what} ({first_line(exc)})") from None
+
+
 @contextlib.contextmanager
 def user_input(flag, errors=(ValueError, OSError)):
     """Inside, reading the input of `flag` may fail on a missing or malformed file: such an error becomes a

@@ -16,8 +16,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from evaluation import count_parameters, evaluate, inference_speed  # noqa: E402
 from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset  # noqa: E402
-from models import framing_token_ids, load_pretrained, max_input_size, model_classes  # noqa: E402
-from utils import UserError, fail, first_line, logger, special_token_ids, write_json_atomic  # noqa: E402
+from models import framing_token_ids, max_input_size, model_classes  # noqa: E402
+from utils import UserError, fail, first_line, load_pretrained, logger, special_token_ids, write_json_atomic  # noqa: E402
 
 
 

@@ -109,6 +109,10 @@ def runs(tiny, binarized, tmp_path_factory):
     cases["student_folder_corrupt"] = _train_args(
         tiny, binarized, dump("student_folder_corrupt"),
         extra=["--student_pretrained_weights", broken["corrupt_weights"]])
+    garbage_st = details["garbage_safetensors"] = root / "init.safetensors"
+    garbage_st.write_bytes(os.urandom(2048))
+    cases["student_weights_garbage_safetensors"] = _train_args(
+        tiny, binarized, dump("student_weights_garbage_safetensors"), extra=["--student_pretrained_weights", garbage_st])
     prose = details["prose"] = root / "prose.txt"
     prose.write_text("the king won the war\n" * 300)
     cases["data_is_text"] = _train_args(tiny, binarized, dump("data_is_text"), data=prose)
@@ -207,6 +211,8 @@ def test_force_refuses_to_delete_the_data_file(runs, binarized):
     ("teacher_truncated_weights", "--teacher_name", "truncated_weights", "cannot load a bert model"),
     ("teacher_unknown_model_type", "--teacher_name", "unknown_model_type", "cannot load a bert model"),
     ("student_folder_corrupt", "--student_pretrained_weights", "corrupt_weights", "cannot load a distilbert model"),
+    ("student_weights_garbage_safetensors", "--student_pretrained_weights", "garbage_safetensors",
+     "cannot load a state dict"),
     ("data_is_text", "--data_file", "prose", "not a binarized corpus"),
     ("data_is_counts", "--data_file", None, "token counts?), not a binarized corpus"),
     ("counts_is_corpus", "--token_counts", None, "a binarized corpus, not token counts"),

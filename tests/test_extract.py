@@ -427,7 +427,7 @@ def test_errors(bert_dir, gpt2_dir, bert_base_model_dir, bad_student_configs, tm
     not_json = tmp_path / "not.json"
     not_json.write_text("{ not json")
     expect_error(capsys, distil, ["--model_name", bert_dir, "--student_config", str(not_json), *base],
-                 "--student_config", not_json, "cannot read it as a model config")
+                 "--student_config", not_json, "cannot load a model config")
     weights = os.path.join(bert_dir, "model.safetensors")
     with open(weights, "rb") as f:
         head = f.read(9999)
