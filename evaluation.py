@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from losses import IGNORE_INDEX, logit_loss_sums
-from masking import clm_eval_labels, fixed_mlm_mask
+from masking import attention_mask_from_lengths, clm_eval_labels, fixed_mlm_mask
 
 
 def _shard(dataset, batch_size, max_batches, world_size, rank):
@@ -105,7 +105,7 @@ def evaluate(model, dataset, *, mlm, batch_size, device, special_tok_ids, vocab_
         sums = torch.zeros(5, dtype=torch.float64, device=device)  # CE, n tokens, KL, agreements, sequences
         for indices in _shard(dataset, batch_size, max_batches, world_size, rank):
             token_ids, lengths = _collate(dataset, indices)
-            attn = torch.arange(token_ids.size(1))[None, :] < lengths[:, None]
+            attn = attention_mask_from_lengths(lengths, token_ids.size(1))
             if mlm:
                 inputs, targets = fixed_mlm_mask(token_ids, lengths, indices, special_ids=special,
                                                  mask_id=special_tok_ids["mask_token"], seed=seed,
@@ -171,7 +171,7 @@ def inference_speed(model, dataset, batch_size, device, n_batches, warmup=1):
     for b in range(warmup + n_batches):
         indices = [(b * batch_size + j) % n for j in range(batch_size)]  # wrap around a small dataset
         token_ids, lengths = _collate(dataset, indices)
-        attn = torch.arange(token_ids.size(1))[None, :] < lengths[:, None]
+        attn = attention_mask_from_lengths(lengths, token_ids.size(1))
         batches.append((token_ids.to(device), attn.to(device)))
     modes = _set_eval(model)
     try:

@@ -160,7 +160,5 @@ def fixed_mlm_mask(token_ids, lengths, indices, *, special_ids, mask_id, seed=0,
 
 def clm_eval_labels(token_ids, lengths):
     """Targets of next-token prediction: row r, position i predicts token i + 1 while i + 1 < length."""
-    pos = torch.arange(token_ids.size(1))[None, :]
-    real = pos < torch.as_tensor(lengths)[:, None]
-    labels = token_ids.masked_fill(~real, IGNORE_INDEX)
-    return labels[:, 1:]  # (bs, L - 1), aligned with logits[:, :-1]
+    real = attention_mask_from_lengths(torch.as_tensor(lengths), token_ids.size(1))
+    return clm_labels(token_ids, real)[:, 1:]  # (bs, L - 1), aligned with logits[:, :-1]
