@@ -20,8 +20,10 @@ import time
 import numpy as np
 import torch
 
+from benchmarking import sync
 from losses import IGNORE_INDEX, logit_loss_sums
 from masking import attention_mask_from_lengths, clm_eval_labels, fixed_mlm_mask
+from utils import unwrap
 
 
 def _shard(dataset, batch_size, max_batches, world_size, rank):
@@ -59,10 +61,6 @@ def _position_sums(s_logits, t_logits, targets):
     return torch.stack([ce, ce.new_tensor(rows.numel()), kl, agree])
 
 
-def _unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def _set_eval(*models):
     """eval() on every model; returns what restores each submodule's own mode (frozen parts may differ)."""
     modes = [(m, m.training) for model in models if model is not None for m in model.modules()]
@@ -92,8 +90,8 @@ def evaluate(model, dataset, *, mlm, batch_size, device, special_tok_ids, vocab_
     Returns {'mlm_loss', 'pseudo_perplexity'} (MLM) or {'clm_loss', 'perplexity'} (CLM), plus
     'kl_teacher_student' and 'top1_agreement' with a teacher, 'n_tokens' and 'n_sequences'.
     """
-    model = _unwrap(model)
-    teacher = _unwrap(teacher) if teacher is not None else None
+    model = unwrap(model)
+    teacher = unwrap(teacher) if teacher is not None else None
     device = torch.device(device)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -152,7 +150,7 @@ def evaluate(model, dataset, *, mlm, batch_size, device, special_tok_ids, vocab_
 def count_parameters(model, trainable_only=False):
     """Number of parameters; a tensor shared by two modules (tied embeddings) counts once, as
     Module.parameters() yields it once."""
-    return sum(p.numel() for p in _unwrap(model).parameters() if p.requires_grad or not trainable_only)
+    return sum(p.numel() for p in unwrap(model).parameters() if p.requires_grad or not trainable_only)
 
 
 @torch.no_grad()
@@ -162,7 +160,7 @@ def inference_speed(model, dataset, batch_size, device, n_batches, warmup=1):
     Batches are built and moved to the device before the clock starts, and `warmup` batches run first
     (kernel selection, allocator growth), so the number measures the model alone.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     device = torch.device(device)
     n = len(dataset)
     if n == 0 or n_batches < 1:
@@ -177,18 +175,13 @@ def inference_speed(model, dataset, batch_size, device, n_batches, warmup=1):
     try:
         for token_ids, attn in batches[:warmup]:
             model(input_ids=token_ids, attention_mask=attn)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for token_ids, attn in batches[warmup:]:
             model(input_ids=token_ids, attention_mask=attn)
-        _sync(device)
+        sync(device)
         elapsed = time.perf_counter() - start
     finally:
         for module, training in modes:
             module.training = training
     return n_batches * batch_size / elapsed
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from checkpointing import rng_state, save_atomic, set_rng_state
 from grouped_batch_sampler import training_batch_sampler
 from task_models import load_student
-from utils import UserError, cleanup_distributed, fail, init_distributed, logger, set_seed, write_json_atomic
+from utils import UserError, cleanup_distributed, fail, init_distributed, logger, set_seed, unwrap, write_json_atomic
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.pt"
@@ -207,12 +207,8 @@ def pad_collate(rows, pad_token_id):
 
 def forward_inputs(model, batch):
     """The batch entries this model's forward accepts (DistilBERT takes no token_type_ids, BERT does)."""
-    accepted = inspect.signature(_unwrap(model).forward).parameters
+    accepted = inspect.signature(unwrap(model).forward).parameters
     return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch and k in accepted}
-
-
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model
 
 
 class TaskTrainer:

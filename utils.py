@@ -130,6 +130,11 @@ def init_distributed(n_gpu=1, local_rank=-1):
     return ctx
 
 
+def unwrap(model):
+    """The model inside a DistributedDataParallel wrapper (the model itself when it has none)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def cleanup_distributed():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
