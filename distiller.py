@@ -28,7 +28,7 @@ from losses import IGNORE_INDEX, distillation_losses
 from masking import prepare_batch_clm, prepare_batch_mlm
 from models import RowLogitsLM, TeacherLM
 from sharding import Fsdp
-from utils import logger, set_seed
+from utils import append_jsonl, logger, set_seed
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 LOSS_NAMES = ("ce", "mlm", "clm", "mse", "cos")
@@ -571,10 +571,7 @@ class Distiller:
 
     def write_metrics(self, record):
         """One JSON line per log in dump_path/metrics.jsonl: the machine-readable twin of TensorBoard."""
-        import json
-
-        with open(os.path.join(self.dump_path, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(os.path.join(self.dump_path, "metrics.jsonl"), record)
 
     # -- saving -----------------------------------------------------------------------------------------
 

@@ -16,7 +16,6 @@ on the device and read at log time.
 import argparse
 import contextlib
 import inspect
-import json
 import os
 import random
 import re
@@ -29,7 +28,8 @@ from torch.utils.data import DataLoader
 from checkpointing import rng_state, save_atomic, set_rng_state
 from grouped_batch_sampler import training_batch_sampler
 from task_models import load_student
-from utils import UserError, cleanup_distributed, fail, init_distributed, logger, set_seed, unwrap, write_json_atomic
+from utils import (UserError, append_jsonl, cleanup_distributed, fail, init_distributed, logger, set_seed, unwrap,
+                   write_json_atomic)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.pt"
@@ -371,8 +371,7 @@ class TaskTrainer:
     def write_metrics(self, record):
         """Append one JSON line to output_dir/metrics.jsonl (master only): TensorBoard's machine-readable twin."""
         if self.ctx.is_master:
-            with open(os.path.join(self.args.output_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(os.path.join(self.args.output_dir, "metrics.jsonl"), record)
             if self.tensorboard is not None and record.get("split") == "eval":
                 for name, value in record.items():
                     if isinstance(value, (int, float)) and name != "step":

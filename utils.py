@@ -153,6 +153,12 @@ def git_info(path=None):
         return {"unavailable": f"{type(exc).__name__}: {exc}"}
 
 
+def append_jsonl(path, record):
+    """One JSON line appended to a metrics.jsonl: the machine-readable twin of TensorBoard."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def write_json_atomic(path, payload):
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
