@@ -7,7 +7,8 @@
 The student may come from any checkpoint of its architecture (a pretrained or distilled masked LM: its task
 head then starts from random init). The teacher must already be fine-tuned on the task: a teacher whose
 task head would be randomly initialised is refused, since distilling from it would teach noise. Teacher
-and student must share the tokenizer's vocabulary, token for token.
+and student must share the tokenizer's vocabulary, token for token. A fine-tuned classifier keeps its own
+label order (its config's id2label): label_permutation() says how to read its outputs in the task's order.
 """
 import os
 
@@ -105,3 +106,22 @@ def clamp_max_seq_length(args, tokenizer, *models):
         logger.warning("--max_seq_length %d is longer than the models accept: using %d", args.max_seq_length,
                        min(limits))
         args.max_seq_length = min(limits)
+
+
+def label_permutation(id2label, task_labels, source):
+    """How to read a model's outputs in the task's label order: None when its order already is the task's, else
+    `perm` with perm[i] the model's output index of the task's label i (`logits[..., perm]` is in task order).
+
+    id2label: the model config's mapping (int or str keys); task_labels: the task's label names in task order;
+    source: the flag or path named in the error. Labels are matched by name; generic names LABEL_0, LABEL_1, ...
+    (a head fine-tuned without names) are taken to be in the task's order. Any other mismatch is refused: reading
+    a head in the wrong order would silently swap its classes.
+    """
+    names = [id2label[key] for key in sorted(id2label, key=int)]
+    task_labels = list(task_labels)
+    if names == task_labels or names == [f"LABEL_{i}" for i in range(len(task_labels))]:
+        return None
+    if sorted(names) != sorted(task_labels) or len(set(names)) != len(names):
+        raise UserError(f"{source}: the model's labels ({', '.join(map(str, names))}) are not the task's "
+                        f"({', '.join(map(str, task_labels))}); its head cannot be read in the task's order")
+    return [names.index(label) for label in task_labels]
