@@ -14,7 +14,7 @@ cross-entropy (squared error for regression) and the distillation term T^2 * KL(
 the class distribution (for regression the squared error to the teacher's prediction). Without a teacher:
 the task loss alone. A --task_name that is not a GLUE task names a task of your own, read from the files:
 classification over integer labels 0..max or over the names of string labels, regression for non-integer
-numbers or --num_labels 1. Evaluation writes eval_results.json. See README section H.
+numbers or --num_labels 1. Evaluation writes eval_results.json. See docs/task-distillation.md.
 """
 import argparse
 import os

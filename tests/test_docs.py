@@ -1,0 +1,228 @@
+"""The documentation cannot drift from the code: every command in README.md and docs/*.md names a script that
+exists, with only flags (and choices) that script's own argument parser has.
+
+A script's parser is the real one: the script runs as `python script.py` would run it (runpy, as __main__),
+and is stopped the moment it parses its command line, so nothing else of it runs and there is no subprocess.
+"""
+import argparse
+import functools
+import glob
+import os
+import re
+import runpy
+import shlex
+import sys
+from unittest import mock
+
+from conftest import REPO
+
+DOCS = ["README.md"] + sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))
+FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
+SHELL = {"bash", "sh", "shell"}
+FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
+# Flags of programs that are not ours, named in prose.
+OTHER_PROGRAMS_FLAGS = {"--logdir"}  # tensorboard --logdir
+
+
+class _Parsed(BaseException):
+    """Raised from inside the script's parse_args (BaseException: a script's `except Exception` lets it by)."""
+
+
+def _launcher_parser(module):
+    import importlib
+
+    return importlib.import_module(module).get_args_parser()
+
+
+LAUNCHERS = {"torchrun": "torch.distributed.run", "torch.distributed.launch": "torch.distributed.launch"}
+
+
+@functools.lru_cache(maxsize=None)
+def parser_of(script):
+    """The ArgumentParser `python <script>` builds (script: a path relative to the repository)."""
+    if script in LAUNCHERS:
+        return _launcher_parser(LAUNCHERS[script])
+    captured = []
+
+    def capture(self, args=None, namespace=None):
+        captured.append(self)
+        raise _Parsed
+
+    path = os.path.join(REPO, script)
+    argv, sys_path = sys.argv, list(sys.path)
+    sys.argv = [path]
+    try:
+        with mock.patch.object(argparse.ArgumentParser, "parse_known_args", capture):
+            runpy.run_path(path, run_name="__main__")
+    except _Parsed:
+        pass
+    finally:
+        sys.argv, sys.path[:] = argv, sys_path
+    assert captured, f"{script} ran without parsing a command line"
+    return captured[0]
+
+
+def _words(line):
+    """The shell words of one command line: <placeholders> and # comments dropped."""
+    line = re.sub(r"<[^<>]*>", " ", line)
+    line = re.sub(r"(^|\s)#.*$", "", line)
+    return shlex.split(line)
+
+
+def _resolve(name, inline):
+    """A script path as written (commands run from the repository root); prose may also say `extract.py`."""
+    candidates = [name] + ([os.path.join("scripts", name)] if inline and "/" not in name else [])
+    return next((c for c in candidates if os.path.isfile(os.path.join(REPO, c))), None)
+
+
+def parse_command(words, inline=False):
+    """(launcher, launcher words, script as written, script words), or None when the line runs none of ours."""
+    if not words:
+        return None
+    launcher, start = None, 1
+    if words[0] in ("python", "python3"):
+        if words[1:3] == ["-m", "torch.distributed.launch"]:
+            launcher, start = "torch.distributed.launch", 3
+        elif words[1:2] in (["-m"], ["-c"]):
+            return None
+    elif words[0] == "torchrun":
+        launcher = "torchrun"
+    elif words[0] == "bash":
+        return None, [], words[1], words[2:]
+    elif not (inline and words[0].endswith(".py")):
+        return None
+    else:
+        start = 0
+    at = next((i for i in range(start, len(words)) if words[i].endswith(".py")), None)
+    if at is None:
+        return None
+    return launcher, words[start:at], words[at], words[at + 1:]
+
+
+def flag_problems(parser, words, who):
+    problems = []
+    for i, word in enumerate(words):
+        if not word.startswith("--"):
+            continue
+        name, _, value = word.partition("=")
+        action = parser._option_string_actions.get(name)
+        if action is None:
+            problems.append(f"{who} has no flag {name}")
+            continue
+        if not value and i + 1 < len(words) and not words[i + 1].startswith("-") and action.nargs != 0:
+            value = words[i + 1]
+        if action.choices is not None and value and "$" not in value:
+            if value not in [str(c) for c in action.choices]:
+                problems.append(f"{who} {name}: {value!r} is not one of {sorted(map(str, action.choices))}")
+    return problems
+
+
+def command_problems(words, inline=False):
+    command = parse_command(words, inline)
+    if command is None:
+        return []
+    launcher, launcher_words, script, script_words = command
+    problems = flag_problems(parser_of(launcher), launcher_words, launcher) if launcher else []
+    path = _resolve(script, inline)
+    if path is None:
+        return problems + [f"{script}: no such script"]
+    if path.endswith(".py") and any(w.startswith("--") for w in script_words):
+        problems += flag_problems(parser_of(path), script_words, path)
+    return problems
+
+
+def make_problems(words):
+    makefile = open(os.path.join(REPO, "Makefile")).read()
+    targets = set(re.findall(r"^([\w-]+):", makefile, re.MULTILINE))
+    return [f"Makefile has no target {w}" for w in words[1:] if "=" not in w and w not in targets]
+
+
+def shell_commands(text):
+    """(line number, words) of every command in the shell blocks, continuation lines joined."""
+    for block in FENCE.finditer(text):
+        if block.group(1) not in SHELL:
+            continue
+        first = text.count("\n", 0, block.start(2)) + 1
+        lines = block.group(2).split("\n")
+        i = 0
+        while i < len(lines):
+            start, line = i, lines[i]
+            while line.rstrip().endswith("\\") and i + 1 < len(lines):
+                i += 1
+                line = line.rstrip()[:-1] + " " + lines[i]
+            yield first + start, line
+            i += 1
+
+
+def inline_commands(text):
+    """(line number, span) of every `code span` outside the fenced blocks that runs a script with flags."""
+    prose = FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+    for m in re.finditer(r"`([^`\n]+)`", prose):
+        if ".py" in m.group(1) and "--" in m.group(1):
+            yield text.count("\n", 0, m.start()) + 1, m.group(1)
+
+
+def problems_in(name, text):
+    problems = []
+    for where, source, inline in ([(n, line, False) for n, line in shell_commands(text)]
+                                  + [(n, span, True) for n, span in inline_commands(text)]):
+        try:
+            words = _words(source)
+        except ValueError as e:  # unbalanced quotes
+            problems.append(f"{name}:{where}: {e}: {source.strip()}")
+            continue
+        found = make_problems(words) if words[:1] == ["make"] and not inline else command_problems(words, inline)
+        problems += [f"{name}:{where}: {p}" for p in found]
+    return problems
+
+
+def read(name):
+    with open(os.path.join(REPO, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_every_command_in_the_docs_runs_with_flags_its_script_has():
+    assert len(DOCS) > 5, DOCS
+    problems = [p for name in DOCS for p in problems_in(name, read(name))]
+    assert not problems, "\n".join(problems)
+
+
+def test_every_flag_the_docs_name_belongs_to_a_script_they_run():
+    """Flags in prose and tables (`--resume`, ...) too: each is a flag of one of the scripts the docs run."""
+    scripts = set()
+    for name in DOCS:
+        text = read(name)
+        for _, source in list(shell_commands(text)) + list(inline_commands(text)):
+            command = parse_command(_words(source), inline=True)
+            if command and command[0]:
+                scripts.add(command[0])
+            if command and _resolve(command[2], True) and command[2].endswith(".py"):
+                scripts.add(_resolve(command[2], True))
+    known = set(OTHER_PROGRAMS_FLAGS)
+    for script in scripts:
+        known |= set(parser_of(script)._option_string_actions)
+    unknown = sorted({f"{name}: {flag}" for name in DOCS for flag in FLAG.findall(read(name)) if flag not in known})
+    assert not unknown, "\n".join(unknown)
+
+
+def test_the_check_finds_what_drifted():
+    doc = "\n".join([
+        "Run `python scripts/evaluate.py --model m --no_such_flag 1` or `extract.py --model_type bertt`.",
+        "```bash",
+        "python train.py --student_type distilbert \\",
+        "    --dump_path d --gone_flag  # a comment --not_checked",
+        "torchrun --nproc_per_node=2 --no_such_launcher_flag 1 train.py --n_gpu 2 <training flags>",
+        "python scripts/not_a_script.py --x 1",
+        "make demo no_such_target DEMO_ARGS=--quick",
+        "pip install --upgrade torch",
+        "```",
+    ])
+    problems = problems_in("doc.md", doc)
+    assert problems[:-1] == [
+        "doc.md:3: train.py has no flag --gone_flag",
+        "doc.md:5: torchrun has no flag --no_such_launcher_flag",
+        "doc.md:6: scripts/not_a_script.py: no such script",
+        "doc.md:7: Makefile has no target no_such_target",
+        "doc.md:1: scripts/evaluate.py has no flag --no_such_flag",
+    ], problems
+    assert problems[-1].startswith("doc.md:1: scripts/extract.py --model_type: 'bertt' is not one of ['auto', "), problems
