@@ -335,19 +335,27 @@ class Distiller:
         """
         if rows is None:
             rows = self.loss_rows(attention_mask, lm_labels)
-        s_out, t_out = self._forward(input_ids, attention_mask, rows, padded)
-        losses = self.compute_losses(s_out, t_out, attention_mask, lm_labels, rows)
-        del s_out, t_out  # the logits are not needed by backward: free them before it runs
-        # "logits" already holds alpha_ce * ce + alpha_mse * mse + alpha_lm * lm (and their gradient)
-        loss = losses.pop("logits", 0.0) + self.alpha["cos"] * losses.get("cos", 0.0)
-        losses["total"] = loss.detach()
-        for name, value in losses.items():
-            total, count = self._running.get(name, (0.0, 0))
-            self._running[name] = (total + value.detach().float(), count + 1)
-        finite = torch.isfinite(losses["total"])  # on the device, read at epoch end
-        self.total_loss_epoch = self.total_loss_epoch + torch.where(finite, losses["total"].float(), 0.0)
-        self.n_finite_iter_epoch = self.n_finite_iter_epoch + finite.to(torch.int64)
-        self.optimize(loss)
+        acc = self.config.gradient_accumulation_steps
+        # The last batch of an epoch always closes an accumulation group, so an epoch ends on a real step.
+        self._at_boundary = (self.n_iter + 1) % acc == 0 or self.n_iter + 1 == len(self.dataloader)
+        # DDP decides at forward time whether the backward all-reduces: no_sync must hold the forward too, or
+        # every micro-batch is all-reduced. Under FSDP the gradients are reduce-scattered after every batch and
+        # accumulate as shards: skipping that (as no_sync does) would keep a full unsharded gradient per rank.
+        ddp = self.multi_gpu and self.sharding is None
+        with self.model.no_sync() if (ddp and not self._at_boundary) else contextlib.nullcontext():
+            s_out, t_out = self._forward(input_ids, attention_mask, rows, padded)
+            losses = self.compute_losses(s_out, t_out, attention_mask, lm_labels, rows)
+            del s_out, t_out  # the logits are not needed by backward: free them before it runs
+            # "logits" already holds alpha_ce * ce + alpha_mse * mse + alpha_lm * lm (and their gradient)
+            loss = losses.pop("logits", 0.0) + self.alpha["cos"] * losses.get("cos", 0.0)
+            losses["total"] = loss.detach()
+            for name, value in losses.items():
+                total, count = self._running.get(name, (0.0, 0))
+                self._running[name] = (total + value.detach().float(), count + 1)
+            finite = torch.isfinite(losses["total"])  # on the device, read at epoch end
+            self.total_loss_epoch = self.total_loss_epoch + torch.where(finite, losses["total"].float(), 0.0)
+            self.n_finite_iter_epoch = self.n_finite_iter_epoch + finite.to(torch.int64)
+            self.optimize(loss)
 
     def optimize(self, loss):
         """Backward, and on accumulation boundaries: unscale, clip, then an optimizer step that is skipped when
@@ -360,18 +368,10 @@ class Distiller:
         learning-rate schedule advances at every boundary, skipped or not (as in PyTorch's AMP recipe).
         """
         acc = self.config.gradient_accumulation_steps
-        # The last batch of an epoch always closes an accumulation group, so an epoch ends on a real step; that
-        # group may hold fewer than acc batches, and the step averages over the batches it really holds.
-        boundary = (self.n_iter + 1) % acc == 0 or self.n_iter + 1 == len(self.dataloader)
+        # The epoch's last group may hold fewer than acc batches: the step averages over those it really holds.
         group_size = min(acc, len(self.dataloader) - self.n_iter // acc * acc)
-        self._at_boundary = boundary
-        # Under FSDP the gradients are reduce-scattered after every batch and accumulate as shards: skipping
-        # that (as DDP's no_sync does) would keep a full unsharded gradient on every rank.
-        ddp = self.multi_gpu and self.sharding is None
-        sync_ctx = self.model.no_sync() if (ddp and not boundary) else contextlib.nullcontext()
-        with sync_ctx:
-            self.scaler.scale(loss / group_size).backward()
-        if not boundary:
+        self.scaler.scale(loss / group_size).backward()
+        if not self._at_boundary:  # set by step(), which holds DDP's no_sync around forward and backward
             return
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.student_lm.parameters() if p.grad is not None]

@@ -1,15 +1,38 @@
-"""Two processes with gloo on the CPU: the run finishes and both ranks hold the same student."""
+"""Two processes with gloo on the CPU: the run finishes, both ranks hold the same student, and DDP all-reduces
+the gradients once per optimizer step (not once per accumulated batch)."""
+import json
+
 import torch
 
 from conftest import REPO, run_torchrun
 
 WRAPPER = """
-import os, sys
+import json, os, sys
 sys.path.insert(0, {repo!r})
 import torch
+import distiller as distiller_module
 import train
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+# A DDP communication hook that counts the gradient all-reduces (one call per bucket) and then does them.
+calls = {{"buckets": 0, "first_buckets": 0}}
+setup_ddp = distiller_module.Distiller._setup_ddp
+
+def counting_setup_ddp(self):
+    setup_ddp(self)
+
+    def hook(state, bucket):
+        calls["buckets"] += 1
+        calls["first_buckets"] += bucket.index() == 0
+        return allreduce_hook(state, bucket)
+
+    self.model.register_comm_hook(None, hook)
+
+distiller_module.Distiller._setup_ddp = counting_setup_ddp
 distiller = train.main(sys.argv[1:])
 torch.save(distiller.student.state_dict(), os.path.join({out!r}, "rank%s.pt" % os.environ["RANK"]))
+with open(os.path.join({out!r}, "rank%s.json" % os.environ["RANK"]), "w") as f:
+    json.dump(dict(calls, n_iter=distiller.n_total_iter, n_steps=distiller.n_optimizer_steps + distiller.n_skipped_steps), f)
 train.cleanup_distributed()
 """
 
@@ -35,3 +58,9 @@ def test_two_process_gloo_run_keeps_ranks_identical(tiny, binarized, tmp_path):
     # training happened: the weights moved between epoch 0 and the end
     assert any(not torch.equal(rank0[k], initial[k]) for k in rank0)
     assert not (dump / "model_epoch_1.pth").with_suffix(".pth.tmp").exists()
+    # DDP's no_sync holds the forward as well as the backward: gradients are all-reduced once per optimizer step
+    # (--gradient_accumulation_steps 2: half the batches), not after every batch.
+    for rank in (0, 1):
+        calls = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert calls["n_iter"] > calls["n_steps"] > 0, calls
+        assert calls["first_buckets"] == calls["n_steps"], calls
