@@ -26,11 +26,28 @@ around that forward. Tied input/output embeddings sit in the root unit together,
 import warnings
 
 import torch
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from utils import UserError, logger
+
+# torch.distributed.fsdp and torch.distributed.tensor are imported where a sharded run uses them, so that DDP and
+# single-process runs never depend on them (nor on the torch version that provides them).
+
+
+def _fsdp_api():
+    """(fully_shard, MixedPrecisionPolicy, init_device_mesh), or a UserError naming the torch version."""
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError as exc:
+        raise UserError(f"--fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, see requirements.txt); torch "
+                        f"{torch.__version__} does not provide it: {exc}") from None
+    return fully_shard, MixedPrecisionPolicy, init_device_mesh
+
+
+def _is_dtensor(tensor):
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def use_fsdp(requested, ctx):
@@ -79,14 +96,15 @@ class Fsdp:
     def __init__(self, ctx, *, bf16=False, shard_teacher=True):
         self.ctx = ctx
         self.device = ctx.device
+        self._fully_shard, self._policy_class, init_device_mesh = _fsdp_api()
         self.mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         self.bf16 = bf16
         self.teacher_sharded = shard_teacher
 
     def _policy(self):
         if not self.bf16:
-            return MixedPrecisionPolicy()
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            return self._policy_class()
+        return self._policy_class(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
     def shard_student(self, student_lm):
         """Shard a models.RowLogitsLM in place, block by block, then the rest; returns it (now the FSDP root).
@@ -102,8 +120,8 @@ class Fsdp:
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(RowLogitsLM|TeacherLM)\) returned a "
                                 r"view tensor")
         for block in transformer_blocks(student_lm.model):
-            fully_shard(block, mesh=self.mesh, mp_policy=policy)
-        fully_shard(student_lm, mesh=self.mesh, mp_policy=policy)
+            self._fully_shard(block, mesh=self.mesh, mp_policy=policy)
+        self._fully_shard(student_lm, mesh=self.mesh, mp_policy=policy)
         n_local = sum(p.to_local().numel() for p in student_lm.parameters())
         logger.info("FSDP: student sharded over %d ranks (%d parameters on this one)%s.", self.ctx.world_size,
                     n_local, ", bf16 parameters and compute, fp32 gradient reduction" if self.bf16 else "")
@@ -121,8 +139,8 @@ class Fsdp:
             logger.info("FSDP: teacher replicated on every rank (--teacher_replicated).")
             return teacher_lm.to(self.device)
         for block in transformer_blocks(teacher_lm.model):
-            fully_shard(block, mesh=self.mesh, reshard_after_forward=True)
-        fully_shard(teacher_lm, mesh=self.mesh, reshard_after_forward=True)
+            self._fully_shard(block, mesh=self.mesh, reshard_after_forward=True)
+        self._fully_shard(teacher_lm, mesh=self.mesh, reshard_after_forward=True)
         logger.info("FSDP: teacher sharded over %d ranks for its forward.", self.ctx.world_size)
         return teacher_lm
 
@@ -133,7 +151,7 @@ class Fsdp:
         same factor and agrees on skipping a non-finite step. Returns the norm before clipping."""
         grads = [p.grad for p in params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, 2.0)
-        if isinstance(norm, DTensor):
+        if _is_dtensor(norm):
             norm = norm.full_tensor()
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         return norm
@@ -167,7 +185,7 @@ class Fsdp:
         names, sums = [], []
         first = torch.distributed.get_rank() == 0
         for name, param in named_parameters:
-            if isinstance(param, DTensor):
+            if _is_dtensor(param):
                 local = param.detach().to_local().double()
             else:  # replicated: counted once
                 local = param.detach().double().flatten()[: param.numel() if first else 0]

@@ -37,3 +37,23 @@ def test_distillation_config_defaults_are_train_py_defaults():
     direct = DistillationConfig(dump_path="d", mlm=False)
     for field in dataclasses.fields(DistillationConfig):
         assert getattr(from_flags, field.name) == getattr(direct, field.name), field.name
+
+
+def test_torch_floor_is_the_tested_version():
+    """requirements.txt's torch floor is the version CI installs and the tests run on."""
+    import re
+
+    from conftest import REPO
+
+    ci = open(f"{REPO}/.ci/run").read()
+    pinned = re.search(r"torch==([0-9.]+)", ci).group(1)
+    floors = re.findall(r"^torch>=([0-9.]+)", open(f"{REPO}/requirements.txt").read(), re.M)
+    assert floors == [pinned]
+
+
+def test_ddp_runs_do_not_import_fsdp():
+    """train.py and the loop import torch.distributed.fsdp only when a run shards (--fsdp): a DDP or
+    single-process run works on a torch without it."""
+    code = ("import sys; sys.modules['torch.distributed.fsdp'] = None; "
+            "import train, distiller, evaluation, checkpointing, sharding, task_training; print('imported')")
+    assert "imported" in run_script("-c", code).stdout
