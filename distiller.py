@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import checkpointing
+from divergences import DEFAULT_JSD_BETA, DEFAULT_KD_LOSS
 from grouped_batch_sampler import training_batch_sampler
 from losses import IGNORE_INDEX, distillation_losses
 from masking import prepare_batch_clm, prepare_batch_mlm
@@ -47,6 +48,8 @@ class DistillationConfig:
     alpha_mse: float = 0.0
     alpha_cos: float = 0.0
     restrict_ce_to_mask: bool = False
+    kd_loss: str = DEFAULT_KD_LOSS  # the divergence of the ce term (divergences.py)
+    jsd_beta: float = DEFAULT_JSD_BETA
     n_epoch: int = 3
     batch_size: int = 5
     group_by_size: bool = True
@@ -326,7 +329,8 @@ class Distiller:
         (s_logits, s_hidden), (t_logits, t_hidden) = s_out, (t_out or (None, None))
         return distillation_losses(s_logits, t_logits, s_hidden, t_hidden, attn_mask, lm_labels, rows,
                                    alpha=self.alpha, temperature=self.temperature, mlm=self.mlm,
-                                   restrict_ce_to_mask=self.config.restrict_ce_to_mask)
+                                   restrict_ce_to_mask=self.config.restrict_ce_to_mask,
+                                   kd_loss=self.config.kd_loss, jsd_beta=self.config.jsd_beta)
 
     def step(self, input_ids, attention_mask, lm_labels, rows=None, padded=True):
         """One forward/backward on a batch; the optimizer steps every gradient_accumulation_steps batches.

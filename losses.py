@@ -1,7 +1,8 @@
 """The loss maths of distillation, as plain functions of tensors (no model, no loop).
 
 The pretraining objective is a weighted sum of five terms (weights --alpha_*):
-    ce   KL(teacher || student) of the temperature-softened next-token distributions, times T^2
+    ce   KL(teacher || student) of the temperature-softened next-token distributions, times T^2 (or another
+         divergence, --kd_loss: divergences.py)
     mlm  cross-entropy of the student on the masked tokens (masked language modelling)
     clm  cross-entropy of the student on the next token (causal language modelling)
     mse  squared error between student and teacher logits, summed over the vocabulary
@@ -16,6 +17,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from divergences import DEFAULT_JSD_BETA, DEFAULT_KD_LOSS, divergence_rows
 
 IGNORE_INDEX = -100  # label of a position that predicts nothing (padding, unmasked tokens)
 
@@ -41,11 +44,12 @@ def rows_per_chunk(n, vocab, device):
     return rows
 
 
-def logit_losses_chunk(s, t, labels, temperature, row_weight=None, with_grads=True):
+def logit_losses_chunk(s, t, labels, temperature, row_weight=None, with_grads=True, kd_loss=DEFAULT_KD_LOSS,
+                       beta=DEFAULT_JSD_BETA):
     """On a chunk of rows of fp32 logits s, t (rows, vocab): the sums over rows of KL(p_t || p_s) at
-    temperature T, of the squared error, and of the label cross-entropy; with_grads also gives the gradient
-    of each sum w.r.t. s (KL's without its 1/T factor, squared error's without its 2): (kl, sq, ce, d_kl,
-    diff, d_ce). t or labels may be None (their terms are then 0, their gradients None); labels (rows,)
+    temperature T (or the divergence kd_loss, see divergences.py), of the squared error, and of the label
+    cross-entropy; with_grads also gives the gradient of each sum w.r.t. s (KL's without its 1/T factor,
+    squared error's without its 2): (kl, sq, ce, d_kl, diff, d_ce). t or labels may be None (their terms are then 0, their gradients None); labels (rows,)
     hold IGNORE_INDEX on rows without a target. row_weight (rows,) in {0, 1} drops rows from the KL and
     squared-error terms (and their gradients).
     """
@@ -55,11 +59,8 @@ def logit_losses_chunk(s, t, labels, temperature, row_weight=None, with_grads=Tr
     if t is not None:
         log_p_s = F.log_softmax(s / temperature, dim=-1)  # (rows, vocab)
         log_p_t = F.log_softmax(t / temperature, dim=-1)
-        p_t = log_p_t.exp()
-        kl_rows = (p_t * (log_p_t - log_p_s)).sum(-1)  # (rows,)
+        kl_rows, d_kl = divergence_rows(log_p_s, log_p_t, kd_loss, beta, with_grad=with_grads)  # (rows,)
         diff = s - t
-        if with_grads:
-            d_kl = log_p_s.exp_().sub_(p_t)  # p_s - p_t
         if row_weight is not None:
             kl_rows = kl_rows * row_weight
             diff.mul_(row_weight[:, None])
@@ -91,6 +92,7 @@ class _WeightedLogitLoss(torch.autograd.Function):
     teacher logits are saved for backward, so both can be freed as soon as forward returns, and no softmax is
     recomputed. With n_kd rows in the KD/MSE average and m labelled rows:
         d(KL T^2 / n_kd)/ds = T/n_kd (p_s - p_t);   d(MSE / n_kd)/ds = 2/n_kd (s - t);   d(CE / m)/ds = (q - onehot)/m
+    (another --kd_loss D: T/n_kd dD/dz with z = s/T, from divergences.divergence_rows, in place of p_s - p_t).
     Also returns the three unweighted terms (detached) for logging.
 
     The row counts that normalise the terms stay on the device (no host synchronisation): KD and MSE
@@ -105,7 +107,7 @@ class _WeightedLogitLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s_flat, t_flat, labels, temperature, w_ce, w_mse, w_lm, kd_rows):
+    def forward(ctx, s_flat, t_flat, labels, temperature, w_ce, w_mse, w_lm, kd_rows, kd_loss, beta):
         n = s_flat.size(0)
         row_weight = kd_rows.to(torch.float32) if kd_rows is not None else None
         n_kd = row_weight.sum().clamp(min=1) if row_weight is not None else float(max(n, 1))
@@ -121,7 +123,8 @@ class _WeightedLogitLoss(torch.autograd.Function):
             t = t_flat[i: i + step].float() if t_flat is not None else None
             lab = labels[i: i + step] if labels is not None else None
             w = row_weight[i: i + step] if row_weight is not None else None
-            kl, sq, ce, d_kl, diff, d_ce = logit_losses_chunk(s_flat[i: i + step].float(), t, lab, temperature, w)
+            kl, sq, ce, d_kl, diff, d_ce = logit_losses_chunk(s_flat[i: i + step].float(), t, lab, temperature, w,
+                                                              kd_loss=kd_loss, beta=beta)
             sums += torch.stack([kl, sq, ce])
             g = torch.zeros_like(d_ce if d_ce is not None else d_kl)
             if d_kl is not None:
@@ -146,29 +149,31 @@ class _WeightedLogitLoss(torch.autograd.Function):
     def backward(ctx, grad_total, *unused):
         grad, row_scale = ctx.saved_tensors
         if row_scale is None:
-            return grad * grad_total.to(grad.dtype), None, None, None, None, None, None, None
+            return grad * grad_total.to(grad.dtype), *(None,) * 9
         factor = grad_total.float() / row_scale  # (n,): the incoming factor, and the storage scale undone
         out = torch.empty_like(grad)
         step = rows_per_chunk(grad.size(0), grad.size(-1), grad.device)
         for i in range(0, grad.size(0), step):
             out[i: i + step] = grad[i: i + step].float() * factor[i: i + step, None]
-        return out, None, None, None, None, None, None, None
+        return out, *(None,) * 9
 
 
-def weighted_logit_loss(s_logits, t_logits, labels, temperature, w_ce, w_mse, w_lm, kd_rows=None):
+def weighted_logit_loss(s_logits, t_logits, labels, temperature, w_ce, w_mse, w_lm, kd_rows=None,
+                        kd_loss=DEFAULT_KD_LOSS, jsd_beta=DEFAULT_JSD_BETA):
     """(w_ce * ce + w_mse * mse + w_lm * lm, ce, mse, lm) over (n, vocab) logits, the three terms detached.
 
     ce is KL(p_t || p_s) at temperature T summed over the vocabulary, averaged over rows, times T^2 (so
     gradients keep their scale as T changes); mse is the squared error summed over the vocabulary, averaged
     over rows; lm is the mean cross-entropy over the rows whose label (n,) is not IGNORE_INDEX. t_logits may
     be None (no teacher: ce = mse = 0) and labels None (lm = 0). kd_rows (n,) bool, optional: the rows ce
-    and mse average over (default: all of them). Nothing to average over gives 0, never NaN.
+    and mse average over (default: all of them). Nothing to average over gives 0, never NaN. kd_loss,
+    jsd_beta: the divergence ce is (divergences.py; forward KL by default).
     """
     vocab = s_logits.size(-1)
     t_flat = t_logits.detach().reshape(-1, vocab) if t_logits is not None and (w_ce or w_mse) else None
     return _WeightedLogitLoss.apply(s_logits.reshape(-1, vocab), t_flat, labels if w_lm else None,
                                     float(temperature), float(w_ce), float(w_mse), float(w_lm),
-                                    kd_rows if t_flat is not None else None)
+                                    kd_rows if t_flat is not None else None, kd_loss, float(jsd_beta))
 
 
 @torch.no_grad()
@@ -202,7 +207,7 @@ def cosine_loss(s_hidden, t_hidden, mask):
 
 
 def distillation_losses(s_logits, t_logits, s_hidden, t_hidden, attn_mask, lm_labels, rows, *, alpha, temperature,
-                        mlm, restrict_ce_to_mask=False):
+                        mlm, restrict_ce_to_mask=False, kd_loss=DEFAULT_KD_LOSS, jsd_beta=DEFAULT_JSD_BETA):
     """The losses of one training step: {name: scalar} for every term with a positive weight in `alpha`
     ({'ce', 'mlm', 'clm', 'mse', 'cos'}), plus 'logits', the fused alpha_ce * ce + alpha_mse * mse +
     alpha_lm * lm that carries the gradient of those three (the named ones are detached, for logging).
@@ -212,7 +217,8 @@ def distillation_losses(s_logits, t_logits, s_hidden, t_hidden, attn_mask, lm_la
     loss reads them (t_logits None without a teacher); s_hidden, t_hidden: (bs, seq, dim) last hidden states;
     attn_mask: (bs, seq) bool; lm_labels: (bs, seq) MLM labels (IGNORE_INDEX where nothing is predicted), or
     for CLM the token ids themselves (IGNORE_INDEX on padding): position i predicts token i + 1.
-    With restrict_ce_to_mask (MLM), ce and mse cover only the rows that carry a label.
+    With restrict_ce_to_mask (MLM), ce and mse cover only the rows that carry a label. kd_loss, jsd_beta: the
+    divergence ce is (divergences.py).
     """
     losses = {}
     lm_name = "mlm" if alpha["mlm"] > 0 else "clm" if alpha["clm"] > 0 else None
@@ -228,7 +234,7 @@ def distillation_losses(s_logits, t_logits, s_hidden, t_hidden, attn_mask, lm_la
     if use_teacher_logits or lm_name is not None:
         w_lm = alpha[lm_name] if lm_name is not None else 0.0
         losses["logits"], losses["ce"], losses["mse"], lm = weighted_logit_loss(
-            s_logits, t_logits, labels, temperature, alpha["ce"], alpha["mse"], w_lm, kd_rows)
+            s_logits, t_logits, labels, temperature, alpha["ce"], alpha["mse"], w_lm, kd_rows, kd_loss, jsd_beta)
         if lm_name is not None:
             losses[lm_name] = lm
     if alpha["cos"] > 0:
@@ -241,28 +247,37 @@ def distillation_losses(s_logits, t_logits, s_hidden, t_hidden, attn_mask, lm_la
 # Fine-tuning with a teacher already fine-tuned on the task ("a second step of distillation"):
 #     loss = alpha_task * task loss + alpha_ce * distillation term
 # where the distillation term is T^2 * KL(teacher_T || student_T) of the temperature-softened output
-# distributions (classes for classification, start and end positions for SQuAD), or the squared error to the
-# teacher's prediction for regression. Without a teacher the loss is the task loss alone, unweighted, as in
+# distributions (classes for classification, start and end positions for SQuAD), or the divergence --kd_loss
+# names (divergences.py), or the squared error to the teacher's prediction for regression. Without a teacher the loss is the task loss alone, unweighted, as in
 # the original run_squad_w_distillation.py.
 
 
-def soft_target_kl(s_logits, t_logits, temperature, mask=None):
-    """T^2 * KL(softmax(t / T) || softmax(s / T)) over the last dimension, averaged over rows.
+# A masked-out entry's logit: exp() of it is exactly 0 next to any real logit, yet it stays finite, so the
+# divergences see 0 * (finite) there, never 0 * inf = nan (in values or in autograd's gradients).
+_MASKED_LOGIT = torch.finfo(torch.float32).min / 4
+
+
+def soft_target_divergence(s_logits, t_logits, temperature, mask=None, kd_loss=DEFAULT_KD_LOSS,
+                           jsd_beta=DEFAULT_JSD_BETA):
+    """T^2 * D(softmax(t / T), softmax(s / T)) over the last dimension, averaged over rows; D is KL(p_t || p_s)
+    by default, or the divergence kd_loss names (divergences.py).
 
     s_logits, t_logits: (..., n) with the same shape; mask: (..., n) bool, True where the distribution may
     put mass (e.g. non-padding positions). Masked-out entries are excluded from both softmaxes, so they
-    contribute nothing. Computed in float32 whatever the logits' dtype.
+    contribute nothing. Computed in float32 whatever the logits' dtype, differentiable by autograd.
     """
     s = s_logits.float() / temperature  # (..., n)
     t = t_logits.float() / temperature  # (..., n)
     if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-        t = t.masked_fill(~mask, float("-inf"))
-    s_logp = F.log_softmax(s, dim=-1)  # (..., n)
-    t_logp = F.log_softmax(t, dim=-1)  # (..., n)
-    # p_t * (log p_t - log p_s); where p_t == 0 (masked) the term is 0, not 0 * (-inf - -inf) = nan.
-    kl = torch.where(t_logp.isfinite(), t_logp.exp() * (t_logp - s_logp), 0.0).sum(-1)  # (...)
-    return kl.mean() * temperature ** 2
+        s = s.masked_fill(~mask, _MASKED_LOGIT)
+        t = t.masked_fill(~mask, _MASKED_LOGIT)
+    rows, _ = divergence_rows(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), kd_loss, jsd_beta)  # (...)
+    return rows.mean() * temperature ** 2
+
+
+def soft_target_kl(s_logits, t_logits, temperature, mask=None):
+    """T^2 * KL(softmax(t / T) || softmax(s / T)), averaged over rows (soft_target_divergence's default)."""
+    return soft_target_divergence(s_logits, t_logits, temperature, mask)
 
 
 def span_ce_loss(start_logits, end_logits, start_positions, end_positions):
@@ -279,11 +294,15 @@ def span_ce_loss(start_logits, end_logits, start_positions, end_positions):
     return (start + end) / 2
 
 
-def span_kd_loss(s_start, s_end, t_start, t_end, temperature, attention_mask):
+def span_kd_loss(s_start, s_end, t_start, t_end, temperature, attention_mask, kd_loss=DEFAULT_KD_LOSS,
+                 jsd_beta=DEFAULT_JSD_BETA):
     """T^2 * (KL(start) + KL(end)) / 2 over the positions that may hold an answer (attention_mask: the
-    non-padding ones), each KL a per-window sum averaged over windows. All logits (bs, seq_len)."""
+    non-padding ones), each KL (or kd_loss's divergence) a per-window sum averaged over windows. All logits
+    (bs, seq_len)."""
     mask = attention_mask.bool()  # (bs, seq_len)
-    return (soft_target_kl(s_start, t_start, temperature, mask) + soft_target_kl(s_end, t_end, temperature, mask)) / 2
+    start = soft_target_divergence(s_start, t_start, temperature, mask, kd_loss, jsd_beta)
+    end = soft_target_divergence(s_end, t_end, temperature, mask, kd_loss, jsd_beta)
+    return (start + end) / 2
 
 
 def classification_loss(logits, labels):
@@ -294,12 +313,12 @@ def classification_loss(logits, labels):
     return F.cross_entropy(logits.float(), labels)
 
 
-def classification_kd_loss(s_logits, t_logits, temperature):
-    """T^2 * KL on the class distribution, or for regression ((bs, 1) logits) the squared error to the
-    teacher's prediction (no temperature: there is no distribution to soften)."""
+def classification_kd_loss(s_logits, t_logits, temperature, kd_loss=DEFAULT_KD_LOSS, jsd_beta=DEFAULT_JSD_BETA):
+    """T^2 * KL (or kd_loss's divergence) on the class distribution, or for regression ((bs, 1) logits) the
+    squared error to the teacher's prediction (no temperature: there is no distribution to soften)."""
     if s_logits.size(-1) == 1:
         return F.mse_loss(s_logits.float(), t_logits.float())
-    return soft_target_kl(s_logits, t_logits, temperature)
+    return soft_target_divergence(s_logits, t_logits, temperature, kd_loss=kd_loss, jsd_beta=jsd_beta)
 
 
 def task_distillation_loss(task_loss, kd_loss, alpha_task, alpha_ce):

@@ -123,7 +123,8 @@ def make_loss_fn(args):
         task = classification_loss(student_out.logits, batch["labels"])
         if teacher_out is None:
             return task, {"loss_task": task}
-        kd = classification_kd_loss(student_out.logits, teacher_out.logits, args.temperature)
+        kd = classification_kd_loss(student_out.logits, teacher_out.logits, args.temperature, args.kd_loss,
+                                    args.jsd_beta)
         return task_distillation_loss(task, kd, args.alpha_task, args.alpha_ce), {"loss_task": task, "loss_ce": kd}
     return loss_fn
 

@@ -156,7 +156,8 @@ def make_loss_fn(args):
         if teacher_out is None:
             return squad, {"loss_squad": squad}
         kd = span_kd_loss(student_out.start_logits, student_out.end_logits, teacher_out.start_logits,
-                          teacher_out.end_logits, args.temperature, batch["attention_mask"])
+                          teacher_out.end_logits, args.temperature, batch["attention_mask"], args.kd_loss,
+                          args.jsd_beta)
         return task_distillation_loss(squad, kd, args.alpha_squad, args.alpha_ce), {"loss_squad": squad, "loss_ce": kd}
     return loss_fn
 

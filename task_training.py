@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from checkpointing import rng_state, save_atomic, set_rng_state
+from divergences import add_kd_loss_arguments, check_kd_loss_args
 from grouped_batch_sampler import training_batch_sampler
 from task_models import load_student
 from utils import (UserError, append_jsonl, cleanup_distributed, fail, init_distributed, logger, set_seed, unwrap,
@@ -50,6 +51,7 @@ def add_training_arguments(parser, max_seq_length):
         help="Teacher already fine-tuned on the task. Without it the student is simply fine-tuned.")
     add("--alpha_ce", default=0.5, type=float, help="Weight of the distillation term.")
     add("--temperature", default=2.0, type=float, help="Softmax temperature of the distillation term.")
+    add_kd_loss_arguments(add)
     add("--config_name", default="", help="Student config, if not the one in --model_name_or_path.")
     add("--tokenizer_name", default="", help="Tokenizer, if not the one in --model_name_or_path.")
     add("--cache_dir", default="", help="Where downloaded models/data and preprocessed features are cached.")
@@ -101,6 +103,9 @@ def check_training_args(args):
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.temperature <= 0:
         raise UserError(f"--temperature must be > 0, got {args.temperature}")
+    kd_error = check_kd_loss_args(args.kd_loss, args.jsd_beta)
+    if kd_error:
+        raise UserError(kd_error)
     if args.learning_rate <= 0:
         raise UserError(f"--learning_rate must be > 0, got {args.learning_rate}")
     if args.do_train and args.num_train_epochs <= 0 and args.max_steps <= 0:

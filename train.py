@@ -27,6 +27,7 @@ import torch
 
 from checkpointing import find_resumable_checkpoint, is_sharded, load_checkpoint_file
 from distiller import DistillationConfig, Distiller, TrainingError
+from divergences import add_kd_loss_arguments, check_kd_loss_args
 from evaluation import evaluate
 from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset, load_token_counts
 from masking import MlmMasking, smoothed_token_probs
@@ -68,6 +69,7 @@ def parse_args(argv=None):
     parser.add_argument("--alpha_mse", default=0.0, type=float, help="Linear weight of the MSE loss. Must be >=0.")
     parser.add_argument("--alpha_cos", default=0.0, type=float,
                         help="Linear weight of the cosine embedding loss. Must be >=0.")
+    add_kd_loss_arguments(parser.add_argument)
 
     parser.add_argument("--mlm", action="store_true",
                         help="The LM step: MLM or CLM. If `mlm` is True, the MLM is used over CLM.")
@@ -197,6 +199,9 @@ def sanity_checks(args):
         raise UserError("at least one of --alpha_ce/--alpha_mlm/--alpha_clm/--alpha_mse/--alpha_cos must be > 0")
     if args.temperature <= 0:
         raise UserError("--temperature must be > 0")
+    kd_error = check_kd_loss_args(args.kd_loss, args.jsd_beta)
+    if kd_error:
+        raise UserError(kd_error)
     if not 0 < args.mlm_mask_prop <= 1:
         raise UserError("--mlm_mask_prop must be in (0, 1]")
     split = (args.word_mask, args.word_keep, args.word_rand)
