@@ -17,22 +17,19 @@ The steps are the methods of `Demo`, run in the order of `Demo.STEPS`; a new sta
 there.
 """
 import argparse
-import ast
-import functools
 import json
 import math
 import os
-import random
-import re
-import shlex
-import subprocess
 import sys
-import sysconfig
-import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the library modules; every step after the tokenizer runs a repository script
+from demo_data import (STDLIB_TASK, docstring_or_comment_rows, find_glue_tasks, read_corpus,  # noqa: E402
+                       split_heldout, stdlib_corpus, stdlib_paragraphs, write_task_tsv)
+from demo_models import train_tokenizer, write_model_configs  # noqa: E402
+from demo_pipeline import Pipeline, StepFailed, optimizer_steps  # noqa: E402
+from demo_results import COLUMNS, build_rows, downstream_column, measure_speed, results_markdown  # noqa: E402
 from preprocessing import check_text_file  # noqa: E402
 from utils import UserError  # noqa: E402
 
@@ -60,387 +57,6 @@ PRESETS = {
         "task_max_train": 300, "task_epochs": 1, "task_lr": 3e-4, "task_batch_size": 32,
     },
 }
-# The downstream task of the default corpus: is a paragraph of the standard library a docstring or a comment?
-STDLIB_TASK = "docstring_or_comment"
-HELDOUT_FRACTION = 0.05
-MIN_WORDS = 8
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-# The stdlib's test suites are half its files but mostly code and fixtures, not prose; skipping them also
-# cuts parsing from ~20 s to ~2 s.
-SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-
-
-# ============================================================================================ corpus
-
-
-def _docstrings(source):
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            doc = ast.get_docstring(node)
-            if doc:
-                yield doc
-
-
-def _comment_blocks(source):
-    """Runs of consecutive full-line comments, each joined into one paragraph (trailing code comments are
-    mostly fragments like `# noqa` or `# type: ignore`, so only whole-line ones are kept)."""
-    block = []
-    for line in source.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("#") and not stripped.startswith("#!"):
-            text = stripped.lstrip("#").strip()
-            if text:
-                block.append(text)
-                continue
-        if block:
-            yield " ".join(block)
-            block = []
-    if block:
-        yield " ".join(block)
-
-
-_WORD = re.compile(r"^[(\"']?[A-Za-z][a-z]*(?:'[a-z]+)?[)\"']?[.,;:!?]?[)\"']?$")
-
-
-def looks_like_english(line):
-    """Mostly plain words and no doctest or code markers: docstrings also hold signatures, tables and code."""
-    if any(marker in line for marker in (">>>", "...", "::", "---", "\\")):
-        return False
-    words = line.split()
-    if len(words) < MIN_WORDS:
-        return False
-    plain = sum(1 for w in words if _WORD.match(w))
-    symbols = sum(line.count(c) for c in "=_{}[]<>|*#@$%^~`")
-    return plain >= 0.75 * len(words) and symbols <= 2
-
-
-def stdlib_files(root=None):
-    root = root or sysconfig.get_paths()["stdlib"]
-    files = []
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)  # sorted: the same walk on every run
-        files.extend(os.path.join(folder, n) for n in sorted(names) if n.endswith(".py"))
-    return files
-
-
-@functools.lru_cache(maxsize=4)  # the corpus step and the downstream task both read it: walk the stdlib once
-def stdlib_paragraphs(root=None):
-    """(paragraph, kind) for each English paragraph of the standard library's docstrings and comments, kind
-    being "docstring" or "comment", deduplicated (a paragraph keeps the kind it first appeared with), in the
-    order of the files. The same Python installation always gives the same list."""
-    paragraphs, seen = [], set()
-    for path in stdlib_files(root):
-        try:
-            with open(path, encoding="utf-8") as f:
-                source = f.read()
-            texts = [(text, "docstring") for text in _docstrings(source)]
-        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
-            continue  # e.g. lib2to3's deliberately broken fixtures
-        texts.extend((text, "comment") for text in _comment_blocks(source))
-        for text, kind in texts:
-            for paragraph in re.split(r"\n\s*\n", text):
-                line = " ".join(paragraph.split())
-                if line not in seen and looks_like_english(line):
-                    seen.add(line)
-                    paragraphs.append((line, kind))
-    return tuple(paragraphs)
-
-
-def stdlib_corpus(seed=0, root=None):
-    """English paragraphs from the standard library's docstrings and comments: deduplicated, shuffled
-    with `seed`."""
-    lines = [line for line, _ in stdlib_paragraphs(root)]
-    random.Random(seed).shuffle(lines)
-    return lines
-
-
-def read_corpus(path, seed=0):
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = [" ".join(line.split()) for line in f]
-    lines = [line for line in lines if line]
-    random.Random(seed).shuffle(lines)  # a file sorted by topic would otherwise hold out one topic
-    return lines
-
-
-def split_heldout(lines, fraction=HELDOUT_FRACTION):
-    """(train, held-out): the first `fraction` of the (already shuffled) lines are held out."""
-    n_heldout = max(1, round(fraction * len(lines)))
-    return lines[n_heldout:], lines[:n_heldout]
-
-
-# ============================================================================================ downstream task
-
-
-def docstring_or_comment_rows(lines, kinds):
-    """(paragraph, "docstring" | "comment") for the lines whose kind is known, in their order."""
-    return [(line, kinds[line]) for line in lines if line in kinds]
-
-
-def write_task_tsv(path, rows):
-    """sentence<TAB>label lines under a header: the layout run_glue_w_distillation.py reads by default."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("sentence\tlabel\n")
-        for text, label in rows:
-            f.write(f"{text.replace(chr(9), ' ')}\t{label}\n")
-
-
-def find_glue_tasks(glue_dir):
-    """[(task name, train file, dev file)] for each GLUE task folder of glue_dir (SST-2/, CoLA/, ... holding
-    train.tsv and dev.tsv, or dev_matched.tsv for MNLI), in the order of the Distil* README's table."""
-    from glue import GLUE_ORDER, get_task
-
-    found = {}
-    for name in sorted(os.listdir(glue_dir)):
-        task = get_task(name)
-        folder = os.path.join(glue_dir, name)
-        dev = next((os.path.join(folder, n) for n in ("dev.tsv", "dev_matched.tsv")
-                    if os.path.isfile(os.path.join(folder, n))), None)
-        if task is not None and dev and os.path.isfile(os.path.join(folder, "train.tsv")):
-            found[task.name] = (task.name, os.path.join(folder, "train.tsv"), dev)
-    return [found[t] for t in GLUE_ORDER if t in found]
-
-
-# ============================================================================================ steps
-
-
-class StepFailed(Exception):
-    def __init__(self, step, message, command=None, log=None):
-        super().__init__(message)
-        self.step, self.command, self.log = step, command, log
-
-
-class Pipeline:
-    def __init__(self, workdir, n_steps, verbose=False):
-        self.workdir = workdir
-        self.verbose = verbose
-        self.timings = {}
-        self.n_steps = n_steps
-        self.step_no = 0
-        self.step_name = None
-
-    def rel(self, path):
-        """Paths inside the repository are shown (and passed) relative to it, as a user would type them."""
-        path = os.path.abspath(path)
-        rel = os.path.relpath(path, REPO)
-        return path if rel.startswith("..") else rel
-
-    def begin(self, name):
-        self.step_no += 1
-        self.step_name = name
-        self._t0 = time.time()
-        print(f"\n[{self.step_no}/{self.n_steps}] {name}", flush=True)
-
-    def end(self):
-        elapsed = time.time() - self._t0
-        self.timings[self.step_name] = round(elapsed, 1)
-        print(f"    done in {elapsed:.1f}s", flush=True)
-
-    def run(self, script, args, log_name, progress_file=None):
-        """Run a repository script with this interpreter; output goes to a log (and the console with
-        --verbose). While training, a progress line is printed from the run's metrics.jsonl now and then."""
-        cmd = [sys.executable, script, *[str(a) for a in args]]
-        shown = "python " + shlex.join(cmd[1:])
-        print(_wrap_command(shown), flush=True)
-        log_path = os.path.join(self.workdir, "logs", log_name)
-        os.makedirs(os.path.dirname(log_path), exist_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-                   HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        captured = []
-        with open(log_path, "w") as log:
-            log.write(f"$ {shown}\n")
-            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, errors="replace")
-
-            def pump():
-                for line in proc.stdout:
-                    log.write(line)
-                    log.flush()
-                    captured.append(line)
-                    if self.verbose:
-                        sys.stdout.write("      " + line)
-
-            reader = threading.Thread(target=pump, daemon=True)
-            reader.start()
-            last_report = time.time()
-            while True:
-                try:
-                    proc.wait(timeout=2)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                if progress_file and not self.verbose and time.time() - last_report >= 30:
-                    last_report = time.time()
-                    self._report_progress(progress_file, captured)
-            reader.join()
-        if proc.returncode != 0:
-            raise StepFailed(self.step_name, f"exit status {proc.returncode}", shown, log_path)
-        return "".join(captured)
-
-    def _report_progress(self, metrics_path, captured):
-        total = _optimizer_steps("".join(captured))
-        record = _last_metrics(metrics_path)
-        if record is not None:
-            of = f"/{total}" if total else ""
-            print(f"      step {record['step']}{of}  train loss {record.get('loss', float('nan')):.3f}  "
-                  f"({time.time() - self._t0:.0f}s)", flush=True)
-
-
-def _wrap_command(command, width=110):
-    """Shell-pasteable, one `--flag value` group never split across lines."""
-    lines, current = [], "    $"
-    for part in re.split(r" (?=--)", command):
-        if len(current) + 1 + len(part) > width and current.strip() != "$":
-            lines.append(current + " \\")
-            current = "       "
-        current += " " + part
-    return "\n".join(lines + [current])
-
-
-def _optimizer_steps(output):
-    found = re.findall(r"(\d+) optimizer steps", output)
-    return int(found[-1]) if found else None
-
-
-def _last_metrics(path):
-    try:
-        with open(path) as f:
-            lines = [line for line in f if line.strip()]
-        return json.loads(lines[-1]) if lines else None
-    except (OSError, ValueError):
-        return None
-
-
-def train_tokenizer(lines, folder, vocab_size, max_len):
-    """A lowercase WordPiece vocabulary learnt from the training lines, saved as a BertTokenizer folder."""
-    from tokenizers import BertWordPieceTokenizer
-    from transformers import BertTokenizer
-
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
-                                  show_progress=False)
-    os.makedirs(folder, exist_ok=True)
-    wordpiece.save_model(folder)
-    tokenizer = BertTokenizer(os.path.join(folder, "vocab.txt"), do_lower_case=True, model_max_length=max_len)
-    tokenizer.save_pretrained(folder)
-    return tokenizer
-
-
-def write_model_configs(folder, tokenizer, preset):
-    from transformers import BertConfig, DistilBertConfig
-
-    t = preset["teacher"]
-    teacher = BertConfig(vocab_size=len(tokenizer), hidden_size=t["hidden"], num_hidden_layers=t["layers"],
-                         num_attention_heads=t["heads"], intermediate_size=t["ffn"],
-                         max_position_embeddings=preset["max_len"], pad_token_id=tokenizer.pad_token_id,
-                         # A few minutes of pretraining is far from overfitting: dropout would only slow it.
-                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    # The student has the teacher's width (the cosine loss compares hidden states) and fewer layers.
-    student = DistilBertConfig(vocab_size=len(tokenizer), dim=t["hidden"], n_layers=len(preset["student_layers"]),
-                               n_heads=t["heads"], hidden_dim=t["ffn"], max_position_embeddings=preset["max_len"],
-                               sinusoidal_pos_embds=False, pad_token_id=tokenizer.pad_token_id)
-    paths = os.path.join(folder, "teacher_config.json"), os.path.join(folder, "student_config.json")
-    os.makedirs(folder, exist_ok=True)
-    teacher.to_json_file(paths[0])
-    student.to_json_file(paths[1])
-    return paths
-
-
-# ============================================================================================ results
-
-COLUMNS = ["model", "layers", "parameters", "held-out MLM loss", "pseudo-perplexity", "KL to teacher",
-           "top-1 agreement with teacher", "inference seq/s", "speed-up vs teacher"]
-
-
-def _fmt(value, spec):
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return format(value, spec)
-
-
-def results_markdown(rows, downstream_column=None):
-    columns = COLUMNS + ([downstream_column] if downstream_column else [])
-    lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
-    for r in rows:
-        cells = [r["label"], str(r["layers"]), f"{r['parameters']:,}", _fmt(r["mlm_loss"], ".3f"),
-                 _fmt(r["pseudo_perplexity"], ".1f"), _fmt(r["kl_to_teacher"], ".3f"),
-                 _fmt(r["top1_agreement"], ".1%"), _fmt(r["sequences_per_second"], ".0f"),
-                 _fmt(r["speedup_vs_teacher"], ".2f") + ("x" if r["speedup_vs_teacher"] else "")]
-        if downstream_column:
-            cells.append(_fmt(r.get("downstream_score"), ".1f"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def measure_speed(model_dirs, data_file, batch_size, n_batches, rounds):
-    """Sequences/s of each model on the held-out batches, with evaluation.inference_speed.
-
-    The models take turns, round after round, and each keeps its median: on a shared machine a burst of
-    load then slows every model alike instead of whichever was being timed (two identical students timed
-    one after the other easily differ by 10%).
-    """
-    import logging
-    import statistics
-
-    import torch
-    import transformers
-
-    from evaluation import inference_speed
-    from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset
-    from models import max_input_size, model_classes
-    from utils import special_token_ids
-
-    logging.getLogger("distil").setLevel(logging.WARNING)
-    transformers.utils.logging.disable_progress_bar()
-    models = {}
-    for name, (folder, model_type) in model_dirs.items():
-        models[name] = model_classes(model_type)[1].from_pretrained(folder).eval()
-    teacher_folder, teacher_type = model_dirs["teacher"]
-    tokenizer = model_classes(teacher_type)[2].from_pretrained(teacher_folder)
-    max_len = min(max_input_size(m.config, tokenizer) for m in models.values())
-    dataset = LmSeqsDataset(BinarizedCorpus.open(data_file), special_tok_ids=special_token_ids(tokenizer), mlm=True,
-                            max_len=max_len)
-    samples = {name: [] for name in models}
-    with torch.inference_mode():
-        for _ in range(rounds):
-            for name, model in models.items():
-                samples[name].append(inference_speed(model, dataset, batch_size, "cpu", n_batches))
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def downstream_column(downstream):
-    """The main table's column for the downstream scores: the task's score, or the macro score of several."""
-    tasks = downstream["tasks"]
-    if len(tasks) == 1:
-        from glue import get_task
-
-        task = get_task(tasks[0])
-        metric = "+".join(task.metrics) if task else "accuracy"
-        return f"downstream: {task.display if task else tasks[0].replace('_', ' ')} ({metric.replace('_', ' ')})"
-    return f"downstream macro score ({', '.join(tasks)})"
-
-
-def build_rows(evals, layers, downstream=None):
-    teacher_speed = evals["teacher"]["sequences_per_second"]
-    labels = {"teacher": "teacher (BERT, pretrained here)", "distilled": "distilled student (DistilBERT)",
-              "baseline": "baseline student (same init, no teacher)"}
-    rows = []
-    for name in ("teacher", "distilled", "baseline"):
-        e = evals[name]
-        rows.append({
-            "name": name, "label": labels[name], "layers": layers[name], "parameters": e["n_parameters"],
-            "mlm_loss": e["mlm_loss"], "pseudo_perplexity": e["pseudo_perplexity"],
-            "kl_to_teacher": e.get("kl_teacher_student"), "top1_agreement": e.get("top1_agreement"),
-            "sequences_per_second": e["sequences_per_second"],
-            "speedup_vs_teacher": e["sequences_per_second"] / teacher_speed,
-        })
-    # downstream_table.py's rows are teacher, task-distilled (distilled) student, baseline student, in that order.
-    for row, task_row in zip(rows, downstream["rows"] if downstream else []):
-        row["downstream_score"] = task_row["macro"]
-    return rows
-
-
-# ============================================================================================ main
 
 
 def parse_args(argv=None):
@@ -628,7 +244,7 @@ class Demo:
                          "--alpha_mlm", "2", "--alpha_cos", "1", "--temperature", "2",
                          "--dump_path", pipe.rel(self.distilled_dir), *self.student_args()],
             "06_distill.log", progress_file=os.path.join(self.distilled_dir, "metrics.jsonl"))
-        self.steps = {"distilled": _optimizer_steps(out)}
+        self.steps = {"distilled": optimizer_steps(out)}
         pipe.end()
 
     def baseline(self):
@@ -641,7 +257,7 @@ class Demo:
                          "--alpha_cos", "0", "--restrict_ce_to_mask", "--dump_path", pipe.rel(self.baseline_dir),
                          *self.student_args()],
             "07_baseline.log", progress_file=os.path.join(self.baseline_dir, "metrics.jsonl"))
-        self.steps["baseline"] = _optimizer_steps(out)
+        self.steps["baseline"] = optimizer_steps(out)
         if self.steps["distilled"] != self.steps["baseline"]:
             raise StepFailed(pipe.step_name, f"the students trained for different numbers of steps: {self.steps}")
         pipe.end()
@@ -774,7 +390,7 @@ class Demo:
         table = results_markdown(rows, downstream_column(self.downstream) if self.downstream else None)
         chance = math.log(len(self.tok))
         with open(os.path.join(self.workdir, "logs", "04_teacher.log")) as f:
-            teacher_steps = _optimizer_steps(f.read())
+            teacher_steps = optimizer_steps(f.read())
         d, b = evals["distilled"], evals["baseline"]
         verdict = (f"The distilled student {'beats' if d['mlm_loss'] < b['mlm_loss'] else 'does NOT beat'} the "
                    f"no-teacher baseline on held-out MLM loss ({d['mlm_loss']:.3f} vs {b['mlm_loss']:.3f}); top-1 "

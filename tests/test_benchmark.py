@@ -1,4 +1,5 @@
-"""The benchmark scripts: their measuring helpers, and smoke runs of both on tiny settings."""
+"""The benchmark scripts and their library (reference_step.py, benchmark_step.py, benchmark_models.py): the
+measuring helpers, and smoke runs of both scripts on tiny settings."""
 import json
 import os
 
@@ -6,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from benchmark_models import BERT_SPECIAL
+from benchmark_step import loss_rows, make_sequences, our_losses
 from conftest import expect_error, load_script, run_script
+from reference_step import reference_losses, weighted_total
 
-benchmark = load_script("benchmark")
 bench_preprocessing = load_script("bench_preprocessing")
 
 SMOKE_MODEL = ["--steps", "2", "--warmup", "1", "--loss_steps", "1", "--loss_warmup", "0", "--vocab_size", "300",
@@ -50,26 +53,26 @@ def test_reference_and_our_losses_agree():
                                alpha_mlm=2.0 if mlm else 0.0, alpha_clm=0.0 if mlm else 2.0, alpha_mse=0.5,
                                alpha_cos=1.0)
         lab = labels if mlm else labels.masked_fill(attn, 1)
-        ref = benchmark.reference_losses(*tensors, attn, lab, p)
-        rows = benchmark.loss_rows(attn, lab, p)
-        ours = benchmark.our_losses(tensors[0].flatten(0, 1)[rows], tensors[1].flatten(0, 1)[rows], *tensors[2:],
+        ref = reference_losses(*tensors, attn, lab, p)
+        rows = loss_rows(attn, lab, p)
+        ours = our_losses(tensors[0].flatten(0, 1)[rows], tensors[1].flatten(0, 1)[rows], *tensors[2:],
                                     attn, lab, rows, p)
         assert set(ref) | {"logits"} == set(ours)
         for k in ref:
             torch.testing.assert_close(ours[k], ref[k], rtol=1e-5, atol=1e-5, msg=f"{k} mlm={mlm} restrict={restrict}")
-        torch.testing.assert_close(benchmark.weighted_total(ours, p), benchmark.weighted_total(ref, p), rtol=1e-5,
+        torch.testing.assert_close(weighted_total(ours, p), weighted_total(ref, p), rtol=1e-5,
                                    atol=1e-5)
 
 
 def test_batches_have_grouped_realistic_lengths():
-    batches = benchmark.make_sequences(20, 5, 64, 30522, benchmark.BERT_SPECIAL, mlm=True, seed=0)
+    batches = make_sequences(20, 5, 64, 30522, BERT_SPECIAL, mlm=True, seed=0)
     lengths = [[len(x) for x in b] for b in batches]
     assert all(12 <= n <= 64 for b in lengths for n in b)
     assert all(max(b) - min(b) <= 3 for b in lengths)  # like train.py's 4-token length buckets
     assert len({max(b) for b in lengths}) > 5  # but the batches differ
     for b in batches:
         for x in b:
-            assert x[0] == benchmark.BERT_SPECIAL["cls_token"] and x[-1] == benchmark.BERT_SPECIAL["sep_token"]
+            assert x[0] == BERT_SPECIAL["cls_token"] and x[-1] == BERT_SPECIAL["sep_token"]
             assert (x[1:-1] >= 999).all() and (x[1:-1] < 30521).all()
 
 

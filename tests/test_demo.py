@@ -1,4 +1,5 @@
-"""scripts/demo.py: the stdlib corpus, and the whole pipeline in its --quick size."""
+"""scripts/demo.py and its library (demo_data.py, demo_results.py): the stdlib corpus, and the whole pipeline in
+its --quick size."""
 import json
 import math
 import os
@@ -6,7 +7,9 @@ import re
 
 import pytest
 
+import demo_data
 from conftest import load_script, run_script
+from demo_results import COLUMNS
 
 demo = load_script("demo")
 
@@ -20,14 +23,14 @@ COMMON_WORDS = {"the", "a", "an", "is", "of", "to", "and", "in", "for", "if", "t
 
 @pytest.fixture(scope="module")
 def stdlib_lines():
-    return demo.stdlib_corpus(seed=0)
+    return demo_data.stdlib_corpus(seed=0)
 
 
 def test_stdlib_corpus_is_english_prose(stdlib_lines):
     assert len(stdlib_lines) > 2000  # the stdlib has ~10k such paragraphs; a few hundred means a broken walk
     assert len(set(stdlib_lines)) == len(stdlib_lines)
     for line in stdlib_lines:
-        assert len(line.split()) >= demo.MIN_WORDS
+        assert len(line.split()) >= demo_data.MIN_WORDS
         assert line == " ".join(line.split())  # one paragraph per line, whitespace normalised
         assert ">>>" not in line
     # English function words in nearly every line: catches code, tables or binary noise slipping through
@@ -36,8 +39,8 @@ def test_stdlib_corpus_is_english_prose(stdlib_lines):
 
 
 def test_stdlib_corpus_is_deterministic(stdlib_lines):
-    assert demo.stdlib_corpus(seed=0) == stdlib_lines
-    reshuffled = demo.stdlib_corpus(seed=1)
+    assert demo_data.stdlib_corpus(seed=0) == stdlib_lines
+    reshuffled = demo_data.stdlib_corpus(seed=1)
     assert reshuffled != stdlib_lines and sorted(reshuffled) == sorted(stdlib_lines)
 
 
@@ -54,7 +57,7 @@ def test_corpus_reads_docstrings_and_comments(tmp_path):
     )
     (tmp_path / "test" / "test_mod.py").write_text('"""A test docstring that is long enough to be kept otherwise."""\n')
     (tmp_path / "broken.py").write_text('"""Unterminated docstring that would break the parser\n')
-    lines = demo.stdlib_corpus(seed=0, root=str(tmp_path))
+    lines = demo_data.stdlib_corpus(seed=0, root=str(tmp_path))
     assert sorted(lines) == sorted([
         "Module docstring that explains what the whole module is for.",
         "A block comment that spans two lines and says why the code below does what it does.",
@@ -70,12 +73,12 @@ def test_corpus_reads_docstrings_and_comments(tmp_path):
     ("x_1 y_2 z_3 __init__ __repr__ a_b c_d e_f g_h", False),
 ])
 def test_looks_like_english(line, english):
-    assert demo.looks_like_english(line) is english
+    assert demo_data.looks_like_english(line) is english
 
 
 def test_heldout_split_is_disjoint_and_small():
     lines = [f"line number {i} with enough words to count here" for i in range(1000)]
-    train, heldout = demo.split_heldout(lines)
+    train, heldout = demo_data.split_heldout(lines)
     assert len(heldout) == 50 and len(train) == 950
     assert not set(train) & set(heldout)
 
@@ -96,7 +99,7 @@ def test_quick_demo_writes_results(quick_run):
         results = json.load(f)
     rows = results["rows"]
     assert [r["name"] for r in rows] == ROW_NAMES
-    assert results["columns"] == demo.COLUMNS + ["downstream: docstring or comment (accuracy)"]
+    assert results["columns"] == COLUMNS + ["downstream: docstring or comment (accuracy)"]
     for row in rows:
         for key in NUMERIC:
             assert isinstance(row[key], (int, float)) and math.isfinite(row[key]) and row[key] > 0, (row["name"], key)
@@ -134,16 +137,16 @@ def test_quick_demo_downstream_stage(quick_run):
     fine-tuned alone; their scores in the main table and in the downstream table."""
     workdir, proc = quick_run
     results = json.loads((workdir / "results.json").read_text())
-    runs = {role: workdir / "runs" / f"{demo.STDLIB_TASK}_{role}" for role in ROW_NAMES}
+    runs = {role: workdir / "runs" / f"{demo_data.STDLIB_TASK}_{role}" for role in ROW_NAMES}
     scores = {role: json.loads((runs[role] / "eval_results.json").read_text()) for role in ROW_NAMES}
     for role, row in zip(ROW_NAMES, results["rows"]):
-        assert scores[role]["task"] == demo.STDLIB_TASK and 0 <= scores[role]["metrics"]["accuracy"] <= 1
+        assert scores[role]["task"] == demo_data.STDLIB_TASK and 0 <= scores[role]["metrics"]["accuracy"] <= 1
         assert row["downstream_score"] == pytest.approx(scores[role]["score"])
-    assert results["downstream"]["tasks"] == [demo.STDLIB_TASK]
+    assert results["downstream"]["tasks"] == [demo_data.STDLIB_TASK]
     # Only the distilled student learnt from the fine-tuned teacher.
     last = {role: json.loads((runs[role] / "metrics.jsonl").read_text().splitlines()[-1]) for role in ROW_NAMES}
     assert "loss_ce" in last["distilled"] and "loss_ce" not in last["baseline"]
-    dev = (workdir / "data" / f"{demo.STDLIB_TASK}_dev.tsv").read_text().splitlines()
+    dev = (workdir / "data" / f"{demo_data.STDLIB_TASK}_dev.tsv").read_text().splitlines()
     assert dev[0] == "sentence\tlabel" and {line.rsplit("\t", 1)[1] for line in dev[1:]} == {"docstring", "comment"}
     assert scores["teacher"]["n_examples"] == len(dev) - 1  # scored on every held-out paragraph
     md = (workdir / "results.md").read_text()
@@ -157,10 +160,10 @@ def test_docstring_or_comment_labels_and_glue_folders(tmp_path):
         '"""A module docstring that is long enough to be kept as one paragraph."""\n'
         "# A block comment that is long enough to be kept as one paragraph too.\n"
         "x = 1\n")
-    kinds = dict(demo.stdlib_paragraphs(str(tmp_path)))
+    kinds = dict(demo_data.stdlib_paragraphs(str(tmp_path)))
     assert kinds == {"A module docstring that is long enough to be kept as one paragraph.": "docstring",
                      "A block comment that is long enough to be kept as one paragraph too.": "comment"}
-    assert demo.docstring_or_comment_rows(["unknown line", *kinds], kinds) == list(kinds.items())
+    assert demo_data.docstring_or_comment_rows(["unknown line", *kinds], kinds) == list(kinds.items())
 
     glue = tmp_path / "glue"
     for name, files in (("SST-2", ["train.tsv", "dev.tsv"]), ("CoLA", ["train.tsv", "dev.tsv"]),
@@ -168,7 +171,7 @@ def test_docstring_or_comment_labels_and_glue_folders(tmp_path):
         (glue / name).mkdir(parents=True)
         for f in files:
             (glue / name / f).write_text("sentence\tlabel\n")
-    assert [(t, os.path.basename(dev)) for t, _, dev in demo.find_glue_tasks(str(glue))] == [
+    assert [(t, os.path.basename(dev)) for t, _, dev in demo_data.find_glue_tasks(str(glue))] == [
         ("cola", "dev.tsv"), ("mnli", "dev_matched.tsv"), ("sst2", "dev.tsv")]  # RTE lacks its dev set
 
 
