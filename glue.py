@@ -89,16 +89,18 @@ def load_hub_split(task, split, cache_dir=None):
 
 
 def text_columns(data, task, args, source):
-    """(text column, second text column or None), checked against the data set's columns."""
+    """(text column, second text column or None), checked against the data set's columns. --text_column and
+    --text_pair_column each replace their default alone (--text_column alone: a single sentence)."""
     names = data.column_names
-    if args.text_column:
-        first, second = args.text_column, args.text_pair_column or None
-    elif task is not None and task.columns[0] in names:
+    if task is not None and task.columns[0] in names:
         first, second = task.columns
     elif "sentence1" in names:
         first, second = "sentence1", "sentence2"
     else:
         first, second = "sentence", None
+    if args.text_column:
+        first, second = args.text_column, None
+    second = args.text_pair_column or second
     flags = ((first, "--text_column"), (second, "--text_pair_column"), (args.label_column, "--label_column"))
     for column, flag in flags:
         if column is not None and column not in names:

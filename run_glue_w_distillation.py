@@ -14,7 +14,9 @@ cross-entropy (squared error for regression) and the distillation term T^2 * KL(
 the class distribution (for regression the squared error to the teacher's prediction). Without a teacher:
 the task loss alone. A --task_name that is not a GLUE task names a task of your own, read from the files:
 classification over integer labels 0..max or over the names of string labels, regression for non-integer
-numbers or --num_labels 1. Evaluation writes eval_results.json. See docs/task-distillation.md.
+numbers or --num_labels 1. A fine-tuned classifier (teacher, or a model evaluated with --do_eval) keeps its own
+label order: its outputs are read in the task's order by label name. Evaluation writes eval_results.json. See
+docs/task-distillation.md.
 """
 import argparse
 import os
@@ -30,10 +32,11 @@ from glue import (GLUE_TASKS, Task, get_task, glue_metrics, infer_custom_task, l
                   load_hub_split, task_score, text_columns)
 from losses import classification_kd_loss, classification_loss, task_distillation_loss  # noqa: E402
 from task_evaluation import predict, write_eval_results  # noqa: E402
-from task_models import clamp_max_seq_length, load_student, load_teacher, load_tokenizer  # noqa: E402
+from task_models import (clamp_max_seq_length, label_permutation, load_config, load_student,  # noqa: E402
+                         load_teacher, load_tokenizer)
 from task_training import (TokenizedSet, add_training_arguments, check_training_args, start_run,  # noqa: E402
                            task_main, train_and_evaluate)
-from utils import UserError, logger  # noqa: E402
+from utils import UserError, logger, unwrap  # noqa: E402
 
 COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "labels")
 
@@ -106,7 +109,8 @@ def tokenize(args, tokenizer, raw, task, source):
     def encode(batch, indices):
         texts = [str(t) for t in batch[first]]
         pairs = [str(t) for t in batch[second]] if second else None
-        enc = tokenizer(texts, pairs, truncation=True, max_length=args.max_seq_length)
+        # Segment ids even where the tokenizer returns none by default (DistilBERT's): a BERT teacher needs them.
+        enc = tokenizer(texts, pairs, truncation=True, max_length=args.max_seq_length, return_token_type_ids=True)
         enc["labels"] = [labels[i] for i in indices]
         return dict(enc)
 
@@ -115,16 +119,46 @@ def tokenize(args, tokenizer, raw, task, source):
                    desc="tokenising")
 
 
+# ---------------------------------------------------------------------------------------------- label order
+
+
+def label_order(model, task, source):
+    """label_permutation of a model's classifier against the task (None: its outputs are in the task's order;
+    always None for regression and for tasks whose labels are bare integers, which name no class)."""
+    if task.is_regression or not task.label_names:
+        return None
+    return label_permutation(unwrap(model).config.id2label, task.label_names, source)
+
+
+def in_task_order(logits, perm):
+    """(..., num_labels) logits of a model, in the task's label order."""
+    return logits if perm is None else logits[..., perm]
+
+
+def student_label_overrides(config, task):
+    """Config overrides for the student: the task's label count, and its label names unless the checkpoint is
+    a classifier with names of its own (its head keeps its order: its outputs are then read by name)."""
+    overrides = {"num_labels": task.num_labels}
+    names = [config.id2label[i] for i in sorted(config.id2label)]
+    own_names = names != [f"LABEL_{i}" for i in range(len(names))]
+    if task.label_names and not (own_names and config.num_labels == task.num_labels):
+        overrides.update(id2label=dict(enumerate(task.label_names)),
+                         label2id={n: i for i, n in enumerate(task.label_names)})
+    return overrides
+
+
 # ---------------------------------------------------------------------------------------------------- loss
 
 
-def make_loss_fn(args):
+def make_loss_fn(args, student_perm=None, teacher_perm=None):
+    """student_perm / teacher_perm: label_order() of each model (None: already the task's order)."""
     def loss_fn(student_out, teacher_out, batch):
-        task = classification_loss(student_out.logits, batch["labels"])
+        student_logits = in_task_order(student_out.logits, student_perm)
+        task = classification_loss(student_logits, batch["labels"])
         if teacher_out is None:
             return task, {"loss_task": task}
-        kd = classification_kd_loss(student_out.logits, teacher_out.logits, args.temperature, args.kd_loss,
-                                    args.jsd_beta)
+        kd = classification_kd_loss(student_logits, in_task_order(teacher_out.logits, teacher_perm),
+                                    args.temperature, args.kd_loss, args.jsd_beta)
         return task_distillation_loss(task, kd, args.alpha_task, args.alpha_ce), {"loss_task": task, "loss_ce": kd}
     return loss_fn
 
@@ -139,6 +173,8 @@ def evaluate(args, model, tokenizer, ctx, task, eval_set, out_folder, model_path
                      amp_dtype=amp)["logits"]
     if not ctx.is_master:
         return None
+    perm = label_order(model, task, model_path or args.model_name_or_path)  # checked when the model was loaded
+    logits = [in_task_order(row, perm) for row in logits]
     labels = [eval_set.data[i]["labels"] for i in range(len(eval_set))]
     metrics = glue_metrics(task, logits, labels)
     from evaluation import count_parameters
@@ -160,7 +196,7 @@ def run(args):
     check_args(args)
     ctx, resume_from = start_run(args, [args.train_file, args.validation_file])
     tokenizer = load_tokenizer(args)
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     train_raw = source = None
     if args.do_train:
@@ -170,19 +206,20 @@ def run(args):
                             f"name it with --label_column")
         if args.max_train_samples and args.max_train_samples < len(train_raw):
             train_raw = train_raw.shuffle(seed=args.seed).select(range(args.max_train_samples))
-    config = None if train_raw is not None else AutoConfig.from_pretrained(args.model_name_or_path)
+    config_flag = "--config_name" if args.config_name else "--model_name_or_path"
+    config = load_config(args.config_name or args.model_name_or_path, config_flag, args.model_type,
+                         args.cache_dir or None)
     task = resolve_task(args, train_raw, config)
-    overrides = {"num_labels": task.num_labels}
-    if task.label_names:
-        overrides.update(id2label=dict(enumerate(task.label_names)),
-                         label2id={n: i for i, n in enumerate(task.label_names)})
+    overrides = student_label_overrides(config, task)
     student = load_student(args, AutoModelForSequenceClassification, **overrides).to(ctx.device)
-    teacher = None
+    student_perm = label_order(student, task, f"{config_flag} {args.config_name or args.model_name_or_path}")
+    teacher = teacher_perm = None
     if args.do_train and args.teacher_name_or_path:
         teacher = load_teacher(args, AutoModelForSequenceClassification, tokenizer, student)
         if teacher.config.num_labels != task.num_labels:
             raise UserError(f"--teacher_name_or_path {args.teacher_name_or_path}: the teacher predicts "
                             f"{teacher.config.num_labels} label(s), the task has {task.num_labels}")
+        teacher_perm = label_order(teacher, task, f"--teacher_name_or_path {args.teacher_name_or_path}")
         teacher.to(ctx.device)
     clamp_max_seq_length(args, tokenizer, student, teacher)
 
@@ -197,7 +234,8 @@ def run(args):
         eval_set = TokenizedSet(tokenize(args, tokenizer, eval_raw, task, eval_source), COLUMNS)
     train_set = TokenizedSet(tokenize(args, tokenizer, train_raw, task, source), COLUMNS) if args.do_train else None
 
-    train_and_evaluate(args, ctx, student, teacher, train_set, make_loss_fn(args), tokenizer,
+    loss_fn = make_loss_fn(args, student_perm, teacher_perm)
+    train_and_evaluate(args, ctx, student, teacher, train_set, loss_fn, tokenizer,
                        lambda model, folder, path: evaluate(args, model, tokenizer, ctx, task, eval_set, folder, path),
                        AutoModelForSequenceClassification, resume_from, **overrides)
     return ctx

@@ -95,14 +95,26 @@ def load_examples(args, evaluate):
     return subsample(examples, args.max_train_samples, args.seed)
 
 
+def tokenizer_fingerprint(tokenizer):
+    """A digest of what the tokenizer does (vocabulary, normaliser, special-token template, which side the
+    question goes), not of where it was loaded from: another tokenizer saved at the same path gets another."""
+    if getattr(tokenizer, "is_fast", False):
+        content = tokenizer.backend_tokenizer.to_str()
+    else:
+        content = json.dumps(sorted(tokenizer.get_vocab().items()))
+    described = json.dumps([type(tokenizer).__name__, tokenizer.padding_side, content])
+    return hashlib.sha1(described.encode()).hexdigest()
+
+
 def _cache_path(args, tokenizer, source, evaluate):
     """Features depend on the data, the tokenizer and the window flags; a change of any gives a new folder."""
     if os.path.isfile(source):
         stat = os.stat(source)
         source = f"{os.path.abspath(source)}:{stat.st_size}:{stat.st_mtime_ns}"
     samples = args.max_eval_samples if evaluate else (args.max_train_samples, args.seed)
-    key = json.dumps([source, tokenizer.name_or_path, len(tokenizer), args.max_seq_length, args.doc_stride,
-                      args.max_query_length, args.version_2_with_negative, evaluate, samples, 1])
+    # The last item versions the features' layout (2: segment ids always, cls_index).
+    key = json.dumps([source, tokenizer_fingerprint(tokenizer), args.max_seq_length, args.doc_stride,
+                      args.max_query_length, args.version_2_with_negative, evaluate, samples, 2])
     from datasets import config
 
     root = args.cache_dir or str(config.HF_DATASETS_CACHE)
@@ -175,8 +187,8 @@ def evaluate(args, model, tokenizer, ctx, eval_data, out_folder, model_path=None
                   args.per_gpu_eval_batch_size, ctx, amp_dtype=amp, per_position=True)
     if not ctx.is_master:
         return None
-    meta = {"example_index": features["example_index"], "offset_mapping": features["offset_mapping"],
-            "token_is_max_context": features["token_is_max_context"]}
+    meta = {name: features[name] for name in ("example_index", "offset_mapping", "token_is_max_context",
+                                               "cls_index")}
     predictions, nbest, null_odds = postprocess_predictions(
         examples, meta, out["start_logits"], out["end_logits"], n_best_size=args.n_best_size,
         max_answer_length=args.max_answer_length, version_2_with_negative=args.version_2_with_negative,

@@ -7,8 +7,9 @@
 
 A context longer than a window is cut into overlapping windows `doc_stride` tokens apart (the original's
 meaning of the flag: the step between window starts, not the overlap). Each window is
-`[CLS] question [SEP] context piece [SEP]`; a training answer that does not lie wholly inside a window
-points at CLS (index 0) there, which is also how SQuAD v2.0 marks unanswerable questions. Offsets map
+`[CLS] question [SEP] context piece [SEP]` (or whatever order the tokenizer's template gives: XLNet's puts the
+context first and CLS last); a training answer that does not lie wholly inside a window points at that window's
+CLS token, which is also how SQuAD v2.0 marks unanswerable questions (its null score). Offsets map
 every context token back to its characters, so an answer is always a slice of the original context.
 A token seen by several windows is only allowed to start an answer in the window where it has the most
 context on both sides (as in BERT's reference implementation).
@@ -20,8 +21,6 @@ import os
 import numpy as np
 
 from utils import UserError
-
-CLS_INDEX = 0
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -108,9 +107,11 @@ def _truncate_question(question, tokenizer, max_query_length):
 
 def squad_features(examples, tokenizer, max_seq_length, doc_stride, max_query_length, is_training,
                    example_indices=None):
-    """One feature per window, as dicts of lists: input_ids, token_type_ids (if the model uses them),
-    attention_mask, example_index, and for training start/end_positions, for evaluation offset_mapping (None
-    outside the context) and token_is_max_context. `examples` is a list of read_squad_examples dicts;
+    """One feature per window, as dicts of lists: input_ids, token_type_ids (the tokenizer's segment ids, even for
+    a tokenizer that returns none by default, such as DistilBERT's: a BERT teacher needs them), attention_mask,
+    example_index, cls_index (where the window's CLS token is), and for training start/end_positions, for
+    evaluation offset_mapping (None outside the context) and token_is_max_context. `examples` is a list of
+    read_squad_examples dicts;
     example_indices their positions in the whole set (default 0, 1, ...), when given a slice of it.
     """
     if not getattr(tokenizer, "is_fast", False):
@@ -130,7 +131,7 @@ def squad_features(examples, tokenizer, max_seq_length, doc_stride, max_query_le
         first, second = (question, example["context"]) if pad_on_right else (example["context"], question)
         enc = tokenizer(first, second, truncation="only_second" if pad_on_right else "only_first",
                         max_length=max_seq_length, stride=overlap, return_overflowing_tokens=True,
-                        return_offsets_mapping=True)
+                        return_offsets_mapping=True, return_token_type_ids=True)
         context_id = 1 if pad_on_right else 0
         windows = []
         for w in range(len(enc["input_ids"])):
@@ -141,8 +142,10 @@ def squad_features(examples, tokenizer, max_seq_length, doc_stride, max_query_le
                 if key in enc:
                     features[key].append(enc[key][w])
             features["example_index"].append(index)
+            cls_index = _cls_index(enc["input_ids"][w], tokenizer)
+            features["cls_index"].append(cls_index)
             if is_training:
-                start, end = _answer_positions(example, offsets)
+                start, end = _answer_positions(example, offsets, cls_index)
                 features["start_positions"].append(start)
                 features["end_positions"].append(end)
             else:
@@ -152,15 +155,21 @@ def squad_features(examples, tokenizer, max_seq_length, doc_stride, max_query_le
     return dict(features)
 
 
-def _answer_positions(example, offsets):
+def _cls_index(input_ids, tokenizer):
+    """Position of the CLS token in a window (0 for a tokenizer without one)."""
+    cls = tokenizer.cls_token_id
+    return input_ids.index(cls) if cls is not None and cls in input_ids else 0
+
+
+def _answer_positions(example, offsets, cls_index):
     """Token indices of the first answer inside this window, or (CLS, CLS) when it is not wholly inside."""
     if example["is_impossible"] or not example["answers"]["text"]:
-        return CLS_INDEX, CLS_INDEX
+        return cls_index, cls_index
     start_char = example["answers"]["answer_start"][0]
     end_char = start_char + len(example["answers"]["text"][0])
     inside = [i for i, o in enumerate(offsets) if o is not None]
     if not inside or offsets[inside[0]][0] > start_char or offsets[inside[-1]][1] < end_char:
-        return CLS_INDEX, CLS_INDEX
+        return cls_index, cls_index
     start = next(i for i in inside if offsets[i][1] > start_char)  # first token reaching into the answer
     end = next(i for i in reversed(inside) if offsets[i][0] < end_char)  # last token starting inside it
     return start, end
@@ -216,6 +225,18 @@ def _top(logits, allowed, k):
     return [int(i) for i in order if allowed[i]]
 
 
+def _first_of_each_text(candidates):
+    """The candidates (best first) without the repeats of a text seen earlier: spans in different places or
+    windows often read the same."""
+    seen = set()
+    out = []
+    for c in candidates:
+        if c["text"] not in seen:
+            seen.add(c["text"])
+            out.append(c)
+    return out
+
+
 def postprocess_predictions(examples, features, all_start_logits, all_end_logits, n_best_size=20,
                             max_answer_length=30, version_2_with_negative=False, null_score_diff_threshold=0.0):
     """Answers from the windows' logits. Returns (predictions {id: text}, nbest {id: [{text, probability,
@@ -223,7 +244,8 @@ def postprocess_predictions(examples, features, all_start_logits, all_end_logits
 
     features: squad_features(..., is_training=False) output; all_*_logits: one (seq_len,) array per window.
     With v2.0 the answer is "" when the null score (CLS start + CLS end, lowest over the windows) beats the
-    best span by more than null_score_diff_threshold.
+    best span by more than null_score_diff_threshold. A text is listed once, at its best score, before the list
+    is cut to n_best_size (so repeats neither take places nor split the probability).
     """
     by_example = collections.defaultdict(list)
     for f, example_index in enumerate(features["example_index"]):
@@ -234,7 +256,8 @@ def postprocess_predictions(examples, features, all_start_logits, all_end_logits
         for f in by_example.get(index, []):
             start, end = np.asarray(all_start_logits[f]), np.asarray(all_end_logits[f])
             offsets = features["offset_mapping"][f]
-            score_null = float(start[CLS_INDEX] + end[CLS_INDEX])
+            cls = features["cls_index"][f]
+            score_null = float(start[cls] + end[cls])
             if null_score is None or score_null < null_score:
                 null_score = score_null
             for score, s, e in best_spans(start, end, offsets, features["token_is_max_context"][f],
@@ -243,7 +266,7 @@ def postprocess_predictions(examples, features, all_start_logits, all_end_logits
                 candidates.append({"text": text, "start_logit": float(start[s]), "end_logit": float(end[e]),
                                    "score": score})
         candidates.sort(key=lambda c: -c["score"])
-        candidates = candidates[:n_best_size]
+        candidates = _first_of_each_text(candidates)[:n_best_size]
         if version_2_with_negative and null_score is not None:
             candidates.append({"text": "", "start_logit": null_score / 2, "end_logit": null_score / 2,
                                "score": null_score})

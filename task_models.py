@@ -97,7 +97,8 @@ def clamp_max_seq_length(args, tokenizer, *models):
     """--max_seq_length, lowered (with a warning) to what the models' position embeddings and the tokenizer allow."""
     limits = [tokenizer.model_max_length] if 0 < tokenizer.model_max_length < 1e9 else []
     for model in models:
-        if model is not None and getattr(model.config, "max_position_embeddings", None):
+        # None, or negative (XLNet's -1: relative positions, no limit), is no limit.
+        if model is not None and (getattr(model.config, "max_position_embeddings", None) or 0) > 0:
             # RoBERTa-style models number positions from pad_token_id + 1.
             offset = model.config.pad_token_id + 1 if model.config.model_type in ("roberta", "xlm-roberta",
                                                                                  "camembert") else 0
@@ -117,11 +118,14 @@ def label_permutation(id2label, task_labels, source):
     (a head fine-tuned without names) are taken to be in the task's order. Any other mismatch is refused: reading
     a head in the wrong order would silently swap its classes.
     """
-    names = [id2label[key] for key in sorted(id2label, key=int)]
-    task_labels = list(task_labels)
+    names = [str(id2label[key]) for key in sorted(id2label, key=int)]
+    task_labels = [str(label) for label in task_labels]
     if names == task_labels or names == [f"LABEL_{i}" for i in range(len(task_labels))]:
         return None
-    if sorted(names) != sorted(task_labels) or len(set(names)) != len(names):
-        raise UserError(f"{source}: the model's labels ({', '.join(map(str, names))}) are not the task's "
-                        f"({', '.join(map(str, task_labels))}); its head cannot be read in the task's order")
-    return [names.index(label) for label in task_labels]
+    for fold in (str, str.casefold):  # NEGATIVE is negative (the hub's SST-2 models), unless that is ambiguous
+        ours, theirs = [fold(n) for n in names], [fold(n) for n in task_labels]
+        if sorted(ours) == sorted(theirs) and len(set(ours)) == len(ours):
+            perm = [ours.index(label) for label in theirs]
+            return None if perm == list(range(len(perm))) else perm
+    raise UserError(f"{source}: the model's labels ({', '.join(names)}) are not the task's "
+                    f"({', '.join(task_labels)}); its head cannot be read in the task's order")

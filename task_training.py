@@ -211,9 +211,16 @@ def pad_collate(rows, pad_token_id):
 
 
 def forward_inputs(model, batch):
-    """The batch entries this model's forward accepts (DistilBERT takes no token_type_ids, BERT does)."""
-    accepted = inspect.signature(unwrap(model).forward).parameters
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch and k in accepted}
+    """The batch entries this model's forward takes. Batches carry the tokenizer's segment ids (tokenised with
+    return_token_type_ids=True, so a DistilBERT tokenizer's pairs have them too): a BERT teacher gets them, as it
+    was fine-tuned with them; DistilBERT takes none; a model with one segment embedding (RoBERTa:
+    type_vocab_size 1) keeps its default."""
+    model = unwrap(model)
+    accepted = inspect.signature(model.forward).parameters
+    names = ["input_ids", "attention_mask"]
+    if getattr(model.config, "type_vocab_size", None) not in (0, 1):  # XLNet has no such field: it takes them
+        names.append("token_type_ids")
+    return {k: batch[k] for k in names if k in batch and k in accepted}
 
 
 class TaskTrainer:

@@ -137,8 +137,8 @@ def build_table(teacher, students, sizes):
             if t in res:
                 row[t] = {"exact": res[t]["metrics"]["exact"], "f1": res[t]["metrics"]["f1"]}
         if m is not teacher:
-            t_macro = macro(teacher["results"], [t for t in tasks if t in res])
-            s_macro = macro(res, [t for t in tasks if t in teacher["results"]])
+            both = [t for t in tasks if t in res and t in teacher["results"]]  # the tasks both have
+            t_macro, s_macro = macro(teacher["results"], both), macro(res, both)
             row["share_of_teacher"] = s_macro / t_macro if s_macro is not None and t_macro else None
             for t in squad:
                 if t in res and t in teacher["results"]:

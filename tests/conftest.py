@@ -274,3 +274,46 @@ def binarized(tiny):
         run_script("scripts/token_counts.py", "--data_file", data, "--token_counts_dump", counts)
         out[kind] = (data, counts)
     return out
+
+
+def cls_last_tokenizer(vocab_file):
+    """A context-first tokenizer with CLS last, XLNet's layout (`A <sep> B <sep> <cls>`, segment 2 for CLS, padding
+    on the left), on a WordPiece vocabulary: SQuAD windows then put the context first and CLS at their end."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [line.rstrip("\n") for line in open(vocab_file, encoding="utf-8")]
+    backend = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    special = [("[SEP]", vocab.index("[SEP]")), ("[CLS]", vocab.index("[CLS]"))]
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A:0 [SEP]:0 [CLS]:2", pair="$A:0 [SEP]:0 $B:1 [SEP]:1 [CLS]:2", special_tokens=special)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                                   cls_token="[CLS]", mask_token="[MASK]", padding_side="left")
+
+
+@pytest.fixture(scope="session")
+def real_folders(tiny):
+    """Folders laid out as users get them, for the task scripts: `distilbert`, a DistilBERT masked LM saved with a
+    DistilBertTokenizer (transformers' own choice for DistilBERT checkpoints: it returns no token_type_ids), on
+    the tiny BERT's vocabulary; `xlnet`, an XLNet LM (max_position_embeddings -1: no limit) with a context-first,
+    CLS-last tokenizer."""
+    import torch
+    from transformers import (DistilBertConfig, DistilBertForMaskedLM, DistilBertTokenizer, XLNetConfig,
+                              XLNetLMHeadModel)
+
+    torch.manual_seed(0)
+    root = tiny["root"] / "real"
+    vocab_file = os.path.join(tiny["bert"], "vocab.txt")
+    out = {"root": root, "distilbert": root / "distilbert", "xlnet": root / "xlnet"}
+    tok = DistilBertTokenizer(vocab_file, do_lower_case=True)
+    tok.save_pretrained(out["distilbert"])
+    DistilBertForMaskedLM(DistilBertConfig.from_json_file(tiny["distilbert_config"])).save_pretrained(
+        out["distilbert"])
+    tok = cls_last_tokenizer(vocab_file)
+    tok.save_pretrained(out["xlnet"])
+    XLNetLMHeadModel(XLNetConfig(vocab_size=len(tok), d_model=32, n_layer=1, n_head=2, d_inner=37,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(out["xlnet"])
+    return out

@@ -75,3 +75,47 @@ def test_tsv_with_quotes_and_na_text(tmp_path):
     txt.write_text("a\n")
     with pytest.raises(UserError, match="unknown format .txt"):
         load_file(str(txt), "--train_file")
+
+
+def test_text_pair_column_alone_names_the_second_sentence(tmp_path):
+    import argparse
+
+    from glue import text_columns
+
+    path = tmp_path / "pairs.tsv"
+    path.write_text("sentence\tother\tlabel\nfirst words\tsecond words\t1\n")
+    data = load_file(str(path), "--train_file", cache_dir=str(tmp_path / "cache"))
+
+    def columns(text_column=None, text_pair_column=None):
+        args = argparse.Namespace(text_column=text_column, text_pair_column=text_pair_column, label_column="label")
+        return text_columns(data, None, args, "f")
+
+    assert columns() == ("sentence", None)
+    assert columns(text_pair_column="other") == ("sentence", "other")  # was silently a single-sentence task
+    assert columns(text_column="other") == ("other", None)
+    assert columns("other", "sentence") == ("other", "sentence")
+    with pytest.raises(UserError, match="no column 'missing'.*--text_pair_column"):
+        columns(text_pair_column="missing")
+
+
+def test_pairs_tokenised_with_a_distilbert_tokenizer_carry_segment_ids(tiny, real_folders, tmp_path):
+    """The rows a BERT teacher reads have its segment ids even when the student's tokenizer (DistilBERT's) returns
+    none by default: the same ids as the teacher's own tokenizer gives."""
+    import argparse
+
+    from transformers import AutoTokenizer
+
+    from run_glue_w_distillation import tokenize
+
+    path = tmp_path / "mrpc.tsv"
+    path.write_text("sentence1\tsentence2\tlabel\n" + "".join(f"{a}\t{b}\t{i % 2}\n" for i, (a, b) in enumerate(
+        zip(tiny["lines"][1:9], tiny["lines"][11:19]))))
+    data = load_file(str(path), "--train_file", cache_dir=str(tmp_path / "cache"))
+    args = argparse.Namespace(task_name="mrpc", text_column=None, text_pair_column=None, label_column="label",
+                              max_seq_length=32, overwrite_cache=True, threads=1)
+    rows = {}
+    for name, folder in (("student", real_folders["distilbert"]), ("teacher", tiny["bert"])):
+        rows[name] = tokenize(args, AutoTokenizer.from_pretrained(folder), data, get_task("mrpc"), "f")
+    assert rows["student"]["input_ids"] == rows["teacher"]["input_ids"]
+    assert rows["student"]["token_type_ids"] == rows["teacher"]["token_type_ids"]
+    assert all(1 in row for row in rows["student"]["token_type_ids"])

@@ -203,3 +203,67 @@ def test_answer_start_must_match_its_context(tmp_path):
     path.write_text(json.dumps(bad))
     with pytest.raises(UserError, match="question shifted: answer_start 3 does not point at its answer 'mat'"):
         read_squad_examples(str(path), is_training=True)
+
+
+# ------------------------------------------------------------------------------------- real tokenizer layouts
+
+
+def test_a_distilbert_tokenizer_gives_the_segment_ids_a_bert_teacher_was_trained_with(tiny, tokenizer, real_folders):
+    """DistilBERT checkpoints save a DistilBertTokenizer, which returns no token_type_ids by default: the windows
+    must still carry the BERT teacher's segment ids (question 0, context 1), as its own tokenizer makes them."""
+    from transformers import AutoTokenizer
+
+    distil = AutoTokenizer.from_pretrained(real_folders["distilbert"])
+    assert "token_type_ids" not in distil("a question", "a context")  # the layout this test is about
+    examples = examples_from_records(make_records(tiny["lines"], n_contexts=4), "test", is_training=True)
+    ours = squad_features(examples, distil, max_seq_length=40, doc_stride=10, max_query_length=8, is_training=True)
+    teachers = squad_features(examples, tokenizer, max_seq_length=40, doc_stride=10, max_query_length=8,
+                              is_training=True)
+    assert ours["input_ids"] == teachers["input_ids"]
+    assert ours["token_type_ids"] == teachers["token_type_ids"]
+    assert all(1 in row for row in ours["token_type_ids"])
+
+
+def test_windows_of_a_cls_last_tokenizer_point_at_their_own_cls(tiny, real_folders):
+    """XLNet's layout: context first, CLS last. An answer outside a window, and the v2.0 null score, are at that
+    window's CLS token, not at position 0 (a context token there)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(real_folders["xlnet"])
+    examples = examples_from_records(make_records(tiny["lines"], n_contexts=4), "test", is_training=True)
+    train = squad_features(examples, tok, max_seq_length=40, doc_stride=10, max_query_length=8, is_training=True)
+    evals = squad_features(examples, tok, max_seq_length=40, doc_stride=10, max_query_length=8, is_training=False)
+    assert evals["offset_mapping"][0][0] is not None  # position 0 is context with this tokenizer
+    outside = 0
+    for f, ids in enumerate(train["input_ids"]):
+        start, end = train["start_positions"][f], train["end_positions"][f]
+        offsets = evals["offset_mapping"][f]
+        if offsets[start] is None:  # no answer in this window: both ends on the CLS token, the window's last
+            assert ids[start] == ids[end] == tok.cls_token_id and start == end == len(ids) - 1
+            outside += 1
+        else:
+            example = examples[train["example_index"][f]]
+            assert example["context"][offsets[start][0]:offsets[end][1]] == example["answers"]["text"][0]
+    assert outside > 0
+    # v2.0: a high score on CLS (wherever it is) and nowhere else answers nothing.
+    starts = [np.where(np.asarray(ids) == tok.cls_token_id, 50.0, 0.0) for ids in evals["input_ids"]]
+    preds, _, odds = postprocess_predictions(examples, evals, starts, starts, n_best_size=5, max_answer_length=3,
+                                             version_2_with_negative=True)
+    assert set(preds.values()) == {""} and all(v > 0 for v in odds.values())
+
+
+def test_nbest_lists_each_answer_text_once(tiny, tokenizer):
+    """Contexts repeat words ("the", "of"), and windows overlap: many spans read the same. Each text is listed
+    once, at its best score, and the list is still filled to n_best_size with distinct texts."""
+    examples = examples_from_records(make_records(tiny["lines"], n_contexts=4), "test", is_training=False)
+    feats = squad_features(examples, tokenizer, max_seq_length=32, doc_stride=8, max_query_length=8,
+                           is_training=False)
+    rng = np.random.default_rng(2)
+    starts = [rng.normal(size=len(ids)) for ids in feats["input_ids"]]
+    ends = [rng.normal(size=len(ids)) for ids in feats["input_ids"]]
+    preds, nbest, _ = postprocess_predictions(examples, feats, starts, ends, n_best_size=20, max_answer_length=2)
+    for e in examples:
+        texts = [c["text"] for c in nbest[e["id"]]]
+        assert len(texts) == len(set(texts)) == 20 and texts[0] == preds[e["id"]]
+        scores = [c["start_logit"] + c["end_logit"] for c in nbest[e["id"]]]
+        assert scores == sorted(scores, reverse=True)

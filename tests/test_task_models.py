@@ -22,6 +22,8 @@ def test_label_permutation_reads_a_head_in_the_task_order():
 def test_label_permutation_accepts_the_task_order_and_generic_names():
     assert label_permutation(dict(enumerate(TASK)), TASK, "x") is None
     assert label_permutation({0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}, TASK, "x") is None
+    assert label_permutation({0: "Entailment", 1: "NEUTRAL", 2: "contradiction"}, TASK, "x") is None
+    assert label_permutation({0: "NEGATIVE", 1: "POSITIVE"}, ("positive", "negative"), "x") == [1, 0]
 
 
 @pytest.mark.parametrize("id2label", [{0: "yes", 1: "maybe", 2: "no"}, {0: "entailment", 1: "neutral"},
@@ -31,3 +33,26 @@ def test_label_permutation_refuses_names_it_cannot_match(id2label):
     with pytest.raises(UserError, match=r"^--model_name_or_path m: the model's labels \(.*\) are not the task's "
                                         r"\(entailment, neutral, contradiction\)"):
         label_permutation(id2label, TASK, "--model_name_or_path m")
+
+
+def test_clamp_takes_a_negative_position_limit_as_none():
+    """XLNet's relative positions have no limit: its config says max_position_embeddings = -1."""
+    import argparse
+
+    from transformers import BertConfig, BertForQuestionAnswering, XLNetConfig, XLNetForQuestionAnsweringSimple
+
+    from task_models import clamp_max_seq_length
+
+    class Tokenizer:
+        model_max_length = int(1e30)  # a tokenizer saved without a limit
+
+    xlnet = XLNetForQuestionAnsweringSimple(XLNetConfig(vocab_size=50, d_model=16, n_layer=1, n_head=2, d_inner=20))
+    assert xlnet.config.max_position_embeddings == -1
+    args = argparse.Namespace(max_seq_length=384)
+    clamp_max_seq_length(args, Tokenizer(), xlnet, None)
+    assert args.max_seq_length == 384
+    bert = BertForQuestionAnswering(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                               num_attention_heads=2, intermediate_size=20,
+                                               max_position_embeddings=64))
+    clamp_max_seq_length(args, Tokenizer(), xlnet, bert)
+    assert args.max_seq_length == 64

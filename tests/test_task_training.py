@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, expect_error, run_script, run_torchrun
+from conftest import REPO, expect_error, load_script, run_script, run_torchrun
 from losses import (classification_kd_loss, classification_loss, soft_target_kl, span_ce_loss, span_kd_loss,
                     task_distillation_loss)
 from test_squad import make_records
@@ -162,15 +162,25 @@ def squad_teacher(task_data):
 # ------------------------------------------------------------------------------------------------ end to end
 
 
-def test_glue_end_to_end_one_process(task_data):
+GLUE_FAST = ("--learning_rate", "3e-3", "--warmup_steps", "10")
+
+
+@pytest.fixture(scope="module")
+def glue_teacher(task_data):
+    """A BERT teacher fine-tuned on the sentence task by the script (its own tokenizer saved beside it)."""
+    folder = task_data["root"] / "glue_teacher"
+    run_script(*glue_args(task_data, folder, task_data["teacher"], "--num_train_epochs", "8", *GLUE_FAST),
+               env=SCRIPT_ENV)
+    return folder
+
+
+def test_glue_end_to_end_one_process(task_data, glue_teacher):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     d = task_data
-    teacher, student = d["root"] / "glue_teacher", d["root"] / "glue_student"
-    fast = ("--learning_rate", "3e-3", "--warmup_steps", "10")
-    run_script(*glue_args(d, teacher, d["teacher"], "--num_train_epochs", "8", *fast), env=SCRIPT_ENV)
+    teacher, student = glue_teacher, d["root"] / "glue_student"
     run_script(*glue_args(d, student, d["student"], "--teacher_name_or_path", teacher, "--num_train_epochs", "4",
-                          *fast), env=SCRIPT_ENV)
+                          *GLUE_FAST), env=SCRIPT_ENV)
     log = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "loss_task", "loss_ce"} <= set(log[-1]) and log[0]["loss_ce"] > 0
 
@@ -346,3 +356,169 @@ def test_malformed_model_and_data_files_name_their_flag(task_data, tmp_path, cap
     args[flag_at + 1] = str(not_json)
     expect_error(capsys, squad_script.main, args, f"--train_file {not_json}", "not a JSON file")
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------- what users really load
+
+
+def test_forward_inputs_give_segment_ids_to_the_models_that_take_them():
+    from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel
+
+    from task_training import forward_inputs
+
+    ids = torch.randint(5, 50, (2, 6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": (ids > 20).long(),
+             "labels": torch.tensor([0, 1])}
+    small = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20)
+    bert = BertModel(BertConfig(**small))
+    distilbert = DistilBertModel(DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=20))
+    roberta = RobertaModel(RobertaConfig(**small, type_vocab_size=1))  # one segment embedding: segment 1 is no id
+    assert set(forward_inputs(bert, batch)) == {"input_ids", "attention_mask", "token_type_ids"}
+    assert set(forward_inputs(distilbert, batch)) == {"input_ids", "attention_mask"}
+    assert set(forward_inputs(roberta, batch)) == {"input_ids", "attention_mask"}
+    roberta(**forward_inputs(roberta, batch))
+
+
+def test_the_seed_recipe_feeds_the_bert_teacher_its_segment_ids(task_data, squad_teacher, real_folders, tmp_path,
+                                                                  monkeypatch):
+    """--model_type distilbert with a DistilBERT folder as transformers saves it (DistilBertTokenizer, no
+    token_type_ids) and --teacher_type bert: each window reaches the teacher with the segment ids its own
+    tokenizer gives it (question 0, context 1), the inputs it was fine-tuned and is evaluated with."""
+    import functools
+
+    from transformers import AutoTokenizer, BertForQuestionAnswering
+
+    import run_squad_w_distillation as squad_script
+    from squad import read_squad_examples, squad_features
+
+    seen = []
+    original = BertForQuestionAnswering.forward
+
+    @functools.wraps(original)
+    def recording(self, *args, **kwargs):
+        seen.append({k: kwargs.get(k) for k in ("input_ids", "attention_mask", "token_type_ids")})
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(BertForQuestionAnswering, "forward", recording)
+    argv = squad_args(task_data, tmp_path / "out", real_folders["distilbert"], "--model_type", "distilbert",
+                      "--teacher_type", "bert", "--teacher_name_or_path", squad_teacher, "--max_steps", "2")[1:]
+    squad_script.main([str(a) for a in argv if a != "--do_eval"])
+    # The same windows, cut by the teacher's own tokenizer.
+    own = squad_features(read_squad_examples(str(task_data["squad"]), is_training=True),
+                         AutoTokenizer.from_pretrained(squad_teacher), max_seq_length=48, doc_stride=16,
+                         max_query_length=12, is_training=True)
+    expected = {tuple(ids): types for ids, types in zip(own["input_ids"], own["token_type_ids"])}
+    rows = [(ids[:int(mask.sum())].tolist(), types[:int(mask.sum())].tolist()) for batch in seen
+            for ids, mask, types in zip(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])]
+    assert len(rows) == 8  # two steps of 4 windows
+    assert all(expected[tuple(ids)] == types for ids, types in rows)
+
+
+@pytest.fixture(scope="module")
+def permuted_teacher(task_data, glue_teacher):
+    """The fine-tuned GLUE teacher saved with its labels in the other order (label2id and the head's rows swapped
+    together): the very same predictions, by name."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(glue_teacher)
+    with torch.no_grad():
+        model.classifier.weight.copy_(model.classifier.weight.flip(0))
+        model.classifier.bias.copy_(model.classifier.bias.flip(0))
+    names = [model.config.id2label[i] for i in (1, 0)]
+    model.config.id2label, model.config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+    folder = task_data["root"] / "glue_teacher_permuted"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(glue_teacher).save_pretrained(folder)
+    return folder
+
+
+def test_a_classifier_in_its_own_label_order_is_read_by_name(task_data, glue_teacher, permuted_teacher, tmp_path,
+                                                             capsys):
+    import run_glue_w_distillation as glue_script
+
+    d = task_data
+    assert json.loads((permuted_teacher / "config.json").read_text())["id2label"] == {"0": "positive",
+                                                                                      "1": "negative"}
+    config_before = (permuted_teacher / "config.json").read_text()
+
+    def run(out, model, *extra, evaluate=True, train=False):
+        args = [a for a in glue_args(d, out, model, *extra)[1:] if a not in ("--do_train", "--do_eval")]
+        glue_script.main([str(a) for a in args] + ["--do_eval"] * evaluate + ["--do_train"] * train)
+
+    # --do_eval: the same scores as the teacher in the task's order (reading it in place would invert them).
+    run(tmp_path / "eval", permuted_teacher)
+    assert results(tmp_path / "eval")["metrics"] == pytest.approx(results(glue_teacher)["metrics"])
+    assert results(glue_teacher)["metrics"]["accuracy"] > 0.7
+    assert (permuted_teacher / "config.json").read_text() == config_before
+
+    # Distilled from either teacher, the student learns the same thing, step for step.
+    steps = ("--max_steps", "2", "--logging_steps", "1")
+    run(tmp_path / "from_plain", d["student"], "--teacher_name_or_path", glue_teacher, *steps, evaluate=False,
+        train=True)
+    run(tmp_path / "from_permuted", d["student"], "--teacher_name_or_path", permuted_teacher, *steps, evaluate=False,
+        train=True)
+    a, b = weights(tmp_path / "from_plain"), weights(tmp_path / "from_permuted")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+    # Labels that name other classes cannot be read in the task's order: refused, nothing written.
+    renamed = tmp_path / "renamed"
+    shutil.copytree(permuted_teacher, renamed)
+    config = json.loads((renamed / "config.json").read_text())
+    config.update(id2label={"0": "good", "1": "bad"}, label2id={"good": 0, "bad": 1})
+    (renamed / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "refused"
+    expect_error(capsys, glue_script.main,
+                 [a for a in glue_args(d, out, d["student"], "--teacher_name_or_path", renamed)[1:]],
+                 f"--teacher_name_or_path {renamed}: the model's labels (good, bad) are not the task's "
+                 f"(negative, positive)")
+    assert not out.exists()
+
+
+def test_an_xlnet_with_a_cls_last_tokenizer_trains_and_evaluates(task_data, real_folders, tmp_path):
+    """A real XLNet (no position limit, max_position_embeddings -1) with its layout: context first, CLS last."""
+    import run_squad_w_distillation as squad_script
+
+    out = tmp_path / "xlnet"
+    argv = squad_args(task_data, out, real_folders["xlnet"], "--model_type", "xlnet", "--max_steps", "3")[1:]
+    squad_script.main([str(a) for a in argv])
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["XLNetForQuestionAnsweringSimple"]
+    contexts = {r["id"]: r["context"] for r in make_records_from(task_data["squad"])}
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert set(predictions) == set(contexts) and all(p and p in contexts[q] for q, p in predictions.items())
+
+
+def test_the_squad_feature_cache_follows_the_tokenizer_not_its_path(task_data, tmp_path):
+    """Another tokenizer of the same size saved at the same path (two tokens swapped) gets its own windows."""
+    from transformers import AutoTokenizer, BertTokenizer
+
+    import run_squad_w_distillation as squad_script
+
+    args = squad_script.parse_args(["--output_dir", str(tmp_path / "out"), "--model_name_or_path", "m",
+                                    "--cache_dir", str(tmp_path / "cache")])
+    folder = tmp_path / "tokenizer"
+    tok = AutoTokenizer.from_pretrained(task_data["teacher"])
+    tok.save_pretrained(folder)
+    first = squad_script._cache_path(args, AutoTokenizer.from_pretrained(folder), str(task_data["squad"]), False)
+    vocab = sorted(tok.get_vocab(), key=tok.get_vocab().get)
+    vocab[10], vocab[11] = vocab[11], vocab[10]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(tmp_path / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    swapped = AutoTokenizer.from_pretrained(folder)
+    assert len(swapped) == len(tok) and swapped.name_or_path == str(folder)
+    assert squad_script._cache_path(args, swapped, str(task_data["squad"]), False) != first
+
+
+def test_share_of_teacher_is_on_the_tasks_both_have(tmp_path):
+    """A teacher run on more tasks than the student: the share compares the tasks they share."""
+    folders = {}
+    for model, scores in (("T", {"sst2": 80.0, "mrpc": 60.0}), ("S", {"sst2": 72.0})):
+        for task, score in scores.items():
+            folder = tmp_path / f"{model}_{task}"
+            folder.mkdir()
+            (folder / "eval_results.json").write_text(json.dumps({"task": task, "score": score, "metrics": {}}))
+            folders.setdefault(model, []).append(str(folder))
+    load_script("downstream_table").main(["--teacher", "T", *folders["T"], "--student", "S", *folders["S"],
+                                          "--output", str(tmp_path / "table"), "--no_speed"])
+    rows = json.loads((tmp_path / "table.json").read_text())["rows"]
+    assert rows[1]["share_of_teacher"] == pytest.approx(72.0 / 80.0)
+    assert "90% (macro)" in (tmp_path / "table.md").read_text()
