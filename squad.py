@@ -142,7 +142,7 @@ def squad_features(examples, tokenizer, max_seq_length, doc_stride, max_query_le
                 if key in enc:
                     features[key].append(enc[key][w])
             features["example_index"].append(index)
-            cls_index = _cls_index(enc["input_ids"][w], tokenizer)
+            cls_index = _cls_index(enc["input_ids"][w], seq_ids, tokenizer)
             features["cls_index"].append(cls_index)
             if is_training:
                 start, end = _answer_positions(example, offsets, cls_index)
@@ -155,10 +155,10 @@ def squad_features(examples, tokenizer, max_seq_length, doc_stride, max_query_le
     return dict(features)
 
 
-def _cls_index(input_ids, tokenizer):
-    """Position of the CLS token in a window (0 for a tokenizer without one)."""
+def _cls_index(input_ids, sequence_ids, tokenizer):
+    """Position of the CLS token the template added to a window (0 for a tokenizer without one)."""
     cls = tokenizer.cls_token_id
-    return input_ids.index(cls) if cls is not None and cls in input_ids else 0
+    return next((i for i, (t, s) in enumerate(zip(input_ids, sequence_ids)) if t == cls and s is None), 0)
 
 
 def _answer_positions(example, offsets, cls_index):

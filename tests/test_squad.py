@@ -120,13 +120,19 @@ def test_best_spans_never_invalid():
             assert score == pytest.approx(start[s] + end[e])
 
 
-def test_postprocess_answers_are_context_slices_and_v2_threshold(tiny, tokenizer):
+def windows_with_random_logits(tiny, tokenizer, seed):
+    """(examples, evaluation windows, start logits, end logits) of four contexts, logits drawn with `seed`."""
     examples = examples_from_records(make_records(tiny["lines"], n_contexts=4), "test", is_training=False)
     feats = squad_features(examples, tokenizer, max_seq_length=32, doc_stride=8, max_query_length=8,
                            is_training=False)
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     starts = [rng.normal(size=len(ids)) for ids in feats["input_ids"]]
     ends = [rng.normal(size=len(ids)) for ids in feats["input_ids"]]
+    return examples, feats, starts, ends
+
+
+def test_postprocess_answers_are_context_slices_and_v2_threshold(tiny, tokenizer):
+    examples, feats, starts, ends = windows_with_random_logits(tiny, tokenizer, seed=1)
     preds, nbest, null_odds = postprocess_predictions(examples, feats, starts, ends, n_best_size=5,
                                                       max_answer_length=3)
     assert null_odds == {}
@@ -255,12 +261,7 @@ def test_windows_of_a_cls_last_tokenizer_point_at_their_own_cls(tiny, real_folde
 def test_nbest_lists_each_answer_text_once(tiny, tokenizer):
     """Contexts repeat words ("the", "of"), and windows overlap: many spans read the same. Each text is listed
     once, at its best score, and the list is still filled to n_best_size with distinct texts."""
-    examples = examples_from_records(make_records(tiny["lines"], n_contexts=4), "test", is_training=False)
-    feats = squad_features(examples, tokenizer, max_seq_length=32, doc_stride=8, max_query_length=8,
-                           is_training=False)
-    rng = np.random.default_rng(2)
-    starts = [rng.normal(size=len(ids)) for ids in feats["input_ids"]]
-    ends = [rng.normal(size=len(ids)) for ids in feats["input_ids"]]
+    examples, feats, starts, ends = windows_with_random_logits(tiny, tokenizer, seed=2)
     preds, nbest, _ = postprocess_predictions(examples, feats, starts, ends, n_best_size=20, max_answer_length=2)
     for e in examples:
         texts = [c["text"] for c in nbest[e["id"]]]
