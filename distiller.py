@@ -27,12 +27,12 @@ from divergences import DEFAULT_JSD_BETA, DEFAULT_KD_LOSS
 from grouped_batch_sampler import training_batch_sampler
 from losses import IGNORE_INDEX, distillation_losses
 from masking import prepare_batch_clm, prepare_batch_mlm
-from models import RowLogitsLM, TeacherLM
+from models import ENCODER, RowLogitsLM, TeacherLM
 from sharding import Fsdp
 from utils import append_jsonl, logger, set_seed
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-LOSS_NAMES = ("ce", "mlm", "clm", "mse", "cos")
+LOSS_NAMES = ("ce", "mlm", "clm", "mse", "cos", "hidden")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,13 +40,16 @@ class DistillationConfig:
     """Everything the loop reads, with train.py's defaults (its flags of the same names fill it in)."""
     dump_path: str
     mlm: bool  # MLM (masked tokens) or CLM (next token) as the LM loss and the batch preparation
-    student_type: str = "distilbert"  # only checked on resume
+    student_type: str = "distilbert"  # checked on resume; "encoder": bare encoders, unmasked bidirectional batches
     temperature: float = 2.0
     alpha_ce: float = 0.5
     alpha_mlm: float = 0.0
     alpha_clm: float = 0.5
     alpha_mse: float = 0.0
     alpha_cos: float = 0.0
+    alpha_hidden: float = 0.0
+    hidden_layer_map: tuple = ()  # ((student block, teacher block), ...) for alpha_hidden, 0-based
+    hidden_loss: str = "cos"  # "cos" or "mse", see losses.hidden_layer_loss
     restrict_ce_to_mask: bool = False
     kd_loss: str = DEFAULT_KD_LOSS  # the divergence of the ce term (divergences.py)
     jsd_beta: float = DEFAULT_JSD_BETA
@@ -119,7 +122,9 @@ class Distiller:
         self.masking = masking
         self.temperature = config.temperature
         self.alpha = config.alpha
-        if self.mlm and masking is None:
+        # Bare encoders (no LM head) learn on hidden states alone, from unmasked text: see prepare_batch_plain.
+        self.bare = config.student_type == ENCODER
+        if self.mlm and masking is None and not self.bare:
             raise ValueError("an MLM run needs its masking (masking.MlmMasking)")
 
         self.epoch = 0
@@ -199,12 +204,16 @@ class Distiller:
         self.hidden_projection = None
         s_dim = self.student.config.hidden_size
         t_dim = self.teacher.config.hidden_size if self.teacher is not None else s_dim
-        if self.alpha["cos"] > 0 and s_dim != t_dim:  # train.py refuses this without --hidden_projection
+        hidden_losses = self.alpha["cos"] > 0 or self.alpha["hidden"] > 0
+        if hidden_losses and s_dim != t_dim:  # train.py refuses this without --hidden_projection
             self.hidden_projection = torch.nn.Linear(s_dim, t_dim, bias=False).to(self.device)
-            logger.info("Cosine loss through a learned %d -> %d projection (not part of the exported student).",
-                        s_dim, t_dim)
-        self.student_lm = RowLogitsLM(self.student, self.hidden_projection)
-        self.teacher_lm = TeacherLM(self.teacher) if self.teacher is not None else None
+            logger.info("Hidden-state losses through a learned %d -> %d projection (not part of the exported "
+                        "student).", s_dim, t_dim)
+        pairs = self.config.hidden_layer_map if self.alpha["hidden"] > 0 else ()
+        self.student_lm = RowLogitsLM(self.student, self.hidden_projection, blocks=[s for s, _ in pairs],
+                                      bare=self.bare)
+        self.teacher_lm = (TeacherLM(self.teacher, blocks=[t for _, t in pairs], bare=self.bare)
+                           if self.teacher is not None else None)
 
     def _setup_fsdp(self):
         """Under config.fsdp, shard the student (the RowLogitsLM wrapper is the root) and the teacher."""
@@ -257,6 +266,23 @@ class Distiller:
         """A DataLoader batch -> a masking.Batch on the device for next-token prediction."""
         return prepare_batch_clm(token_ids, lengths, self.device)
 
+    def prepare_batch_plain(self, token_ids, lengths):
+        """A DataLoader batch -> a masking.Batch on the device, the text as it is (bare encoders).
+
+        Not masked: with no MLM loss, corrupting the input would only teach the student the teacher's view
+        of [MASK]-riddled text, which no downstream use (tasks, sentence embeddings) ever shows it. The
+        batch is the CLM one (ids unchanged, attention mask, non-padding rows); _forward gives the encoders
+        the attention mask."""
+        return prepare_batch_clm(token_ids, lengths, self.device)
+
+    def prepare_batch(self, token_ids, lengths):
+        """The batch preparation of this run: plain (bare encoders), MLM or CLM."""
+        if self.bare:
+            return self.prepare_batch_plain(token_ids, lengths)
+        if self.mlm:
+            return self.prepare_batch_mlm(token_ids, lengths)
+        return self.prepare_batch_clm(token_ids, lengths)
+
     # -- training ---------------------------------------------------------------------------------------
 
     def train(self):
@@ -281,8 +307,7 @@ class Distiller:
                 bar = tqdm(self.dataloader, desc=f"-Iter epoch {self.epoch}", disable=not self.is_master,
                            mininterval=5, initial=self.n_iter, total=len(self.dataloader))
                 for token_ids, lengths in bar:
-                    prepare = self.prepare_batch_mlm if self.mlm else self.prepare_batch_clm
-                    self.step(*prepare(token_ids, lengths))
+                    self.step(*self.prepare_batch(token_ids, lengths))
                     self.n_sequences_epoch += token_ids.size(0)
                     self.iter(bar)
                     if self._at_boundary and self.after_optimizer_step():
@@ -314,7 +339,7 @@ class Distiller:
         CLM needs no attention mask: padding is on the right, so causal attention never sees it. Neither does
         a batch without padding (known on the host), which also lets SDPA pick its fastest kernel.
         """
-        mask = attn_mask if (self.mlm and padded) else None
+        mask = attn_mask if ((self.mlm or self.bare) and padded) else None
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             s_out = self.model(token_ids, mask, rows)
             t_out = None
@@ -326,11 +351,13 @@ class Distiller:
     def compute_losses(self, s_out, t_out, attn_mask, lm_labels, rows):
         """{name: scalar tensor} for every loss with a positive weight (losses.distillation_losses), from the
         (row logits, last hidden states) of student and teacher."""
-        (s_logits, s_hidden), (t_logits, t_hidden) = s_out, (t_out or (None, None))
+        (s_logits, s_hidden, *s_layers), (t_logits, t_hidden, *t_layers) = s_out, (t_out or (None, None))
         return distillation_losses(s_logits, t_logits, s_hidden, t_hidden, attn_mask, lm_labels, rows,
                                    alpha=self.alpha, temperature=self.temperature, mlm=self.mlm,
                                    restrict_ce_to_mask=self.config.restrict_ce_to_mask,
-                                   kd_loss=self.config.kd_loss, jsd_beta=self.config.jsd_beta)
+                                   kd_loss=self.config.kd_loss, jsd_beta=self.config.jsd_beta,
+                                   s_layers=s_layers[0] if s_layers else None,
+                                   t_layers=t_layers[0] if t_layers else None, hidden_loss=self.config.hidden_loss)
 
     def step(self, input_ids, attention_mask, lm_labels, rows=None, padded=True):
         """One forward/backward on a batch; the optimizer steps every gradient_accumulation_steps batches.
@@ -352,6 +379,8 @@ class Distiller:
             del s_out, t_out  # the logits are not needed by backward: free them before it runs
             # "logits" already holds alpha_ce * ce + alpha_mse * mse + alpha_lm * lm (and their gradient)
             loss = losses.pop("logits", 0.0) + self.alpha["cos"] * losses.get("cos", 0.0)
+            if "hidden" in losses:
+                loss = loss + self.alpha["hidden"] * losses["hidden"]
             losses["total"] = loss.detach()
             for name, value in losses.items():
                 total, count = self._running.get(name, (0.0, 0))

@@ -1,12 +1,14 @@
 """The loss maths of distillation, as plain functions of tensors (no model, no loop).
 
-The pretraining objective is a weighted sum of five terms (weights --alpha_*):
-    ce   KL(teacher || student) of the temperature-softened next-token distributions, times T^2 (or another
-         divergence, --kd_loss: divergences.py)
-    mlm  cross-entropy of the student on the masked tokens (masked language modelling)
-    clm  cross-entropy of the student on the next token (causal language modelling)
-    mse  squared error between student and teacher logits, summed over the vocabulary
-    cos  1 - cosine similarity between student and teacher last hidden states
+The pretraining objective is a weighted sum of six terms (weights --alpha_*):
+    ce      KL(teacher || student) of the temperature-softened next-token distributions, times T^2 (or another
+            divergence, --kd_loss: divergences.py)
+    mlm     cross-entropy of the student on the masked tokens (masked language modelling)
+    clm     cross-entropy of the student on the next token (causal language modelling)
+    mse     squared error between student and teacher logits, summed over the vocabulary
+    cos     1 - cosine similarity between student and teacher last hidden states
+    hidden  student block outputs against chosen teacher block outputs (1 - cosine, or squared error),
+            averaged over the pairs (--hidden_layer_map)
 Every term is an average over the positions it covers, so batch shape does not change its scale.
 
 The three logit terms share one formula, `logit_losses_chunk`, applied to a chunk of rows at a time:
@@ -206,19 +208,36 @@ def cosine_loss(s_hidden, t_hidden, mask):
     return torch.where(mask, 1.0 - cos, 0.0).sum() / weight.sum().clamp(min=1)
 
 
+def hidden_layer_loss(s_layers, t_layers, mask, kind="cos"):
+    """The mean over layer pairs of a per-position distance between student and teacher hidden states,
+    averaged over the positions where mask (bs, seq) is true: 1 - cosine (kind "cos"), or the squared error
+    averaged over the hidden dimension (kind "mse"). s_layers, t_layers: sequences of (bs, seq, dim)."""
+    total = 0.0
+    for s, t in zip(s_layers, t_layers, strict=True):
+        if kind == "cos":
+            total = total + cosine_loss(s, t, mask)
+        else:
+            sq = (s.float() - t.float()).pow(2).mean(-1)  # (bs, seq)
+            total = total + torch.where(mask, sq, 0.0).sum() / mask.sum().clamp(min=1)
+    return total / len(s_layers)
+
+
 def distillation_losses(s_logits, t_logits, s_hidden, t_hidden, attn_mask, lm_labels, rows, *, alpha, temperature,
-                        mlm, restrict_ce_to_mask=False, kd_loss=DEFAULT_KD_LOSS, jsd_beta=DEFAULT_JSD_BETA):
+                        mlm, restrict_ce_to_mask=False, kd_loss=DEFAULT_KD_LOSS, jsd_beta=DEFAULT_JSD_BETA,
+                        s_layers=None, t_layers=None, hidden_loss="cos"):
     """The losses of one training step: {name: scalar} for every term with a positive weight in `alpha`
-    ({'ce', 'mlm', 'clm', 'mse', 'cos'}), plus 'logits', the fused alpha_ce * ce + alpha_mse * mse +
-    alpha_lm * lm that carries the gradient of those three (the named ones are detached, for logging).
-    The step's loss is losses['logits'] + alpha['cos'] * losses['cos'].
+    ({'ce', 'mlm', 'clm', 'mse', 'cos', and optionally 'hidden'}), plus 'logits' when a logit or LM term
+    is on: the fused alpha_ce * ce + alpha_mse * mse + alpha_lm * lm that carries the gradient of those
+    three (the named ones are detached, for logging). The step's loss is losses['logits'] + alpha['cos'] *
+    losses['cos'] + alpha['hidden'] * losses['hidden'], each present term.
 
     s_logits, t_logits: (n, vocab) logits at the flat positions `rows` (n,) of the (bs, seq) batch, where a
     loss reads them (t_logits None without a teacher); s_hidden, t_hidden: (bs, seq, dim) last hidden states;
     attn_mask: (bs, seq) bool; lm_labels: (bs, seq) MLM labels (IGNORE_INDEX where nothing is predicted), or
     for CLM the token ids themselves (IGNORE_INDEX on padding): position i predicts token i + 1.
     With restrict_ce_to_mask (MLM), ce and mse cover only the rows that carry a label. kd_loss, jsd_beta: the
-    divergence ce is (divergences.py).
+    divergence ce is (divergences.py). s_layers, t_layers: the paired block outputs for 'hidden'
+    (hidden_layer_loss of kind hidden_loss).
     """
     losses = {}
     lm_name = "mlm" if alpha["mlm"] > 0 else "clm" if alpha["clm"] > 0 else None
@@ -239,6 +258,8 @@ def distillation_losses(s_logits, t_logits, s_hidden, t_hidden, attn_mask, lm_la
             losses[lm_name] = lm
     if alpha["cos"] > 0:
         losses["cos"] = cosine_loss(s_hidden, t_hidden, attn_mask)
+    if alpha.get("hidden", 0) > 0:
+        losses["hidden"] = hidden_layer_loss(s_layers, t_layers, attn_mask, hidden_loss)
     return {k: v for k, v in losses.items() if k == "logits" or alpha[k] > 0}
 
 

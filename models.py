@@ -21,6 +21,8 @@ MODEL_CLASSES = {
 
 
 AUTO = "auto"  # any Hugging Face masked LM (with --mlm) or causal LM, through the Auto classes
+# any model AutoModel loads, without an LM head (e.g. a sentence-embedding encoder): hidden-state losses only
+ENCODER = "encoder"
 
 
 def model_classes(model_type, mlm=True):
@@ -30,6 +32,8 @@ def model_classes(model_type, mlm=True):
     if model_type == AUTO:
         model_class = transformers.AutoModelForMaskedLM if mlm else transformers.AutoModelForCausalLM
         return transformers.AutoConfig, model_class, transformers.AutoTokenizer
+    if model_type == ENCODER:
+        return transformers.AutoConfig, transformers.AutoModel, transformers.AutoTokenizer
     return tuple(getattr(transformers, name) for name in MODEL_CLASSES[model_type])
 
 
@@ -110,7 +114,7 @@ def build_student(student_type, config_path, *, mlm, pretrained_weights=None, in
         student = load_pretrained(lambda: model_class.from_pretrained(pretrained_weights, config=config),
                                   "--student_pretrained_weights", pretrained_weights, f"a {student_type} model")
     else:
-        student = model_class.from_config(config) if student_type == AUTO else model_class(config)
+        student = model_class.from_config(config) if student_type in (AUTO, ENCODER) else model_class(config)
         if pretrained_weights:
             logger.info("Loading student weights from %s", pretrained_weights)
             load_student_weights(student, pretrained_weights)
@@ -153,10 +157,16 @@ def load_teacher(teacher_type, name, mlm=True, flag="--teacher_name", dtype=None
     kwargs = {"dtype": dtype} if dtype is not None else {}
     teacher, info = load_pretrained(lambda: model_class.from_pretrained(name, output_loading_info=True, **kwargs),
                                     flag, name, f"a {teacher_type} model")
-    if info.get("missing_keys"):
+    missing = info.get("missing_keys") or []
+    if teacher_type == ENCODER:
+        # A pooler is a head too: AutoModel builds BERT's, an MLM checkpoint has none, and the hidden states
+        # the losses read never go through it.
+        missing = [key for key in missing if not key.startswith("pooler.")]
+    if missing:
         # e.g. a checkpoint without its LM head: a randomly initialised head would be a useless teacher
-        raise UserError(f"{flag} {name}: the checkpoint lacks {len(info['missing_keys'])} weights of "
-                        f"{model_class.__name__} (e.g. {sorted(info['missing_keys'])[0]})")
+        hint = "" if teacher_type == ENCODER else "; a model without an LM head distils with --teacher_type encoder"
+        raise UserError(f"{flag} {name}: the checkpoint lacks {len(missing)} weights of "
+                        f"{model_class.__name__} (e.g. {sorted(missing)[0]}){hint}")
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
@@ -190,27 +200,34 @@ def split_lm_head(model):
 
 
 def _is_plain_bidirectional(model):
-    from transformers import BertForMaskedLM, DistilBertForMaskedLM, RobertaForMaskedLM
+    from transformers import (BertForMaskedLM, BertModel, DistilBertForMaskedLM, DistilBertModel, RobertaForMaskedLM,
+                              RobertaModel)
 
-    return isinstance(model, (BertForMaskedLM, DistilBertForMaskedLM, RobertaForMaskedLM))
+    return isinstance(model, (BertForMaskedLM, DistilBertForMaskedLM, RobertaForMaskedLM, BertModel, DistilBertModel,
+                              RobertaModel))
 
 
 class RowLogitsLM(torch.nn.Module):
     """Wraps a LM: forward returns (logits at the selected flat rows (n, vocab), last hidden states).
 
     DDP wraps this module (not the bare model) so gradient hooks see the forward that really runs.
-    Models whose head cannot be split run whole and their logits are selected afterwards.
+    Models whose head cannot be split run whole and their logits are selected afterwards; a bare encoder
+    (bare=True) has no head and gives no logits.
     """
 
-    def __init__(self, model, hidden_projection=None):
+    def __init__(self, model, hidden_projection=None, blocks=None, bare=False):
         super().__init__()
         self.model = model
-        self.hidden_projection = hidden_projection  # student dim -> teacher dim, for the cosine loss
-        self._split = (split_lm_head(model),)  # a tuple: not registered twice as submodules
+        self.hidden_projection = hidden_projection  # student dim -> teacher dim, for the hidden-state losses
+        self.blocks = tuple(blocks) if blocks else None  # whose outputs the intermediate-layer loss reads
+        self._bare = bare  # a model without an LM head (--*_type encoder): no logits to compute
+        self._split = (None if self._bare else split_lm_head(model),)  # a tuple: not registered twice as submodules
         self._prepare_mask = _is_plain_bidirectional(model)
 
     def forward(self, input_ids, attention_mask, rows=None):
-        """(logits at rows, last hidden states); without rows, the wrapped model's own forward and output.
+        """(logits at rows, last hidden states), plus the outputs of `blocks` (a tuple of (bs, seq, dim)) when
+        the wrapper was given some; logits are None for a bare encoder. Without rows, the wrapped model's own
+        forward and output.
 
         The second form is how the held-out evaluation runs a model sharded with FSDP (sharding.py): the
         wrapper is the root of the sharded model, so the model must be called through it.
@@ -220,16 +237,26 @@ class RowLogitsLM(torch.nn.Module):
         split = self._split[0]
         if attention_mask is not None and self._prepare_mask:
             attention_mask = self.prepared_attention_mask(attention_mask)
-        if split is None:
+        layers = None
+        all_states = {"output_hidden_states": True} if self.blocks else {}
+        if self._bare:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **all_states)
+            logits, hidden = None, out.last_hidden_state
+        elif split is None:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
             logits, hidden = out.logits.flatten(0, 1)[rows], out.hidden_states[-1]
         else:
             base, head, kwargs = split
-            hidden = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state  # (bs, seq, dim)
+            out = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs, **all_states)
+            hidden = out.last_hidden_state  # (bs, seq, dim)
             logits = head(hidden.flatten(0, 1)[rows])  # (n, vocab)
+        if self.blocks:
+            layers = tuple(out.hidden_states[block + 1] for block in self.blocks)  # [0] is the embeddings' output
         if self.hidden_projection is not None:
             hidden = self.hidden_projection(hidden)  # (bs, seq, teacher dim)
-        return logits, hidden
+            if layers is not None:
+                layers = tuple(self.hidden_projection(layer) for layer in layers)
+        return (logits, hidden) if layers is None else (logits, hidden, layers)
 
     def prepared_attention_mask(self, attention_mask):
         """The 4D mask the encoder would build from the 2D one, built without checking for padding first.

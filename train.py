@@ -31,7 +31,7 @@ from divergences import add_kd_loss_arguments, check_kd_loss_args
 from evaluation import evaluate
 from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset, load_token_counts
 from masking import MlmMasking, smoothed_token_probs
-from models import AUTO, build_student, framing_token_ids, load_teacher, load_tokenizer, max_input_size
+from models import AUTO, ENCODER, build_student, framing_token_ids, load_teacher, load_tokenizer, max_input_size
 from sharding import teacher_dtype, use_fsdp
 from utils import (UserError, cleanup_distributed, fail, git_info, init_distributed, logger, set_seed,
                    special_token_ids, user_input, write_json_atomic)
@@ -46,15 +46,19 @@ def parse_args(argv=None):
     parser.add_argument("--dump_path", type=str, required=True, help="The output directory (log, checkpoints, parameters, etc.)")
     parser.add_argument("--data_file", type=str, required=True,
                         help="The binarized file (tokenized + tokens_to_ids) grouped by sequence.")
-    parser.add_argument("--student_type", type=str, choices=["distilbert", "roberta", "gpt2", "bert", AUTO],
+    parser.add_argument("--student_type", type=str, choices=["distilbert", "roberta", "gpt2", "bert", AUTO, ENCODER],
                         required=True, help="The student type (DistilBERT, RoBERTa, GPT-2; BERT for a teacher-free "
-                                            "BERT; auto: any masked (--mlm) or causal LM config).")
+                                            "BERT; auto: any masked (--mlm) or causal LM config; encoder: any "
+                                            "model AutoModel builds, without an LM head, trained on hidden-state "
+                                            "losses alone from unmasked text, with --teacher_type encoder).")
     parser.add_argument("--student_config", type=str, required=True, help="Path to the student configuration.")
     parser.add_argument("--student_pretrained_weights", default=None, type=str,
                         help="Load student initialization checkpoint: a state-dict file or a model folder.")
-    parser.add_argument("--teacher_type", choices=["bert", "roberta", "gpt2", AUTO], default=None,
+    parser.add_argument("--teacher_type", choices=["bert", "roberta", "gpt2", AUTO, ENCODER], default=None,
                         help="Teacher type (BERT, RoBERTa, GPT-2, or auto: any model AutoModelForMaskedLM (with "
-                             "--mlm) or AutoModelForCausalLM loads). Required unless training without a teacher.")
+                             "--mlm) or AutoModelForCausalLM loads; encoder: any model AutoModel loads, e.g. a "
+                             "sentence-embedding encoder without an LM head). Required unless training without a "
+                             "teacher.")
     parser.add_argument("--teacher_name", type=str, default=None,
                         help="The teacher model: a hub name or a local folder. Required unless training without "
                              "a teacher (--alpha_ce, --alpha_mse and --alpha_cos all 0).")
@@ -70,6 +74,15 @@ def parse_args(argv=None):
     parser.add_argument("--alpha_cos", default=0.0, type=float,
                         help="Linear weight of the cosine embedding loss. Must be >=0.")
     add_kd_loss_arguments(parser.add_argument)
+    parser.add_argument("--alpha_hidden", default=0.0, type=float,
+                        help="Linear weight of the intermediate-layer loss: student block outputs against the "
+                             "teacher block outputs --hidden_layer_map names (mean over the pairs). Must be >=0.")
+    parser.add_argument("--hidden_layer_map", type=str, default=None,
+                        help="Student block -> teacher block pairs for --alpha_hidden, 0-based, comma-separated: "
+                             "e.g. 0:0,1:3,2:5 for a student extracted from teacher layers 0,3,5.")
+    parser.add_argument("--hidden_loss", choices=["cos", "mse"], default="cos",
+                        help="Distance of the intermediate-layer loss: 1 - cosine, or the squared error averaged "
+                             "over the hidden dimension (TinyBERT's).")
 
     parser.add_argument("--mlm", action="store_true",
                         help="The LM step: MLM or CLM. If `mlm` is True, the MLM is used over CLM.")
@@ -152,23 +165,71 @@ def parse_args(argv=None):
 
 def needs_teacher(args):
     """The teacher is only loaded when a loss reads its outputs; otherwise this is plain MLM/CLM training."""
-    return args.alpha_ce > 0 or args.alpha_mse > 0 or args.alpha_cos > 0
+    return args.alpha_ce > 0 or args.alpha_mse > 0 or args.alpha_cos > 0 or args.alpha_hidden > 0
+
+
+def encoder_mode(args):
+    """Bare encoders (--student_type / --teacher_type encoder): hidden-state losses only, on unmasked text."""
+    return ENCODER in (args.student_type, args.teacher_type)
+
+
+def bidirectional(args):
+    """Whether sequences are framed and attended as an encoder's ([CLS] ... [SEP], attention mask)."""
+    return args.mlm or encoder_mode(args)
+
+
+def parse_layer_map(text):
+    """--hidden_layer_map "0:0,1:3,2:5" -> ((0, 0), (1, 3), (2, 5)); None -> (). Ranges are checked against
+    the models in check_compatibility."""
+    if text is None:
+        return ()
+    pairs = []
+    for item in text.split(","):
+        student, sep, teacher = item.strip().partition(":")
+        if not (sep and student.strip().isdigit() and teacher.strip().isdigit()):
+            raise UserError(f"--hidden_layer_map {text}: expected student:teacher block pairs such as 0:0,1:3,2:5, "
+                            f"got {item.strip()!r}")
+        pairs.append((int(student), int(teacher)))
+    students = [student for student, _ in pairs]
+    for block in students:
+        if students.count(block) > 1:
+            raise UserError(f"--hidden_layer_map {text}: student block {block} is mapped twice")
+    return tuple(pairs)
+
+
+def check_encoder_flags(args):
+    """Bare encoders have no LM head: only the hidden-state losses apply, and nothing reads LM outputs."""
+    if args.student_type != ENCODER or args.teacher_type != ENCODER:
+        raise UserError(f"--student_type encoder and --teacher_type encoder go together (got --student_type "
+                        f"{args.student_type} --teacher_type {args.teacher_type})")
+    on = [f"--alpha_{name} {getattr(args, f'alpha_{name}')}" for name in ("ce", "mse", "mlm", "clm")
+          if getattr(args, f"alpha_{name}") != 0]
+    if on:
+        raise UserError(f"encoders have no LM head and learn from hidden states alone (--alpha_cos, --alpha_hidden): "
+                        f"set {', '.join(on)} to 0")
+    if args.eval_data_file is not None:
+        raise UserError("--eval_data_file measures LM losses, which encoders without an LM head do not have")
+    if args.fsdp:
+        raise UserError("--fsdp is not supported with --student_type encoder yet (a small encoder fits one "
+                        "device: use DDP)")
 
 
 def sanity_checks(args):
     """Checks that need only the flags. Raises UserError naming the flag."""
     if needs_teacher(args):
         if args.teacher_type is None or args.teacher_name is None:
-            raise UserError("--teacher_type and --teacher_name are required when --alpha_ce, --alpha_mse or "
-                            "--alpha_cos is > 0")
+            raise UserError("--teacher_type and --teacher_name are required when --alpha_ce, --alpha_mse, "
+                            "--alpha_cos or --alpha_hidden is > 0")
     else:
         if args.teacher_type is None:  # only used to pick the tokenizer class
             args.teacher_type = "bert" if args.student_type == "distilbert" else args.student_type
         if args.tokenizer_name is None and args.teacher_name is None:
             raise UserError("without a teacher (--alpha_ce, --alpha_mse and --alpha_cos all 0), --tokenizer_name "
                             "must name the tokenizer")
-    auto = AUTO in (args.student_type, args.teacher_type)
-    if args.mlm:
+    auto = AUTO in (args.student_type, args.teacher_type) or encoder_mode(args)
+    if encoder_mode(args):
+        check_encoder_flags(args)  # no LM loss, hence no masking, no token counts
+    elif args.mlm:
         if args.token_counts is None:
             raise UserError("--mlm needs --token_counts (the output of scripts/token_counts.py)")
         if not auto and (args.student_type not in ("roberta", "distilbert", "bert")
@@ -190,13 +251,19 @@ def sanity_checks(args):
         raise UserError(f"--student_config {args.student_config}: no such file")
     if args.student_pretrained_weights is not None and not os.path.exists(args.student_pretrained_weights):
         raise UserError(f"--student_pretrained_weights {args.student_pretrained_weights}: no such file or folder")
-    if args.freeze_token_type_embds and args.student_type not in ("roberta", AUTO):
-        raise UserError("--freeze_token_type_embds only applies to --student_type roberta (or auto)")
-    for name in ("ce", "mlm", "clm", "mse", "cos"):
+    if args.freeze_token_type_embds and args.student_type not in ("roberta", AUTO, ENCODER):
+        raise UserError("--freeze_token_type_embds only applies to --student_type roberta (or auto, encoder)")
+    for name in ("ce", "mlm", "clm", "mse", "cos", "hidden"):
         if getattr(args, f"alpha_{name}") < 0:
             raise UserError(f"--alpha_{name} must be >= 0")
-    if args.alpha_ce + args.alpha_mlm + args.alpha_clm + args.alpha_mse + args.alpha_cos <= 0:
-        raise UserError("at least one of --alpha_ce/--alpha_mlm/--alpha_clm/--alpha_mse/--alpha_cos must be > 0")
+    if args.alpha_ce + args.alpha_mlm + args.alpha_clm + args.alpha_mse + args.alpha_cos + args.alpha_hidden <= 0:
+        raise UserError("at least one of --alpha_ce/--alpha_mlm/--alpha_clm/--alpha_mse/--alpha_cos/--alpha_hidden "
+                        "must be > 0")
+    if args.alpha_hidden > 0 and args.hidden_layer_map is None:
+        raise UserError("--alpha_hidden needs --hidden_layer_map (which teacher block each student block learns from)")
+    if args.hidden_layer_map is not None and args.alpha_hidden == 0:
+        raise UserError("--hidden_layer_map is only used with --alpha_hidden > 0")
+    parse_layer_map(args.hidden_layer_map)
     if args.temperature <= 0:
         raise UserError("--temperature must be > 0")
     kd_error = check_kd_loss_args(args.kd_loss, args.jsd_beta)
@@ -287,12 +354,15 @@ def check_compatibility(args, student, teacher, tokenizer, corpus, counts, speci
     if s_vocab != t_vocab:
         raise UserError(f"student vocabulary ({s_vocab} tokens, --student_config {args.student_config}) differs from "
                         f"the teacher's ({t_vocab} tokens, --teacher_name {args.teacher_name})")
-    if args.alpha_cos > 0:
+    if args.alpha_cos > 0 or args.alpha_hidden > 0:
         s_dim, t_dim = student.config.hidden_size, teacher.config.hidden_size
         if s_dim != t_dim and not args.hidden_projection:
-            raise UserError(f"--alpha_cos needs equal hidden sizes: student {s_dim} (--student_config "
+            flag = "--alpha_cos" if args.alpha_cos > 0 else "--alpha_hidden"
+            raise UserError(f"{flag} needs equal hidden sizes: student {s_dim} (--student_config "
                             f"{args.student_config}) vs teacher {t_dim} (--teacher_name {args.teacher_name}); "
                             "add --hidden_projection to learn a projection between them")
+    if args.alpha_hidden > 0:
+        check_layer_map(args.hidden_layer_map, student.config, teacher.config)
     if corpus.max_token_id >= t_vocab:
         raise UserError(f"--data_file {corpus.path}: token id {corpus.max_token_id} is outside the teacher's "
                         f"vocabulary of {t_vocab}; was it binarized with another tokenizer?")
@@ -303,11 +373,29 @@ def check_compatibility(args, student, teacher, tokenizer, corpus, counts, speci
     if counts is not None and len(counts) not in (t_vocab, len(tokenizer)):
         raise UserError(f"--token_counts {args.token_counts} holds counts for {len(counts)} ids; the vocabulary "
                         f"has {t_vocab}")
-    needed = ("cls_token", "sep_token", "pad_token", "mask_token") if args.mlm else ("bos_token", "eos_token")
+    if encoder_mode(args):
+        needed, purpose = ("cls_token", "sep_token", "pad_token"), "an encoder's sequences"
+    elif args.mlm:
+        needed, purpose = ("cls_token", "sep_token", "pad_token", "mask_token"), "MLM"
+    else:
+        needed, purpose = ("bos_token", "eos_token"), "CLM"
     missing = [n for n in needed if n not in special_tok_ids]
     if missing:
         raise UserError(f"--teacher_name {args.teacher_name}: its tokenizer lacks {', '.join(missing)}, needed for "
-                        f"{'MLM' if args.mlm else 'CLM'}")
+                        f"{purpose}")
+
+
+def check_layer_map(text, s_config, t_config):
+    """Every block --hidden_layer_map names exists in its model."""
+    for (side, config), blocks in zip((("student", s_config), ("teacher", t_config)),
+                                      zip(*parse_layer_map(text))):
+        n = getattr(config.get_text_config(), "num_hidden_layers", None)
+        if not isinstance(n, int):
+            raise UserError(f"--hidden_layer_map: cannot tell how many blocks the {side} ({config.model_type}) has")
+        for block in blocks:
+            if block >= n:
+                raise UserError(f"--hidden_layer_map {text}: the {side} has no block {block} (it has {n}: 0 to "
+                                f"{n - 1})")
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -384,14 +472,15 @@ def main(argv=None):
 
     tokenizer = build_tokenizer(args)
     teacher = build_teacher(args)
-    special_tok_ids = framing_token_ids(special_token_ids(tokenizer), args.mlm)
+    special_tok_ids = framing_token_ids(special_token_ids(tokenizer), bidirectional(args))
     max_len = max_input_size(teacher.config if teacher is not None else None, tokenizer)
 
     logger.info("Loading data from %s", args.data_file)
     with user_input("--data_file"):
         corpus = BinarizedCorpus.open(args.data_file)
     counts = None
-    if args.mlm:
+    masked = args.mlm and not encoder_mode(args)  # encoders learn from unmasked text (Distiller.prepare_batch_plain)
+    if masked:
         with user_input("--token_counts"):
             counts = load_token_counts(args.token_counts)
 
@@ -403,13 +492,13 @@ def main(argv=None):
     max_len = min(max_len, max_input_size(student.config))
     check_compatibility(args, student, teacher, tokenizer, corpus, counts, special_tok_ids)
 
-    dataset = LmSeqsDataset(corpus, special_tok_ids=special_tok_ids, mlm=args.mlm, max_len=max_len)
+    dataset = LmSeqsDataset(corpus, special_tok_ids=special_tok_ids, mlm=bidirectional(args), max_len=max_len)
     if len(dataset) == 0:
         raise UserError(f"--data_file {corpus.path}: no training sequence left after filtering (sequences need "
                         "at least 12 tokens)")
     evaluator = build_evaluator(args, ctx, student, teacher, tokenizer, special_tok_ids, max_len)
     masking = None
-    if args.mlm:
+    if masked:
         counts = np.pad(counts, (0, max(0, student.config.vocab_size - len(counts))))
         token_probs = smoothed_token_probs(counts, special_tok_ids.values(), args.mlm_smoothing)
         masking = MlmMasking(token_probs=token_probs.to(ctx.device), mask_prop=args.mlm_mask_prop,
@@ -427,7 +516,8 @@ def main(argv=None):
     # Different masking and dropout on each rank; the models were already initialised identically above.
     set_seed(args.seed + ctx.global_rank)
 
-    config = DistillationConfig.from_args(args, max_model_input_size=max_len)
+    config = DistillationConfig.from_args(args, max_model_input_size=max_len, mlm=bidirectional(args),
+                                          hidden_layer_map=parse_layer_map(args.hidden_layer_map))
     distiller = Distiller(config, ctx, dataset, student, teacher, masking=masking, tokenizer=tokenizer,
                           evaluator=evaluator)
     if resume_state is not None:
