@@ -48,7 +48,7 @@ class DistillationConfig:
     alpha_mse: float = 0.0
     alpha_cos: float = 0.0
     alpha_hidden: float = 0.0
-    hidden_layer_map: tuple = ()  # ((student block, teacher block), ...) for alpha_hidden, 0-based
+    hidden_layer_map: tuple = None  # ((student block, teacher block), ...) for alpha_hidden, 0-based
     hidden_loss: str = "cos"  # "cos" or "mse", see losses.hidden_layer_loss
     restrict_ce_to_mask: bool = False
     kd_loss: str = DEFAULT_KD_LOSS  # the divergence of the ce term (divergences.py)
@@ -209,7 +209,7 @@ class Distiller:
             self.hidden_projection = torch.nn.Linear(s_dim, t_dim, bias=False).to(self.device)
             logger.info("Hidden-state losses through a learned %d -> %d projection (not part of the exported "
                         "student).", s_dim, t_dim)
-        pairs = self.config.hidden_layer_map if self.alpha["hidden"] > 0 else ()
+        pairs = (self.config.hidden_layer_map or ()) if self.alpha["hidden"] > 0 else ()
         self.student_lm = RowLogitsLM(self.student, self.hidden_projection, blocks=[s for s, _ in pairs],
                                       bare=self.bare)
         self.teacher_lm = (TeacherLM(self.teacher, blocks=[t for _, t in pairs], bare=self.bare)
