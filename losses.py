@@ -342,6 +342,25 @@ def classification_kd_loss(s_logits, t_logits, temperature, kd_loss=DEFAULT_KD_L
     return soft_target_divergence(s_logits, t_logits, temperature, kd_loss=kd_loss, jsd_beta=jsd_beta)
 
 
+def token_ce_loss(logits, labels, ignore_index=-100):
+    """Cross-entropy per scored token, averaged over the scored tokens of the batch (what transformers'
+    *ForTokenClassification compute). logits (bs, seq_len, n_labels); labels (bs, seq_len), ignore_index where
+    a position is not scored (a word's later sub-tokens, special tokens, padding)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index)
+
+
+def token_kd_loss(s_logits, t_logits, labels, temperature, ignore_index=-100):
+    """T^2 * KL(teacher_T || student_T) on the label distribution of each scored token, averaged over the
+    scored tokens. Logits (bs, seq_len, n_labels) in the same label order; labels (bs, seq_len) only say which
+    positions are scored. No scored token: 0."""
+    scored = (labels != ignore_index).unsqueeze(-1)  # (bs, seq_len, 1)
+    # Unscored positions get the teacher's own logits: their divergence is 0 and so is their gradient, so the
+    # mean over all positions, rescaled, is the mean over the scored ones, with no host sync to count them.
+    s = torch.where(scored, s_logits.float(), t_logits.float())  # (bs, seq_len, n_labels)
+    n_all, n_scored = scored[..., 0].numel(), scored.sum().clamp(min=1)
+    return soft_target_kl(s.flatten(0, 1), t_logits.float().flatten(0, 1), temperature) * (n_all / n_scored)
+
+
 def task_distillation_loss(task_loss, kd_loss, alpha_task, alpha_ce):
     """alpha_task * task + alpha_ce * kd; the task loss alone, unweighted, when there is no teacher (kd None)."""
     if kd_loss is None:

@@ -21,11 +21,12 @@ def _cache(args):
     return args.cache_dir or None
 
 
-def load_tokenizer(args):
+def load_tokenizer(args, **kwargs):
+    """The run's tokenizer (--tokenizer_name, else the student's); kwargs go to from_pretrained."""
     name = args.tokenizer_name or args.model_name_or_path
     flag = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
-    tokenizer = load_pretrained(lambda: AutoTokenizer.from_pretrained(name, cache_dir=_cache(args)), flag, name,
-                                "a tokenizer")
+    tokenizer = load_pretrained(lambda: AutoTokenizer.from_pretrained(name, cache_dir=_cache(args), **kwargs), flag,
+                                name, "a tokenizer")
     if tokenizer.pad_token_id is None:
         raise UserError(f"the tokenizer of {name} has no padding token")
     return tokenizer

@@ -195,15 +195,16 @@ class TokenizedSet(torch.utils.data.Dataset):
 def pad_collate(rows, pad_token_id):
     """List of feature dicts -> dict of tensors; token lists padded to the longest row of the batch.
 
-    Lists are input_ids (padded with pad_token_id), attention_mask and token_type_ids (padded with 0);
-    scalars (labels, positions, indices) become one tensor each.
+    Lists are input_ids (padded with pad_token_id), per-token labels (padded with -100, which no loss reads),
+    attention_mask and token_type_ids (padded with 0); scalars (labels, positions, indices) become one tensor
+    each.
     """
     batch = {}
     for key in rows[0]:
         values = [row[key] for row in rows]
         if isinstance(values[0], (list, tuple)):
             longest = max(len(v) for v in values)
-            pad = pad_token_id if key == "input_ids" else 0
+            pad = pad_token_id if key == "input_ids" else -100 if key == "labels" else 0
             batch[key] = torch.tensor([list(v) + [pad] * (longest - len(v)) for v in values])  # (bs, seq_len)
         else:
             batch[key] = torch.tensor(values)  # (bs,)
