@@ -63,7 +63,8 @@ def parse_args(argv=None):
     add("--labels", default=None,
         help="The label list: comma-separated, or a file with one label per line (default: the training file's "
              "tags; evaluating alone: the model's). Needed when the evaluation file has tags training lacks.")
-    add("--dataset_name", default=None, help="Hub data set instead of the files (e.g. eriktks/conll2003).")
+    add("--dataset_name", default=None,
+        help="Hub data set instead of the files (e.g. eriktks/conll2003), or a folder saved with save_to_disk.")
     add("--dataset_config_name", default=None, help="Configuration of the hub data set.")
     add("--eval_split", default="validation", help="Hub split to evaluate on.")
     add("--dataset_tokens_column", default="tokens", help="Hub data set column holding each sentence's words.")
@@ -93,10 +94,17 @@ def load_data(args, evaluate):
     flag, path = ("--validation_file", args.validation_file) if evaluate else ("--train_file", args.train_file)
     if path is not None:
         return read_column_file(path, flag, args.data_format, args.tag_column, args.token_column)
-    from datasets import load_dataset
+    from datasets import load_dataset, load_from_disk
 
     split = args.eval_split if evaluate else "train"
-    dataset = load_dataset(args.dataset_name, args.dataset_config_name, split=split, cache_dir=args.cache_dir or None)
+    if os.path.isfile(os.path.join(args.dataset_name, "dataset_dict.json")):  # a DatasetDict saved with save_to_disk
+        splits = load_from_disk(args.dataset_name)
+        if split not in splits:
+            raise UserError(f"--dataset_name {args.dataset_name}: no split {split!r} (splits: {', '.join(splits)})")
+        dataset = splits[split]
+    else:
+        dataset = load_dataset(args.dataset_name, args.dataset_config_name, split=split,
+                               cache_dir=args.cache_dir or None)
     return hub_sentences(dataset, f"--dataset_name {args.dataset_name} ({split})", args.dataset_tokens_column,
                          args.dataset_tags_column)
 

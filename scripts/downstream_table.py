@@ -7,13 +7,14 @@
         --student "DistilBERT, fine-tuned alone" runs/alone_cola runs/alone_sst2 runs/alone_squad
 
 Each folder is the --output_dir of a run_glue_w_distillation.py / run_squad_w_distillation.py evaluation (its
-eval_results.json). Prints the markdown table and writes OUTPUT.md and OUTPUT.json. The macro score is the
-mean of the classification / regression task scores a model has (each task's score is the mean of its GLUE
-metrics), with and without WNLI when WNLI is there; SQuAD (EM / F1) is its own column, outside the macro, as
-in the README. "share" is a student's macro score over the teacher's on the same tasks (and F1 over F1 for
-SQuAD). Parameters count the encoder without its task head; speed is forward passes of the encoder on one
-fixed batch of random tokens (--speed_batch_size x --speed_seq_len), median of --speed_rounds rounds, all
-models interleaved so that machine load affects them alike.
+eval_results.json; run_ner_w_distillation.py's too). Prints the markdown table and writes OUTPUT.md and
+OUTPUT.json. The macro score is the mean of the classification / regression task scores a model has (each
+task's score is the mean of its GLUE metrics), with and without WNLI when WNLI is there; SQuAD (EM / F1) and
+each NER task (entity F1, named by its --task_name) are their own columns, outside the macro, as in the README.
+"share" is a student's macro score over the teacher's on the same tasks (and F1 over F1 for SQuAD and NER).
+Parameters count the encoder without its task head; speed is forward passes of the encoder on one fixed batch
+of random tokens (--speed_batch_size x --speed_seq_len), median of --speed_rounds rounds, all models
+interleaved so that machine load affects them alike.
 """
 import argparse
 import json
@@ -72,11 +73,13 @@ def read_model(spec, role):
 
 
 def task_order(models):
+    """(classification / regression tasks: GLUE order then tasks of your own, SQuAD tasks, NER tasks)."""
     tasks = {t for m in models for t in m["results"]}
+    ner = sorted({t for m in models for t, r in m["results"].items() if r.get("task_type") == "ner"})
     glue = [t for t in GLUE_ORDER if t in tasks]
     squad = [t for t in SQUAD_TASKS if t in tasks]
-    own = sorted(tasks - set(glue) - set(squad))
-    return glue + own, squad
+    own = sorted(tasks - set(glue) - set(squad) - set(ner))
+    return glue + own, squad, ner
 
 
 def macro(results, tasks):
@@ -121,7 +124,7 @@ def encoder_size_and_speed(models, args):
 def build_table(teacher, students, sizes):
     """Rows (dicts) for the teacher then each student; shares against the teacher on the same tasks."""
     models = [teacher] + students
-    tasks, squad = task_order(models)
+    tasks, squad, ner = task_order(models)
     no_wnli = [t for t in tasks if t != "wnli"]
     rows = []
     t_speed = (sizes.get(teacher["name"]) or [None, None])[1]
@@ -131,11 +134,14 @@ def build_table(teacher, students, sizes):
         row = {"model": m["name"], "parameters": params, "inference_seq_per_s": speed,
                "speedup": speed / t_speed if speed and t_speed else None,
                "scores": {t: res[t]["score"] for t in tasks if t in res},
-               "metrics": {t: res[t]["metrics"] for t in tasks + squad if t in res},
+               "metrics": {t: res[t]["metrics"] for t in tasks + squad + ner if t in res},
                "macro": macro(res, tasks), "macro_without_wnli": macro(res, no_wnli) if "wnli" in tasks else None}
         for t in squad:
             if t in res:
                 row[t] = {"exact": res[t]["metrics"]["exact"], "f1": res[t]["metrics"]["f1"]}
+        for t in ner:
+            if t in res:
+                row[t] = {"f1": res[t]["score"]}  # entity F1, in percent
         if m is not teacher:
             both = [t for t in tasks if t in res and t in teacher["results"]]  # the tasks both have
             t_macro, s_macro = macro(teacher["results"], both), macro(res, both)
@@ -143,8 +149,11 @@ def build_table(teacher, students, sizes):
             for t in squad:
                 if t in res and t in teacher["results"]:
                     row[f"{t}_share_of_teacher"] = res[t]["metrics"]["f1"] / teacher["results"][t]["metrics"]["f1"]
+            for t in ner:
+                if t in res and t in teacher["results"] and teacher["results"][t]["score"]:
+                    row[f"{t}_share_of_teacher"] = res[t]["score"] / teacher["results"][t]["score"]
         rows.append(row)
-    return {"tasks": tasks, "squad_tasks": squad, "teacher": teacher["name"], "rows": rows}
+    return {"tasks": tasks, "squad_tasks": squad, "ner_tasks": ner, "teacher": teacher["name"], "rows": rows}
 
 
 def _display(task):
@@ -157,26 +166,31 @@ def _f(value, spec, suffix=""):
 
 
 def markdown(table):
-    tasks, squad = table["tasks"], table["squad_tasks"]
+    tasks, squad, ner = table["tasks"], table["squad_tasks"], table["ner_tasks"]
     has_wnli = "wnli" in tasks
     timed = any(row["inference_seq_per_s"] for row in table["rows"])  # not with --no_speed
-    head = ["Model", "Parameters"] + (["Inference seq/s", "Speed-up"] if timed else []) + ["Macro-score"]
+    head = ["Model", "Parameters"] + (["Inference seq/s", "Speed-up"] if timed else [])
+    head += ["Macro-score"] if tasks else []
     head += ["Macro w/o WNLI"] if has_wnli else []
     head += [_display(t) for t in tasks] + [f"{'SQuAD v2.0' if t == 'squad_v2' else 'SQuAD'} EM/F1" for t in squad]
+    head += [f"{'NER' if t == 'ner' else t} entity F1" for t in ner]
     head += ["Share of teacher"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|"]
     for row in table["rows"]:
         cells = [row["model"], _f(row["parameters"], ",d")]
         cells += [_f(row["inference_seq_per_s"], ".1f"), _f(row["speedup"], ".2f", "x")] if timed else []
-        cells += [_f(row["macro"], ".1f")]
+        cells += [_f(row["macro"], ".1f")] if tasks else []
         cells += [_f(row["macro_without_wnli"], ".1f")] if has_wnli else []
         cells += [_f(row["scores"].get(t), ".1f") for t in tasks]
         cells += [f"{row[t]['exact']:.1f}/{row[t]['f1']:.1f}" if t in row else "-" for t in squad]
+        cells += [f"{row[t]['f1']:.1f}" if t in row else "-" for t in ner]
         shares = []
         if "share_of_teacher" in row and row["share_of_teacher"] is not None:
             shares.append(f"{100 * row['share_of_teacher']:.0f}% (macro)")
         shares += [f"{100 * row[f'{t}_share_of_teacher']:.0f}% (SQuAD F1)"
                    for t in squad if f"{t}_share_of_teacher" in row]
+        shares += [f"{100 * row[f'{t}_share_of_teacher']:.0f}% ({'NER' if t == 'ner' else t} F1)"
+                   for t in ner if f"{t}_share_of_teacher" in row]
         cells.append(", ".join(shares) if shares else "-" if "share_of_teacher" in row else "(teacher)")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -18,19 +18,10 @@ mkdir -p "$OUT"
 STUDENT=$OUT/minilm-3l
 COMMON="--do_train --do_eval --overwrite_output_dir --save_steps 0 --logging_steps 50 --seed 42"
 
-# The package's model has no MLM head, which extract.py requires; the student is built with the same library
-# code as `extract.py --model_type auto` (layer list found, config sliced, blocks checked), from the bare encoder.
+# The package's model has no MLM head, which extract.py requires: scripts/minilm_student.py builds the student
+# with the same library code as `extract.py --model_type auto`, from the bare encoder.
 if [ ! -f "$STUDENT/config.json" ]; then
-  $PY - "$MINILM" "$STUDENT" <<'PYEOF'
-import sys
-sys.path.insert(0, ".")
-from transformers import AutoModel, AutoTokenizer
-from extraction_auto import build_auto_student
-teacher = AutoModel.from_pretrained(sys.argv[1])
-student, _ = build_auto_student(teacher, [0, 3, 5])
-student.save_pretrained(sys.argv[2])
-AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])
-PYEOF
+  $PY scripts/minilm_student.py "$MINILM" "$STUDENT"
 fi
 
 squad() {  # name model [teacher]
