@@ -342,23 +342,27 @@ def classification_kd_loss(s_logits, t_logits, temperature, kd_loss=DEFAULT_KD_L
     return soft_target_divergence(s_logits, t_logits, temperature, kd_loss=kd_loss, jsd_beta=jsd_beta)
 
 
-def token_ce_loss(logits, labels, ignore_index=-100):
+def token_ce_loss(logits, labels, ignore_index=IGNORE_INDEX):
     """Cross-entropy per scored token, averaged over the scored tokens of the batch (what transformers'
     *ForTokenClassification compute). logits (bs, seq_len, n_labels); labels (bs, seq_len), ignore_index where
     a position is not scored (a word's later sub-tokens, special tokens, padding)."""
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index)
 
 
-def token_kd_loss(s_logits, t_logits, labels, temperature, ignore_index=-100):
-    """T^2 * KL(teacher_T || student_T) on the label distribution of each scored token, averaged over the
-    scored tokens. Logits (bs, seq_len, n_labels) in the same label order; labels (bs, seq_len) only say which
-    positions are scored. No scored token: 0."""
+def token_kd_loss(s_logits, t_logits, labels, temperature, kd_loss=DEFAULT_KD_LOSS, jsd_beta=DEFAULT_JSD_BETA,
+                  ignore_index=IGNORE_INDEX):
+    """T^2 * KL(teacher_T || student_T) (or kd_loss's divergence) on the label distribution of each scored
+    token, averaged over the scored tokens. Logits (bs, seq_len, n_labels) in the same label order; labels
+    (bs, seq_len) only say which positions are scored. No scored token: 0."""
     scored = (labels != ignore_index).unsqueeze(-1)  # (bs, seq_len, 1)
-    # Unscored positions get the teacher's own logits: their divergence is 0 and so is their gradient, so the
-    # mean over all positions, rescaled, is the mean over the scored ones, with no host sync to count them.
+    # Unscored positions get the teacher's own logits: every divergence is 0 there and torch.where passes them
+    # no gradient, so the mean over all positions, rescaled, is the mean over the scored ones, with no host
+    # synchronisation to count or gather them.
     s = torch.where(scored, s_logits.float(), t_logits.float())  # (bs, seq_len, n_labels)
     n_all, n_scored = scored[..., 0].numel(), scored.sum().clamp(min=1)
-    return soft_target_kl(s.flatten(0, 1), t_logits.float().flatten(0, 1), temperature) * (n_all / n_scored)
+    divergence = soft_target_divergence(s.flatten(0, 1), t_logits.float().flatten(0, 1), temperature,
+                                        kd_loss=kd_loss, jsd_beta=jsd_beta)
+    return divergence * (n_all / n_scored)
 
 
 def task_distillation_loss(task_loss, kd_loss, alpha_task, alpha_ce):

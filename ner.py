@@ -24,9 +24,9 @@ import dataclasses
 import os
 from typing import List
 
+from losses import IGNORE_INDEX
 from utils import UserError
 
-IGNORE = -100  # the label of positions no loss or metric reads (cross_entropy's default ignore_index)
 DOCSTART = "-DOCSTART-"
 FORMATS = ("auto", "conll", "germeval")
 
@@ -258,7 +258,7 @@ def sentence_windows(tokenizer, sentences, tag_ids, max_seq_length):
         for word in encoded.word_ids(r):
             first = word is not None and word not in seen
             seen.add(word)
-            labels.append((tag_ids[index][start + word] if tag_ids is not None else 0) if first else IGNORE)
+            labels.append((tag_ids[index][start + word] if tag_ids is not None else 0) if first else IGNORE_INDEX)
         if len(seen - {None}) != len(chunks[r]):
             raise RuntimeError(f"window {r}: {len(chunks[r])} words, {len(seen - {None})} of them tokenised")
         rows["labels"].append(labels)
@@ -273,7 +273,7 @@ def word_predictions(rows, row_logits, n_sentences, labels):
     out = [[] for _ in range(n_sentences)]
     order = sorted(range(len(row_logits)), key=lambda r: (rows["sentence"][r], rows["first_word"][r]))
     for r in order:
-        scored = [i for i, label in enumerate(rows["labels"][r]) if label != IGNORE]
+        scored = [i for i, label in enumerate(rows["labels"][r]) if label != IGNORE_INDEX]
         sentence = out[rows["sentence"][r]]
         if len(sentence) != rows["first_word"][r]:  # windows follow each other word by word: a gap is a bug
             raise RuntimeError(f"window {r} starts at word {rows['first_word'][r]}, {len(sentence)} words done")

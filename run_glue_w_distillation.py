@@ -32,7 +32,7 @@ from glue import (GLUE_TASKS, Task, get_task, glue_metrics, infer_custom_task, l
                   load_hub_split, task_score, text_columns)
 from losses import classification_kd_loss, classification_loss, task_distillation_loss  # noqa: E402
 from task_evaluation import predict, write_eval_results  # noqa: E402
-from task_models import (clamp_max_seq_length, label_permutation, load_config, load_student,  # noqa: E402
+from task_models import (clamp_max_seq_length, in_task_order, label_permutation, load_config, load_student,  # noqa: E402
                          load_teacher, load_tokenizer)
 from task_training import (TokenizedSet, add_training_arguments, check_training_args, start_run,  # noqa: E402
                            task_main, train_and_evaluate)
@@ -128,11 +128,6 @@ def label_order(model, task, source):
     if task.is_regression or not task.label_names:
         return None
     return label_permutation(unwrap(model).config.id2label, task.label_names, source)
-
-
-def in_task_order(logits, perm):
-    """(..., num_labels) logits of a model, in the task's label order."""
-    return logits if perm is None else logits[..., perm]
 
 
 def student_label_overrides(config, task):

@@ -35,11 +35,11 @@ from ner import (FORMATS, check_tags, hub_sentences, label_list, parse_labels, r
                  sentence_windows, word_predictions, write_predictions)
 from ner_metrics import ner_scores  # noqa: E402
 from task_evaluation import predict, write_eval_results  # noqa: E402
-from task_models import (clamp_max_seq_length, label_permutation, load_config, load_student, load_teacher,  # noqa: E402
-                         load_tokenizer)
+from task_models import (clamp_max_seq_length, in_task_order, label_permutation, load_config, load_student,  # noqa: E402
+                         load_teacher, load_tokenizer)
 from task_training import (TokenizedSet, add_training_arguments, check_training_args, start_run,  # noqa: E402
                            subsample, task_main, train_and_evaluate)
-from utils import UserError, logger  # noqa: E402
+from utils import UserError, logger, unwrap  # noqa: E402
 
 COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "labels")
 
@@ -140,18 +140,14 @@ def features(args, tokenizer, data, labels):
 # ---------------------------------------------------------------------------------------------------- loss
 
 
-def in_task_order(logits, perm):
-    """A model's logits (..., n_labels) in the task's label order (perm from task_models.label_permutation)."""
-    return logits if perm is None else logits[..., perm]
-
-
 def make_loss_fn(args, student_perm, teacher_perm):
     def loss_fn(student_out, teacher_out, batch):
         logits = in_task_order(student_out.logits, student_perm)  # (bs, seq_len, n_labels)
         task = token_ce_loss(logits, batch["labels"])
         if teacher_out is None:
             return task, {"loss_task": task}
-        kd = token_kd_loss(logits, in_task_order(teacher_out.logits, teacher_perm), batch["labels"], args.temperature)
+        kd = token_kd_loss(logits, in_task_order(teacher_out.logits, teacher_perm), batch["labels"], args.temperature,
+                           args.kd_loss, args.jsd_beta)
         return task_distillation_loss(task, kd, args.alpha_task, args.alpha_ce), {"loss_task": task, "loss_ce": kd}
     return loss_fn
 
@@ -159,7 +155,7 @@ def make_loss_fn(args, student_perm, teacher_perm):
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate(args, model, tokenizer, ctx, eval_data, labels, perm, out_folder, model_path=None):
+def evaluate(args, model, tokenizer, ctx, eval_data, labels, out_folder, model_path=None):
     """Entity scores of `model`; the master writes eval_results.json and predictions.txt to out_folder. Collective."""
     data, dataset, rows = eval_data
     amp = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
@@ -167,6 +163,7 @@ def evaluate(args, model, tokenizer, ctx, eval_data, labels, perm, out_folder, m
                      amp_dtype=amp, per_position=True)["logits"]
     if not ctx.is_master:
         return None
+    perm = label_permutation(unwrap(model).config.id2label, labels, model_path or args.model_name_or_path)
     logits = [in_task_order(np.asarray(row), perm) for row in logits]  # (length, n_labels) each
     predicted = word_predictions(rows, logits, len(data.sentences), labels)
     scores = ner_scores([s.tags for s in data.sentences], predicted)
@@ -232,8 +229,8 @@ def run(args):
 
     train_and_evaluate(args, ctx, student, teacher, train_set, make_loss_fn(args, student_perm, teacher_perm),
                        tokenizer,
-                       lambda model, folder, path: evaluate(args, model, tokenizer, ctx, evaluation, labels,
-                                                            student_perm, folder, path),
+                       lambda model, folder, path: evaluate(args, model, tokenizer, ctx, evaluation, labels, folder,
+                                                            path),
                        AutoModelForTokenClassification, resume_from, **overrides)
     return ctx
 

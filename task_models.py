@@ -130,3 +130,8 @@ def label_permutation(id2label, task_labels, source):
             return None if perm == list(range(len(perm))) else perm
     raise UserError(f"{source}: the model's labels ({', '.join(names)}) are not the task's "
                     f"({', '.join(task_labels)}); its head cannot be read in the task's order")
+
+
+def in_task_order(logits, perm):
+    """(..., num_labels) logits of a model, in the task's label order (perm: label_permutation's answer)."""
+    return logits if perm is None else logits[..., perm]

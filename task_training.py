@@ -1,4 +1,4 @@
-"""The fine-tuning loop shared by run_squad_w_distillation.py and run_glue_w_distillation.py.
+"""The fine-tuning loop the task scripts share: run_squad_, run_glue_ and run_ner_w_distillation.py.
 
     trainer = TaskTrainer(args, ctx, student, teacher, train_set, loss_fn, tokenizer)
     trainer.train(on_log=evaluate)      # returns the number of optimizer steps
@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from checkpointing import rng_state, save_atomic, set_rng_state
 from divergences import add_kd_loss_arguments, check_kd_loss_args
 from grouped_batch_sampler import training_batch_sampler
+from losses import IGNORE_INDEX
 from task_models import load_student
 from utils import (UserError, append_jsonl, cleanup_distributed, fail, init_distributed, logger, set_seed, unwrap,
                    write_json_atomic)
@@ -204,7 +205,7 @@ def pad_collate(rows, pad_token_id):
         values = [row[key] for row in rows]
         if isinstance(values[0], (list, tuple)):
             longest = max(len(v) for v in values)
-            pad = pad_token_id if key == "input_ids" else -100 if key == "labels" else 0
+            pad = pad_token_id if key == "input_ids" else IGNORE_INDEX if key == "labels" else 0
             batch[key] = torch.tensor([list(v) + [pad] * (longest - len(v)) for v in values])  # (bs, seq_len)
         else:
             batch[key] = torch.tensor(values)  # (bs,)

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, expect_error, load_script, run_script, run_torchrun
-from losses import soft_target_kl, token_ce_loss, token_kd_loss
-from ner import (IGNORE, check_tags, label_list, read_column_file, sentence_windows, word_predictions,
+from conftest import expect_error, load_script, run_script, run_torchrun
+from losses import IGNORE_INDEX as IGNORE, soft_target_divergence, token_ce_loss, token_kd_loss
+from ner import (check_tags, label_list, read_column_file, sentence_windows, word_predictions,
                  write_predictions)
 from ner_metrics import entity_spans, ner_scores
 from utils import UserError
@@ -200,7 +200,9 @@ def test_token_losses_match_the_model_and_average_over_scored_tokens():
     kd = token_kd_loss(out.logits, teacher, labels, 2.0)
     assert kd == pytest.approx(float(by_hand / n * 4.0), rel=1e-5)
     scored = labels != IGNORE
-    assert kd == pytest.approx(float(soft_target_kl(out.logits[scored], teacher[scored], 2.0)), rel=1e-5)
+    for kind in ("forward_kl", "jsd", "tvd"):  # --kd_loss: the shared divergence, on the scored tokens only
+        assert token_kd_loss(out.logits, teacher, labels, 2.0, kind) == pytest.approx(
+            float(soft_target_divergence(out.logits[scored], teacher[scored], 2.0, kd_loss=kind)), rel=1e-5)
     assert token_kd_loss(out.logits, teacher, torch.full_like(labels, IGNORE), 2.0) == 0.0
 
 
