@@ -161,8 +161,8 @@ def hub_sentences(dataset, source, tokens_column="tokens", tags_column="ner_tags
         for tag in tags:
             check_tag(tag, f"{source}: row {row}")
         if words:
-            sentences.append(Sentence(list(words), list(tags), [row] * len(words), [[w, t] for w, t in zip(words, tags)],
-                                      []))
+            fields = [[word, tag] for word, tag in zip(words, tags)]
+            sentences.append(Sentence(list(words), list(tags), [row] * len(words), fields, []))
     if not sentences:
         raise UserError(f"{source}: no sentences")
     return ColumnFile(source, sentences, 1, "\t")

@@ -35,8 +35,8 @@ from ner import (FORMATS, check_tags, hub_sentences, label_list, parse_labels, r
                  sentence_windows, word_predictions, write_predictions)
 from ner_metrics import ner_scores  # noqa: E402
 from task_evaluation import predict, write_eval_results  # noqa: E402
-from task_models import (clamp_max_seq_length, in_task_order, label_permutation, load_config, load_student,  # noqa: E402
-                         load_teacher, load_tokenizer)
+from task_models import (clamp_max_seq_length, in_task_order, label_permutation, load_config,  # noqa: E402
+                         load_student, load_teacher, load_tokenizer)
 from task_training import (TokenizedSet, add_training_arguments, check_training_args, start_run,  # noqa: E402
                            subsample, task_main, train_and_evaluate)
 from utils import UserError, logger, unwrap  # noqa: E402
@@ -59,7 +59,8 @@ def parse_args(argv=None):
              "`#` comment lines; auto: germeval for a file that opens with a `#` line and a 4-column line 1.")
     add("--tag_column", default=None, type=int,
         help="Column of the tags, counted from 1 (default: the last; GermEval: 3, the outer tags; 4 for nested).")
-    add("--token_column", default=None, type=int, help="Column of the tokens, counted from 1 (default: 1; GermEval: 2).")
+    add("--token_column", default=None, type=int,
+        help="Column of the tokens, counted from 1 (default: 1; GermEval: 2).")
     add("--labels", default=None,
         help="The label list: comma-separated, or a file with one label per line (default: the training file's "
              "tags; evaluating alone: the model's). Needed when the evaluation file has tags training lacks.")
@@ -186,7 +187,7 @@ def evaluate(args, model, tokenizer, ctx, eval_data, labels, out_folder, model_p
 
 def run(args):
     check_args(args)
-    # Inputs are read and checked before start_run writes anything.
+    # The data first: a bad line is reported before models load (nothing is written until train_and_evaluate).
     train_data = load_data(args, evaluate=False) if args.do_train else None
     eval_data = load_data(args, evaluate=True) if args.do_eval or args.evaluate_during_training else None
     ctx, resume_from = start_run(args, [args.train_file, args.validation_file])
@@ -206,7 +207,8 @@ def run(args):
     # gets a new head in the task's order.
     overrides, student_perm = {}, None
     if has_tagging_head(student_config):
-        student_perm = label_permutation(student_config.id2label, labels, f"--model_name_or_path {args.model_name_or_path}")
+        student_perm = label_permutation(student_config.id2label, labels,
+                                         f"--model_name_or_path {args.model_name_or_path}")
     else:
         overrides = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                      "label2id": {label: i for i, label in enumerate(labels)}}

@@ -293,13 +293,15 @@ def word_by_word(folder, data):
     return out
 
 
+DISTILL = ("--num_train_epochs", "3", "--save_steps", "20")
+
+
 @pytest.fixture(scope="module")
 def distilled(ner_data):
     """The student task-distilled from the teacher in one process, with a checkpoint every 20 steps."""
     d = ner_data
     student = d["root"] / "student_distilled"
-    run_script(*ner_args(d, student, d["student"], "--teacher_name_or_path", d["teacher"], "--num_train_epochs", "3",
-                         "--save_steps", "20"), env=SCRIPT_ENV)
+    run_script(*ner_args(d, student, d["student"], "--teacher_name_or_path", d["teacher"], *DISTILL), env=SCRIPT_ENV)
     return student
 
 
@@ -331,7 +333,7 @@ def test_end_to_end_one_process_with_a_teacher_and_the_table(ner_data, distilled
     assert "NER entity F1" in md and f"{100 * share:.0f}% (NER F1)" in md and "Macro" not in md
 
 
-def test_teacher_in_another_label_order_teaches_the_same(ner_data, tmp_path):
+def test_teacher_in_another_label_order_teaches_the_same(ner_data, distilled, tmp_path):
     """A teacher whose head lists the labels in another order (its config says which) gives the student the very
     same weights: its logits are read by label name. Evaluated alone, it scores as before."""
     from transformers import AutoModelForTokenClassification, AutoTokenizer
@@ -349,17 +351,16 @@ def test_teacher_in_another_label_order_teaches_the_same(ner_data, tmp_path):
     model.save_pretrained(permuted)
     AutoTokenizer.from_pretrained(d["teacher"]).save_pretrained(permuted)
 
-    steps = ("--max_steps", "6")
-    a, b = tmp_path / "a", tmp_path / "b"
-    run_script(*ner_args(d, a, d["student"], "--teacher_name_or_path", d["teacher"], *steps), env=SCRIPT_ENV)
-    run_script(*ner_args(d, b, d["student"], "--teacher_name_or_path", permuted, *steps), env=SCRIPT_ENV)
-    wa, wb = weights(a), weights(b)
+    b = tmp_path / "b"
+    run_script(*ner_args(d, b, d["student"], "--teacher_name_or_path", permuted, *DISTILL), env=SCRIPT_ENV)
+    wa, wb = weights(distilled), weights(b)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     import run_ner_w_distillation as script
 
     original_order = ",".join(results(d["teacher"])["labels"])  # read through the permutation
     script.main([str(x) for x in ["--validation_file", d["dev"], "--model_name_or_path", permuted, "--output_dir",
-                                  tmp_path / "eval", "--do_eval", "--max_seq_length", "64", "--labels", original_order]])
+                                  tmp_path / "eval", "--do_eval", "--max_seq_length", "64",
+                                  "--labels", original_order]])
     assert results(tmp_path / "eval")["metrics"] == results(d["teacher"])["metrics"]
 
 
@@ -380,8 +381,8 @@ def test_two_processes_and_exact_resume(ner_data, distilled, tmp_path):
         if name.startswith("checkpoint-") and name != "checkpoint-20":
             shutil.rmtree(cut / name)
     os.remove(cut / "model.safetensors")
-    run_script(*ner_args(d, cut, d["student"], "--teacher_name_or_path", d["teacher"], "--num_train_epochs", "3",
-                         "--save_steps", "20", "--resume"), env=SCRIPT_ENV)
+    run_script(*ner_args(d, cut, d["student"], "--teacher_name_or_path", d["teacher"], *DISTILL, "--resume"),
+               env=SCRIPT_ENV)
     a, c = weights(full), weights(cut)
     assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
     assert results(cut)["metrics"] == results(full)["metrics"]
