@@ -334,8 +334,8 @@ def test_end_to_end_one_process_with_a_teacher_and_the_table(ner_data, distilled
 
 
 def test_teacher_in_another_label_order_teaches_the_same(ner_data, distilled, tmp_path):
-    """A teacher whose head lists the labels in another order (its config says which) gives the student the very
-    same weights: its logits are read by label name. Evaluated alone, it scores as before."""
+    """A teacher whose head lists the labels in another order (its config says which) gives the student the same
+    losses and weights (to rounding): its logits are read by label name. Evaluated alone, it scores as before."""
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
     d = ner_data
@@ -353,8 +353,13 @@ def test_teacher_in_another_label_order_teaches_the_same(ner_data, distilled, tm
 
     b = tmp_path / "b"
     run_script(*ner_args(d, b, d["student"], "--teacher_name_or_path", permuted, *DISTILL), env=SCRIPT_ENV)
+    # The permuted head's matrix product rounds differently (~3e-8 in the logits), which 45 Adam steps grow to
+    # ~3e-5 in the weights; a teacher read in the wrong order would change the KD term from the first step.
+    log_a, log_b = ([json.loads(line)["loss_ce"] for line in (f / "metrics.jsonl").read_text().splitlines()]
+                    for f in (distilled, b))
+    assert log_b == pytest.approx(log_a, rel=1e-5)
     wa, wb = weights(distilled), weights(b)
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
     import run_ner_w_distillation as script
 
     original_order = ",".join(results(d["teacher"])["labels"])  # read through the permutation
