@@ -285,8 +285,8 @@ def word_predictions(rows, row_logits, n_sentences, labels):
 
 
 def write_predictions(data, predictions, path):
-    """The input file again, sentence by sentence (comment lines kept), with the tag column holding the
-    predicted tags: the reader and any CoNLL tool read it as they read the input."""
+    """The input file again, sentence by sentence (comment lines kept, -DOCSTART- lines not), with the tag
+    column holding the predicted tags: the reader and any CoNLL tool read it as they read the input."""
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for s, tags in zip(data.sentences, predictions):
