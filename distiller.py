@@ -29,6 +29,7 @@ from losses import IGNORE_INDEX, distillation_losses
 from masking import prepare_batch_clm, prepare_batch_mlm
 from models import ENCODER, RowLogitsLM, TeacherLM
 from sharding import Fsdp
+from teacher_cache import WithIndices
 from utils import append_jsonl, logger, set_seed
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -103,10 +104,12 @@ class Distiller:
     student, teacher: models already on ctx.device (teacher None: plain MLM/CLM training); masking: a
     masking.MlmMasking (MLM only); tokenizer: saved with the final student; evaluator: called as
     evaluator(student, teacher=teacher) -> {metric: value} every config.eval_interval iterations and after
-    each epoch (collective: every rank calls it).
+    each epoch (collective: every rank calls it); teacher_cache: a teacher_cache.TeacherCache that replaces the
+    teacher (None then) and, for MLM, the masking.
     """
 
-    def __init__(self, config, ctx, dataset, student, teacher, masking=None, tokenizer=None, evaluator=None):
+    def __init__(self, config, ctx, dataset, student, teacher, masking=None, tokenizer=None, evaluator=None,
+                 teacher_cache=None):
         self.config = config
         self.ctx = ctx
         self.dump_path = config.dump_path
@@ -122,9 +125,10 @@ class Distiller:
         self.masking = masking
         self.temperature = config.temperature
         self.alpha = config.alpha
+        self.teacher_cache = teacher_cache
         # Bare encoders (no LM head) learn on hidden states alone, from unmasked text: see prepare_batch_plain.
         self.bare = config.student_type == ENCODER
-        if self.mlm and masking is None and not self.bare:
+        if self.mlm and masking is None and not self.bare and teacher_cache is None:
             raise ValueError("an MLM run needs its masking (masking.MlmMasking)")
 
         self.epoch = 0
@@ -168,8 +172,11 @@ class Distiller:
                                                     seed=c.seed)
         # Its own generator, so creating the epoch's iterator does not draw from the global RNG (which would
         # make a resumed run diverge from an uninterrupted one).
-        self.dataloader = DataLoader(self.dataset, batch_sampler=self.batch_sampler,
-                                     collate_fn=self.dataset.batch_sequences, num_workers=c.num_workers,
+        # With a teacher cache the batches also carry their items' indices (the cache is keyed by them).
+        dataset = WithIndices(self.dataset) if self.teacher_cache is not None else self.dataset
+        collate = dataset.collate if self.teacher_cache is not None else self.dataset.batch_sequences
+        self.dataloader = DataLoader(dataset, batch_sampler=self.batch_sampler,
+                                     collate_fn=collate, num_workers=c.num_workers,
                                      pin_memory=self.device.type == "cuda", persistent_workers=c.num_workers > 0,
                                      generator=torch.Generator().manual_seed(c.seed))
     def _setup_precision(self):
@@ -306,8 +313,13 @@ class Distiller:
                 self.batch_sampler.skip = self.n_iter  # > 0 only when resuming mid-epoch
                 bar = tqdm(self.dataloader, desc=f"-Iter epoch {self.epoch}", disable=not self.is_master,
                            mininterval=5, initial=self.n_iter, total=len(self.dataloader))
-                for token_ids, lengths in bar:
-                    self.step(*self.prepare_batch(token_ids, lengths))
+                for token_ids, lengths, *indices in bar:
+                    if self.teacher_cache is not None:
+                        batch, cached = self.teacher_cache.prepare_batch(token_ids, lengths, indices[0], self.epoch,
+                                                                         self.device)
+                        self.step(*batch, teacher_rows=cached)
+                    else:
+                        self.step(*self.prepare_batch(token_ids, lengths))
                     self.n_sequences_epoch += token_ids.size(0)
                     self.iter(bar)
                     if self._at_boundary and self.after_optimizer_step():
@@ -333,8 +345,9 @@ class Distiller:
             return (lm_labels != IGNORE_INDEX).flatten().nonzero().squeeze(-1)
         return attn_mask.flatten().nonzero().squeeze(-1)
 
-    def _forward(self, token_ids, attn_mask, rows, padded=True):
-        """Student and teacher (logits at rows, last hidden states) under autocast.
+    def _forward(self, token_ids, attn_mask, rows, padded=True, teacher_rows=None):
+        """Student and teacher (logits at rows, last hidden states) under autocast; with teacher_rows (a cached
+        teacher's divergences.TopKTeacher) those stand for the teacher's logits, and it has no hidden states.
 
         CLM needs no attention mask: padding is on the right, so causal attention never sees it. Neither does
         a batch without padding (known on the host), which also lets SDPA pick its fastest kernel.
@@ -342,7 +355,7 @@ class Distiller:
         mask = attn_mask if ((self.mlm or self.bare) and padded) else None
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             s_out = self.model(token_ids, mask, rows)
-            t_out = None
+            t_out = (teacher_rows, None) if teacher_rows is not None else None
             if self.teacher_lm is not None:
                 with torch.no_grad():
                     t_out = self.teacher_lm(token_ids, mask, rows)
@@ -359,10 +372,11 @@ class Distiller:
                                    s_layers=s_layers[0] if s_layers else None,
                                    t_layers=t_layers[0] if t_layers else None, hidden_loss=self.config.hidden_loss)
 
-    def step(self, input_ids, attention_mask, lm_labels, rows=None, padded=True):
+    def step(self, input_ids, attention_mask, lm_labels, rows=None, padded=True, teacher_rows=None):
         """One forward/backward on a batch; the optimizer steps every gradient_accumulation_steps batches.
 
         rows and padded come with a Batch from prepare_batch_mlm/clm; without rows they are found here.
+        teacher_rows: the cached teacher at those rows (TeacherCache.prepare_batch), instead of a teacher forward.
         """
         if rows is None:
             rows = self.loss_rows(attention_mask, lm_labels)
@@ -374,7 +388,7 @@ class Distiller:
         # accumulate as shards: skipping that (as no_sync does) would keep a full unsharded gradient per rank.
         ddp = self.multi_gpu and self.sharding is None
         with self.model.no_sync() if (ddp and not self._at_boundary) else contextlib.nullcontext():
-            s_out, t_out = self._forward(input_ids, attention_mask, rows, padded)
+            s_out, t_out = self._forward(input_ids, attention_mask, rows, padded, teacher_rows)
             losses = self.compute_losses(s_out, t_out, attention_mask, lm_labels, rows)
             del s_out, t_out  # the logits are not needed by backward: free them before it runs
             # "logits" already holds alpha_ce * ce + alpha_mse * mse + alpha_lm * lm (and their gradient)

@@ -20,6 +20,7 @@ the student's softened logits z (p_s = softmax z) the gradient is p_s * (g - sum
     tvd         g = sign(p_s - p_t) / 2
 """
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -80,3 +81,40 @@ def divergence_rows(log_p_s, log_p_t, kd_loss=DEFAULT_KD_LOSS, beta=DEFAULT_JSD_
         return rows, None
     mean_g = (p_s * g).sum(-1, keepdim=True)  # (rows, 1)
     return rows, g.sub_(mean_g).mul_(p_s)
+
+
+# ---- a teacher known only by its top k (--teacher_cache)
+#
+# A cached teacher row holds the k likeliest ids with their log-probabilities and the log of the mass the other
+# V - k ids share (the tail). The divergence is then taken between the two distributions coarsened to k + 1
+# outcomes (the k ids, and "any other id"), which is still a proper divergence: >= 0, and 0 only when student
+# and teacher agree on those k + 1 probabilities. It is computed without a special case by completing the
+# teacher over the whole vocabulary: the tail mass is spread over the tail ids in proportion to the student's
+# own probabilities there. Every divergence above is an f-divergence, sum p_s f(p_t / p_s), so a constant
+# ratio p_t / p_s over the tail makes the tail's share exactly the coarsened one, and its gradient (with the
+# completed teacher held constant) is the coarsened gradient too. With k = V the tail is empty and this is the
+# full distribution.
+
+class TopKTeacher(NamedTuple):
+    """A cached teacher's rows: ids (n, k) long; log_probs (n, k + 1) at the run's temperature, the last column
+    the log of the tail mass (-inf when k is the vocabulary size)."""
+    ids: torch.Tensor
+    log_probs: torch.Tensor
+
+    def rows(self, start, stop):
+        return TopKTeacher(self.ids[start:stop], self.log_probs[start:stop].float())
+
+
+# A tail mass of 0 (-inf) is clamped to this log: exp() of it is 0 in float32, and it keeps 0 * log 0 finite.
+_EMPTY_TAIL_LOG = -1e4
+
+
+def complete_teacher_log_probs(topk, log_p_s):
+    """(rows, V) teacher log-probabilities from a TopKTeacher chunk: its k values at its ids, and the tail mass
+    spread over the other ids as the student's log_p_s (rows, V) spreads there (see above)."""
+    in_topk = torch.zeros_like(log_p_s, dtype=torch.bool).scatter_(1, topk.ids, True)  # (rows, V)
+    tail_lse = torch.logsumexp(log_p_s.masked_fill(in_topk, float("-inf")), dim=-1, keepdim=True)  # (rows, 1)
+    tail = topk.log_probs[:, -1:].clamp(min=_EMPTY_TAIL_LOG)  # (rows, 1)
+    # Where the tail is empty (k = V) tail_lse is -inf and every entry is overwritten by the scatter below.
+    log_p_t = (log_p_s - tail_lse + tail).scatter_(1, topk.ids, topk.log_probs[:, :-1])
+    return log_p_t

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from divergences import DEFAULT_JSD_BETA, DEFAULT_KD_LOSS, divergence_rows
+from divergences import DEFAULT_JSD_BETA, DEFAULT_KD_LOSS, TopKTeacher, complete_teacher_log_probs, divergence_rows
 
 IGNORE_INDEX = -100  # label of a position that predicts nothing (padding, unmasked tokens)
 
@@ -51,8 +51,9 @@ def logit_losses_chunk(s, t, labels, temperature, row_weight=None, with_grads=Tr
     """On a chunk of rows of fp32 logits s, t (rows, vocab): the sums over rows of KL(p_t || p_s) at
     temperature T (or the divergence kd_loss, see divergences.py), of the squared error, and of the label
     cross-entropy; with_grads also gives the gradient of each sum w.r.t. s (KL's without its 1/T factor,
-    squared error's without its 2): (kl, sq, ce, d_kl, diff, d_ce). t or labels may be None (their terms are then 0, their gradients None); labels (rows,)
-    hold IGNORE_INDEX on rows without a target. row_weight (rows,) in {0, 1} drops rows from the KL and
+    squared error's without its 2): (kl, sq, ce, d_kl, diff, d_ce). t may also be a divergences.TopKTeacher
+    (a cached teacher: no squared error then, sq = 0 and diff None). t or labels may be None (their terms are
+    then 0, their gradients None); labels (rows,) hold IGNORE_INDEX on rows without a target. row_weight (rows,) in {0, 1} drops rows from the KL and
     squared-error terms (and their gradients).
     """
     zero = s.new_zeros(())
@@ -60,16 +61,19 @@ def logit_losses_chunk(s, t, labels, temperature, row_weight=None, with_grads=Tr
     d_kl = diff = d_ce = None
     if t is not None:
         log_p_s = F.log_softmax(s / temperature, dim=-1)  # (rows, vocab)
-        log_p_t = F.log_softmax(t / temperature, dim=-1)
+        cached = isinstance(t, TopKTeacher)
+        log_p_t = complete_teacher_log_probs(t, log_p_s) if cached else F.log_softmax(t / temperature, dim=-1)
         kl_rows, d_kl = divergence_rows(log_p_s, log_p_t, kd_loss, beta, with_grad=with_grads)  # (rows,)
-        diff = s - t
+        diff = None if cached else s - t
         if row_weight is not None:
             kl_rows = kl_rows * row_weight
-            diff.mul_(row_weight[:, None])
+            if diff is not None:
+                diff.mul_(row_weight[:, None])
             if with_grads:
                 d_kl.mul_(row_weight[:, None])
         kl = kl_rows.sum()
-        sq = (diff * diff).sum()
+        if diff is not None:
+            sq = (diff * diff).sum()
         if not with_grads:
             diff = None
     if labels is not None:
@@ -122,7 +126,8 @@ class _WeightedLogitLoss(torch.autograd.Function):
         sums = s_flat.new_zeros(3, dtype=torch.float32)
         step = rows_per_chunk(n, s_flat.size(-1), s_flat.device)
         for i in range(0, n, step):
-            t = t_flat[i: i + step].float() if t_flat is not None else None
+            t = None if t_flat is None else t_flat.rows(i, i + step) if isinstance(t_flat, TopKTeacher) \
+                else t_flat[i: i + step].float()
             lab = labels[i: i + step] if labels is not None else None
             w = row_weight[i: i + step] if row_weight is not None else None
             kl, sq, ce, d_kl, diff, d_ce = logit_losses_chunk(s_flat[i: i + step].float(), t, lab, temperature, w,
@@ -130,7 +135,9 @@ class _WeightedLogitLoss(torch.autograd.Function):
             sums += torch.stack([kl, sq, ce])
             g = torch.zeros_like(d_ce if d_ce is not None else d_kl)
             if d_kl is not None:
-                g.add_(d_kl.mul_(c_kl)).add_(diff.mul_(c_mse))
+                g.add_(d_kl.mul_(c_kl))
+                if diff is not None:
+                    g.add_(diff.mul_(c_mse))
             if d_ce is not None:
                 g.add_(d_ce.mul_(c_lm))
             if row_scale is not None:
@@ -167,12 +174,15 @@ def weighted_logit_loss(s_logits, t_logits, labels, temperature, w_ce, w_mse, w_
     ce is KL(p_t || p_s) at temperature T summed over the vocabulary, averaged over rows, times T^2 (so
     gradients keep their scale as T changes); mse is the squared error summed over the vocabulary, averaged
     over rows; lm is the mean cross-entropy over the rows whose label (n,) is not IGNORE_INDEX. t_logits may
-    be None (no teacher: ce = mse = 0) and labels None (lm = 0). kd_rows (n,) bool, optional: the rows ce
+    be None (no teacher: ce = mse = 0) or a divergences.TopKTeacher (a cached teacher's top k: mse = 0), and
+    labels None (lm = 0). kd_rows (n,) bool, optional: the rows ce
     and mse average over (default: all of them). Nothing to average over gives 0, never NaN. kd_loss,
     jsd_beta: the divergence ce is (divergences.py; forward KL by default).
     """
     vocab = s_logits.size(-1)
-    t_flat = t_logits.detach().reshape(-1, vocab) if t_logits is not None and (w_ce or w_mse) else None
+    t_flat = None
+    if t_logits is not None and (w_ce or w_mse):
+        t_flat = t_logits if isinstance(t_logits, TopKTeacher) else t_logits.detach().reshape(-1, vocab)
     return _WeightedLogitLoss.apply(s_logits.reshape(-1, vocab), t_flat, labels if w_lm else None,
                                     float(temperature), float(w_ce), float(w_mse), float(w_lm),
                                     kd_rows if t_flat is not None else None, kd_loss, float(jsd_beta))

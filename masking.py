@@ -126,6 +126,30 @@ def prepare_batch_clm(token_ids, lengths, device):
     return Batch(token_ids, attn_mask, clm_labels(token_ids, attn_mask), rows, _padded(lengths, max_len))
 
 
+def seeded_mlm_draw(ids, token_probs, *, mask_prop, split, mask_id, vocab_size, seed, epoch, index):
+    """The MLM corruption of one sequence in one epoch, fixed by (seed, epoch, index): what a teacher cache
+    stores (teacher_cache.py) and training with it replays. Returns (corrupted ids, predicted: bool), numpy.
+
+    The same recipe as `mask_tokens` (count-smoothed weights token_probs (vocab,) numpy, zero for specials;
+    the split between mask, keep and random), drawn per sequence instead of per batch: ceil(mask_prop * length)
+    positions (at most the eligible ones), so that the draw does not depend on which batch the sequence
+    lands in.
+    """
+    ids = np.asarray(ids)
+    rng = np.random.default_rng([int(seed), int(epoch), int(index)])
+    weights = token_probs[ids].astype(np.float64)  # (length,)
+    n_pick = min(math.ceil(mask_prop * len(ids)), int(np.count_nonzero(weights)))
+    with np.errstate(divide="ignore"):
+        race = rng.exponential(size=len(ids)) / weights  # inf where the weight is 0: never picked
+    predicted = np.zeros(len(ids), dtype=bool)
+    if n_pick:
+        predicted[np.argpartition(race, n_pick - 1)[:n_pick]] = True
+    u = rng.random(len(ids))
+    random_ids = rng.integers(vocab_size, size=len(ids))
+    corrupted = np.where(u < split[0], mask_id, np.where(u < split[0] + split[1], ids, random_ids))
+    return np.where(predicted, corrupted, ids).astype(ids.dtype), predicted
+
+
 # ------------------------------------------------------------------------------------- evaluation masking
 
 

@@ -33,8 +33,10 @@ from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset, load_token_counts
 from masking import MlmMasking, smoothed_token_probs
 from models import AUTO, ENCODER, build_student, framing_token_ids, load_teacher, load_tokenizer, max_input_size
 from sharding import teacher_dtype, use_fsdp
+from teacher_cache import TeacherCache
 from utils import (UserError, cleanup_distributed, fail, git_info, init_distributed, logger, set_seed,
                    special_token_ids, user_input, write_json_atomic)
+from vocabularies import check_teacher_vocabulary
 
 
 # ------------------------------------------------------------------------------------------------ flags
@@ -63,7 +65,12 @@ def parse_args(argv=None):
                         help="The teacher model: a hub name or a local folder. Required unless training without "
                              "a teacher (--alpha_ce, --alpha_mse and --alpha_cos all 0).")
     parser.add_argument("--tokenizer_name", type=str, default=None,
-                        help="Tokenizer folder or hub name (default: the teacher's). Needed without a teacher.")
+                        help="Tokenizer folder or hub name (default: the teacher's, or the --teacher_cache's). "
+                             "Needed without a teacher.")
+    parser.add_argument("--teacher_cache", type=str, default=None,
+                        help="A folder written by scripts/cache_teacher.py: train on the teacher's cached top-k "
+                             "predictions (and, for MLM, its fixed masking) instead of loading the teacher. Not "
+                             "with --alpha_mse or --alpha_cos (the cache holds no logits or hidden states).")
 
     parser.add_argument("--temperature", default=2.0, type=float, help="Temperature for the softmax temperature.")
     parser.add_argument("--alpha_ce", default=0.5, type=float, help="Linear weight for the distillation loss. Must be >=0.")
@@ -164,8 +171,10 @@ def parse_args(argv=None):
 
 
 def needs_teacher(args):
-    """The teacher is only loaded when a loss reads its outputs; otherwise this is plain MLM/CLM training."""
-    return args.alpha_ce > 0 or args.alpha_mse > 0 or args.alpha_cos > 0 or args.alpha_hidden > 0
+    """The teacher is only loaded when a loss reads its outputs (and no --teacher_cache stands for it);
+    otherwise this is plain MLM/CLM training."""
+    return (args.alpha_ce > 0 or args.alpha_mse > 0 or args.alpha_cos > 0 or args.alpha_hidden > 0) \
+        and args.teacher_cache is None
 
 
 def encoder_mode(args):
@@ -214,8 +223,22 @@ def check_encoder_flags(args):
                         "device: use DDP)")
 
 
+def check_cache_flags(args):
+    """--teacher_cache: what it can stand for. The cache keeps the teacher's top-k distribution only."""
+    if args.teacher_cache is None:
+        return
+    if args.teacher_name is not None:
+        raise UserError("--teacher_cache replaces the teacher: drop --teacher_name")
+    if args.alpha_mse > 0 or args.alpha_cos > 0 or args.alpha_hidden > 0:
+        raise UserError("--teacher_cache holds the teacher's top-k probabilities, not its logits or hidden states: "
+                        "--alpha_mse, --alpha_cos and --alpha_hidden must be 0 with it")
+    if not os.path.isdir(args.teacher_cache):
+        raise UserError(f"--teacher_cache {args.teacher_cache}: no such folder")
+
+
 def sanity_checks(args):
     """Checks that need only the flags. Raises UserError naming the flag."""
+    check_cache_flags(args)
     if needs_teacher(args):
         if args.teacher_type is None or args.teacher_name is None:
             raise UserError("--teacher_type and --teacher_name are required when --alpha_ce, --alpha_mse, "
@@ -223,14 +246,14 @@ def sanity_checks(args):
     else:
         if args.teacher_type is None:  # only used to pick the tokenizer class
             args.teacher_type = "bert" if args.student_type == "distilbert" else args.student_type
-        if args.tokenizer_name is None and args.teacher_name is None:
+        if args.tokenizer_name is None and args.teacher_name is None and args.teacher_cache is None:
             raise UserError("without a teacher (--alpha_ce, --alpha_mse and --alpha_cos all 0), --tokenizer_name "
                             "must name the tokenizer")
     auto = AUTO in (args.student_type, args.teacher_type) or encoder_mode(args)
     if encoder_mode(args):
         check_encoder_flags(args)  # no LM loss, hence no masking, no token counts
     elif args.mlm:
-        if args.token_counts is None:
+        if args.token_counts is None and args.teacher_cache is None:  # a cache brings its masking
             raise UserError("--mlm needs --token_counts (the output of scripts/token_counts.py)")
         if not auto and (args.student_type not in ("roberta", "distilbert", "bert")
                          or args.teacher_type not in ("roberta", "bert")):
@@ -322,7 +345,7 @@ def _check_safe_to_clear(args):
     if any(os.path.commonpath([dump, p]) == dump for p in protected):  # is, or contains, such a folder
         raise UserError(f"--dump_path {args.dump_path} is or contains a folder --force must not delete")
     for flag in ("data_file", "token_counts", "student_config", "student_pretrained_weights", "teacher_name",
-                 "tokenizer_name"):
+                 "tokenizer_name", "teacher_cache"):
         value = getattr(args, flag)
         if value and os.path.exists(value):
             if os.path.commonpath([dump, os.path.realpath(value)]) == dump:
@@ -333,9 +356,12 @@ def _check_safe_to_clear(args):
 
 
 def build_tokenizer(args):
-    """The tokenizer: --tokenizer_name, else the teacher's."""
+    """The tokenizer: --tokenizer_name, else the teacher's (or the one its cache keeps)."""
     if args.tokenizer_name:
         return load_tokenizer(args.teacher_type, args.tokenizer_name, "--tokenizer_name", args.mlm)
+    if args.teacher_name is None and args.teacher_cache is not None:
+        return load_tokenizer(args.teacher_type, os.path.join(args.teacher_cache, "tokenizer"), "--teacher_cache",
+                              args.mlm)
     return load_tokenizer(args.teacher_type, args.teacher_name, "--teacher_name", args.mlm)
 
 
@@ -348,12 +374,18 @@ def build_teacher(args):
 
 
 def check_compatibility(args, student, teacher, tokenizer, corpus, counts, special_tok_ids):
-    """Cross-object checks: vocabularies, hidden sizes, data ids, token counts."""
+    """Cross-object checks: vocabularies (a teacher's that extends the student's is cut to it), hidden sizes,
+    data ids, token counts."""
     s_vocab = student.config.vocab_size
+    if teacher is not None and teacher.config.vocab_size > s_vocab and args.tokenizer_name:
+        # The run's tokenizer is not the teacher's: the ids they share are compared token by token.
+        teacher_tokenizer = load_tokenizer(args.teacher_type, args.teacher_name, "--teacher_name", args.mlm)
+    else:
+        teacher_tokenizer = None
+    if teacher is not None:
+        check_teacher_vocabulary(teacher, s_vocab, tokenizer, "--student_config", args.student_config,
+                                 args.teacher_name, teacher_tokenizer)
     t_vocab = teacher.config.vocab_size if teacher is not None else s_vocab
-    if s_vocab != t_vocab:
-        raise UserError(f"student vocabulary ({s_vocab} tokens, --student_config {args.student_config}) differs from "
-                        f"the teacher's ({t_vocab} tokens, --teacher_name {args.teacher_name})")
     if args.alpha_cos > 0 or args.alpha_hidden > 0:
         s_dim, t_dim = student.config.hidden_size, teacher.config.hidden_size
         if s_dim != t_dim and not args.hidden_projection:
@@ -470,17 +502,20 @@ def main(argv=None):
     if args.fp16:
         logger.warning("--fp16 uses torch.amp with a GradScaler; --fp16_opt_level %s is ignored.", args.fp16_opt_level)
 
+    cache = TeacherCache(args.teacher_cache) if args.teacher_cache is not None else None
     tokenizer = build_tokenizer(args)
     teacher = build_teacher(args)
     special_tok_ids = framing_token_ids(special_token_ids(tokenizer), bidirectional(args))
     max_len = max_input_size(teacher.config if teacher is not None else None, tokenizer)
+    if cache is not None:  # the teacher's limit, as the cache recorded it
+        max_len = min(max_len, cache.meta["max_len"])
 
     logger.info("Loading data from %s", args.data_file)
     with user_input("--data_file"):
         corpus = BinarizedCorpus.open(args.data_file)
     counts = None
     masked = args.mlm and not encoder_mode(args)  # encoders learn from unmasked text (Distiller.prepare_batch_plain)
-    if masked:
+    if masked and cache is None:  # a cache brings its masking
         with user_input("--token_counts"):
             counts = load_token_counts(args.token_counts)
 
@@ -496,9 +531,12 @@ def main(argv=None):
     if len(dataset) == 0:
         raise UserError(f"--data_file {corpus.path}: no training sequence left after filtering (sequences need "
                         "at least 12 tokens)")
+    if cache is not None:
+        cache.check_run(corpus=corpus, tokenizer=tokenizer, max_len=max_len, vocab_size=student.config.vocab_size,
+                        n_epoch=args.n_epoch, dataset=dataset, settings=vars(args))
     evaluator = build_evaluator(args, ctx, student, teacher, tokenizer, special_tok_ids, max_len)
     masking = None
-    if masked:
+    if masked and cache is None:
         counts = np.pad(counts, (0, max(0, student.config.vocab_size - len(counts))))
         token_probs = smoothed_token_probs(counts, special_tok_ids.values(), args.mlm_smoothing)
         masking = MlmMasking(token_probs=token_probs.to(ctx.device), mask_prop=args.mlm_mask_prop,
@@ -519,7 +557,7 @@ def main(argv=None):
     config = DistillationConfig.from_args(args, max_model_input_size=max_len, mlm=bidirectional(args),
                                           hidden_layer_map=parse_layer_map(args.hidden_layer_map))
     distiller = Distiller(config, ctx, dataset, student, teacher, masking=masking, tokenizer=tokenizer,
-                          evaluator=evaluator)
+                          evaluator=evaluator, teacher_cache=cache)
     if resume_state is not None:
         distiller.load_training_state(resume_state, resume_path)
         del resume_state
