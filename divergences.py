@@ -112,9 +112,9 @@ _EMPTY_TAIL_LOG = -1e4
 def complete_teacher_log_probs(topk, log_p_s):
     """(rows, V) teacher log-probabilities from a TopKTeacher chunk: its k values at its ids, and the tail mass
     spread over the other ids as the student's log_p_s (rows, V) spreads there (see above)."""
-    in_topk = torch.zeros_like(log_p_s, dtype=torch.bool).scatter_(1, topk.ids, True)  # (rows, V)
-    tail_lse = torch.logsumexp(log_p_s.masked_fill(in_topk, float("-inf")), dim=-1, keepdim=True)  # (rows, 1)
+    tail_only = log_p_s.scatter(1, topk.ids, float("-inf"))  # (rows, V): the student's tail, -inf elsewhere
+    tail_lse = torch.logsumexp(tail_only, dim=-1, keepdim=True)  # (rows, 1): log of the student's tail mass
     tail = topk.log_probs[:, -1:].clamp(min=_EMPTY_TAIL_LOG)  # (rows, 1)
-    # Where the tail is empty (k = V) tail_lse is -inf and every entry is overwritten by the scatter below.
-    log_p_t = (log_p_s - tail_lse + tail).scatter_(1, topk.ids, topk.log_probs[:, :-1])
-    return log_p_t
+    # In place, one buffer. With an empty tail (k = V) this writes nan (-inf + inf) everywhere, and the scatter
+    # then overwrites every entry.
+    return tail_only.add_(tail - tail_lse).scatter_(1, topk.ids, topk.log_probs[:, :-1])

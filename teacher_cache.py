@@ -190,13 +190,15 @@ def build_cache(path, *, teacher_lm, dataset, corpus, tokenizer, data_file, max_
                 temperature, n_epochs, settings, batch_size, device, log_probs_dtype="float16", token_probs=None,
                 masking=None, force=False):
     """Write (or finish) the cache folder `path`; see the module docstring. teacher_lm: a models.TeacherLM on
-    `device`; masking: masking.seeded_mlm_draw's keyword arguments but epoch and index (MLM)."""
+    `device`; masking: masking.seeded_mlm_draw's keyword arguments but epoch and index (MLM). tokenizer may be
+    None (benchmarks: nothing then identifies the tokenizer, and train.py cannot take the cache)."""
     n_epochs = n_epochs if mlm else 1  # a causal LM's teacher sees the same input every epoch
     lengths = np.asarray(dataset.lengths, dtype=np.int64)
     item_offsets = np.concatenate([[0], np.cumsum(lengths)])
     meta = {"format": FORMAT, "complete": False, "k": int(k), "vocab_size": int(vocab_size), "mlm": bool(mlm),
             "n_epochs": int(n_epochs), "max_len": int(max_len), "temperature": float(temperature),
-            "data_file": data_file, "corpus": corpus_identity(corpus), "tokenizer": tokenizer_identity(tokenizer),
+            "data_file": data_file, "corpus": corpus_identity(corpus),
+            "tokenizer": tokenizer_identity(tokenizer) if tokenizer is not None else None,
             "settings": settings, "ids_dtype": np.dtype(_ids_dtype(vocab_size)).name,
             "log_probs_dtype": log_probs_dtype}
     done = _start_or_resume(path, meta, force)
@@ -255,7 +257,8 @@ def build_cache(path, *, teacher_lm, dataset, corpus, tokenizer, data_file, max_
         ids_file.flush()
         lp_file.flush()
         write_json_atomic(os.path.join(path, PROGRESS), {"units_done": unit, "units": n_units})
-    tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
     meta["complete"] = True
     meta["n_rows"] = n_rows
     meta["bytes_per_row"] = k * np.dtype(meta["ids_dtype"]).itemsize + (k + 1) * np.dtype(log_probs_dtype).itemsize
