@@ -81,7 +81,7 @@ def main(argv=None):
         log_probs = log_probs.half().float()  # as the cache stores them by default
         loss, grad = loss_and_grad(TopKTeacher(ids_k, log_probs))
         mass = float((1 - log_probs[:, -1].exp()).mean())
-        cosine = float(torch.nn.functional.cosine_similarity(grad, full_grad, dim=0))
+        cosine = float(torch.nn.functional.cosine_similarity(grad.double(), full_grad.double(), dim=0))
         print(f"| {min(k, vocab)} | {mass:.3f} | {loss / full_loss:.4f} | {cosine:.4f} |")
 
 

@@ -10,12 +10,31 @@ import torch
 
 from conftest import load_script, run_script
 
+def subset_corpus(source, target, n, start=0):
+    """A binarized corpus of `n` sequences of `source` (from `start`), written where `target` says: the tests
+    train on a few batches, not the whole tiny corpus."""
+    from lm_seqs_dataset import BinarizedCorpus, BinarizedWriter
+
+    corpus = BinarizedCorpus.open(source)
+    with BinarizedWriter(str(target), corpus.metadata["vocab_size"]) as writer:
+        writer.add_batch([np.asarray(corpus.sequence(i)) for i in range(start, start + n)])
+    return str(target)
+
+
+@pytest.fixture(scope="module")
+def small(binarized, tmp_path_factory):
+    """{kind: (data file, token counts)} with 40 of the tiny corpus's sequences."""
+    root = tmp_path_factory.mktemp("small")
+    return {kind: (subset_corpus(binarized[kind][0], root / f"{kind}.bin", 40), binarized[kind][1])
+            for kind in ("bert", "gpt2")}
+
+
 COMMON = ["--n_epoch", "1", "--batch_size", "4", "--gradient_accumulation_steps", "2", "--log_interval", "1",
           "--checkpoint_interval", "1000", "--n_gpu", "0", "--learning_rate", "1e-3", "--seed", "3"]
 
 
-def _cache(tiny, binarized, folder, kind, *extra):
-    data, counts = binarized[kind]
+def _cache(tiny, small, folder, kind, *extra):
+    data, counts = small[kind]
     args = ["scripts/cache_teacher.py", "--teacher_type", kind, "--teacher_name", tiny[kind], "--data_file", data,
             "--cache_dir", folder, "--n_gpu", "0", "--batch_size", "8", *extra]
     if "--mlm" in extra:
@@ -23,10 +42,10 @@ def _cache(tiny, binarized, folder, kind, *extra):
     return run_script(*args)
 
 
-def _train(tiny, binarized, dump, kind, *extra, expect_ok=True):
+def _train(tiny, small, dump, kind, *extra, expect_ok=True):
     student = {"gpt2": "gpt2", "bert": "distilbert"}[kind]
     config = {"gpt2": tiny["gpt2_config"], "bert": tiny["distilbert_config"]}[kind]
-    data, counts = binarized[kind]
+    data, counts = small[kind]
     args = ["train.py", "--student_type", student, "--student_config", config, "--teacher_type", kind,
             "--dump_path", dump, "--data_file", data, *COMMON, *extra]
     if "--teacher_cache" not in extra:
@@ -39,14 +58,14 @@ def _train_losses(dump):
     return [r for r in records if r["split"] == "train"]
 
 
-def test_clm_cache_with_every_id_reproduces_the_live_teacher(tiny, binarized, tmp_path):
+def test_clm_cache_with_every_id_reproduces_the_live_teacher(tiny, small, tmp_path):
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(tiny["gpt2"]).vocab_size
-    _cache(tiny, binarized, tmp_path / "cache", "gpt2", "--k", str(vocab), "--log_probs_dtype", "float32")
+    _cache(tiny, small, tmp_path / "cache", "gpt2", "--k", str(vocab), "--log_probs_dtype", "float32")
     losses = ["--alpha_ce", "2.0", "--alpha_clm", "1.0"]
-    _train(tiny, binarized, tmp_path / "live", "gpt2", *losses)
-    _train(tiny, binarized, tmp_path / "cached", "gpt2", *losses, "--teacher_cache", tmp_path / "cache")
+    _train(tiny, small, tmp_path / "live", "gpt2", *losses)
+    _train(tiny, small, tmp_path / "cached", "gpt2", *losses, "--teacher_cache", tmp_path / "cache")
     live, cached = _train_losses(tmp_path / "live"), _train_losses(tmp_path / "cached")
     assert len(live) == len(cached) > 5
     for a, b in zip(live, cached):
@@ -92,7 +111,7 @@ def test_small_k_is_the_divergence_over_the_k_ids_and_the_tail(kd_loss):
     torch.testing.assert_close(x.grad.double(), s_ref.grad, rtol=1e-4, atol=1e-6)
 
 
-def _open_bert(tiny, binarized, cache_dir):
+def _open_bert(tiny, small, cache_dir):
     from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset
     from models import framing_token_ids, load_tokenizer
     from teacher_cache import TeacherCache
@@ -100,12 +119,12 @@ def _open_bert(tiny, binarized, cache_dir):
 
     cache = TeacherCache(str(cache_dir))
     special = framing_token_ids(special_token_ids(load_tokenizer("bert", str(tiny["bert"]), "-")), True)
-    dataset = LmSeqsDataset(BinarizedCorpus.open(binarized["bert"][0]), special_tok_ids=special, mlm=True,
+    dataset = LmSeqsDataset(BinarizedCorpus.open(small["bert"][0]), special_tok_ids=special, mlm=True,
                             max_len=cache.meta["max_len"])
     return cache, dataset, special
 
 
-def test_mlm_cache_fixes_each_epochs_masking_and_holds_the_live_teacher(tiny, binarized, tmp_path):
+def test_mlm_cache_fixes_each_epochs_masking_and_holds_the_live_teacher(tiny, small, tmp_path):
     """In process: the cache's batches carry a masking fixed per (epoch, sequence) (replayed identically, new
     in each epoch, ceil(15%) of each sequence, corrupted only where predicted), and with k = V its rows are the
     live teacher's log_softmax(t / T) on those very inputs, at the predicted rows (--restrict_ce_to_mask)."""
@@ -116,12 +135,12 @@ def test_mlm_cache_fixes_each_epochs_masking_and_holds_the_live_teacher(tiny, bi
 
     teacher = BertForMaskedLM.from_pretrained(tiny["bert"]).eval()
     vocab = teacher.config.vocab_size
-    data, counts = binarized["bert"]
+    data, counts = small["bert"]
     load_script("cache_teacher").main(["--teacher_type", "bert", "--teacher_name", str(tiny["bert"]), "--mlm",
                                        "--data_file", data, "--token_counts", str(counts), "--restrict_ce_to_mask",
                                        "--n_epoch", "2", "--k", str(vocab), "--log_probs_dtype", "float32",
                                        "--temperature", "1.5", "--cache_dir", str(tmp_path / "c"), "--n_gpu", "0"])
-    cache, dataset, special = _open_bert(tiny, binarized, tmp_path / "c")
+    cache, dataset, special = _open_bert(tiny, small, tmp_path / "c")
     indices = torch.tensor([7, 0, 31])
     token_ids, lengths = dataset.batch_sequences([dataset[int(i)] for i in indices])
     draws = []
@@ -142,7 +161,7 @@ def test_mlm_cache_fixes_each_epochs_masking_and_holds_the_live_teacher(tiny, bi
     assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
 
 
-def test_interrupted_build_resumes_to_the_same_files(tiny, binarized, tmp_path, monkeypatch):
+def test_interrupted_build_resumes_to_the_same_files(tiny, small, tmp_path, monkeypatch):
     """A build stopped after its first batch is not usable; the same command finishes it, and every file equals
     an uninterrupted build's. Also the refusals of scripts/cache_teacher.py and of an unfinished cache."""
     import models
@@ -150,7 +169,7 @@ def test_interrupted_build_resumes_to_the_same_files(tiny, binarized, tmp_path, 
     from utils import UserError
 
     script = load_script("cache_teacher")
-    data = binarized["gpt2"][0]
+    data = small["gpt2"][0]
     argv = ["--teacher_type", "gpt2", "--teacher_name", str(tiny["gpt2"]), "--data_file", data, "--k", "5",
             "--batch_size", "64", "--n_gpu", "0", "--cache_dir"]
     script.main(argv + [str(tmp_path / "whole")])
@@ -179,25 +198,22 @@ def test_interrupted_build_resumes_to_the_same_files(tiny, binarized, tmp_path, 
         script.main(argv[:-1] + ["--temperature", "1.0", "--cache_dir", str(tmp_path / "whole")])
 
 
-def test_train_refuses_a_run_the_cache_was_not_built_for(tiny, binarized, tmp_path):
+def test_train_refuses_a_run_the_cache_was_not_built_for(tiny, small, tmp_path):
     """Another corpus, tokenizer or maximum length, another temperature, more MLM epochs than cached, or a loss
     the cache cannot feed: one line naming the flag, exit status 2, before anything is written."""
     import train
     from utils import UserError
 
-    data, counts = binarized["bert"]
+    data, counts = small["bert"]
     load_script("cache_teacher").main(["--teacher_type", "bert", "--teacher_name", str(tiny["bert"]), "--mlm",
                                        "--data_file", data, "--token_counts", str(counts), "--n_epoch", "1", "--k",
                                        "8", "--cache_dir", str(tmp_path / "c"), "--n_gpu", "0"])
     base = ["--student_type", "distilbert", "--student_config", str(tiny["distilbert_config"]), "--teacher_type",
             "bert", "--mlm", "--alpha_ce", "1", "--alpha_mlm", "1", "--alpha_clm", "0", "--dump_path",
             str(tmp_path / "run"), "--teacher_cache", str(tmp_path / "c"), "--n_gpu", "0", "--n_epoch", "1"]
-    from lm_seqs_dataset import BinarizedCorpus, BinarizedWriter
     from models import load_tokenizer
 
-    corpus = BinarizedCorpus.open(data)
-    with BinarizedWriter(str(tmp_path / "other.bin"), 200) as writer:  # the same tokenizer, fewer sequences
-        writer.add_batch([np.asarray(corpus.sequence(i)) for i in range(0, corpus.n_sequences, 2)])
+    other = subset_corpus(data, tmp_path / "other.bin", 30, start=5)  # the same tokenizer, other sequences
     tokenizer = load_tokenizer("bert", str(tiny["bert"]), "-")
     tokenizer.add_tokens(["zzzq"])  # one more token than the cache's
     tokenizer.save_pretrained(tmp_path / "tok")
@@ -205,7 +221,7 @@ def test_train_refuses_a_run_the_cache_was_not_built_for(tiny, binarized, tmp_pa
     config = json.loads(open(tiny["distilbert_config"]).read())
     short.write_text(json.dumps(dict(config, max_position_embeddings=40)))
     cases = [
-        (["--data_file", str(tmp_path / "other.bin")], "another corpus"),
+        (["--data_file", other], "another corpus"),
         (["--data_file", data, "--tokenizer_name", str(tmp_path / "tok")], "another tokenizer"),
         (["--data_file", data, "--student_config", str(short)], "at most 64 tokens"),
         (["--data_file", data, "--temperature", "3"], "--temperature"),

@@ -71,8 +71,10 @@ def test_train_distils_from_a_padded_teacher(tiny, binarized, tmp_path):
     import train
     from conftest import load_script
 
+    from test_teacher_cache import subset_corpus
+
     _padded_teacher(tiny, 8, tmp_path / "teacher")
-    data = binarized["gpt2"][0]
+    data = subset_corpus(binarized["gpt2"][0], tmp_path / "data.bin", 40)
     common = ["--student_type", "gpt2", "--student_config", str(tiny["gpt2_config"]), "--teacher_type", "gpt2",
               "--data_file", data, "--n_epoch", "1", "--batch_size", "16", "--gradient_accumulation_steps", "1",
               "--n_gpu", "0", "--alpha_ce", "1", "--alpha_clm", "1"]
