@@ -52,8 +52,8 @@ def check_kd_loss_args(kd_loss, beta):
 def divergence_rows(log_p_s, log_p_t, kd_loss=DEFAULT_KD_LOSS, beta=DEFAULT_JSD_BETA, with_grad=False):
     """(D per row (rows,), dD/dz (rows, n) or None) for log-probabilities log_p_s, log_p_t (rows, n), where z
     are the student's softened logits (log_p_s = log_softmax(z)). with_grad may overwrite log_p_s (forward_kl
-    turns it into the gradient: the fused loss then keeps no second (rows, n) buffer). Differentiable by autograd without
-    with_grad (the task scripts' losses go through autograd).
+    turns it into the gradient: the fused loss then keeps no second (rows, n) buffer). Differentiable by
+    autograd without with_grad (the task scripts' losses go through autograd).
 
     Entries where both probabilities are 0 contribute 0; give such entries (e.g. padding positions) a very
     negative finite logit, not -inf, so that no 0 * inf appears (see soft_target_divergence in losses.py).

@@ -53,8 +53,8 @@ def logit_losses_chunk(s, t, labels, temperature, row_weight=None, with_grads=Tr
     cross-entropy; with_grads also gives the gradient of each sum w.r.t. s (KL's without its 1/T factor,
     squared error's without its 2): (kl, sq, ce, d_kl, diff, d_ce). t may also be a divergences.TopKTeacher
     (a cached teacher: no squared error then, sq = 0 and diff None). t or labels may be None (their terms are
-    then 0, their gradients None); labels (rows,) hold IGNORE_INDEX on rows without a target. row_weight (rows,) in {0, 1} drops rows from the KL and
-    squared-error terms (and their gradients).
+    then 0, their gradients None); labels (rows,) hold IGNORE_INDEX on rows without a target. row_weight
+    (rows,) in {0, 1} drops rows from the KL and squared-error terms (and their gradients).
     """
     zero = s.new_zeros(())
     kl = sq = ce = zero
@@ -279,8 +279,8 @@ def distillation_losses(s_logits, t_logits, s_hidden, t_hidden, attn_mask, lm_la
 #     loss = alpha_task * task loss + alpha_ce * distillation term
 # where the distillation term is T^2 * KL(teacher_T || student_T) of the temperature-softened output
 # distributions (classes for classification, start and end positions for SQuAD), or the divergence --kd_loss
-# names (divergences.py), or the squared error to the teacher's prediction for regression. Without a teacher the loss is the task loss alone, unweighted, as in
-# the original run_squad_w_distillation.py.
+# names (divergences.py), or the squared error to the teacher's prediction for regression. Without a teacher
+# the loss is the task loss alone, unweighted, as in the original run_squad_w_distillation.py.
 
 
 # A masked-out entry's logit: exp() of it is exactly 0 next to any real logit, yet it stays finite, so the

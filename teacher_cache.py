@@ -75,7 +75,8 @@ class TeacherCache:
         self.path = path
         meta_path = os.path.join(path, META)
         if not os.path.isfile(meta_path):
-            raise UserError(f"--teacher_cache {path}: no {META} there (not a teacher cache, or its build never started)")
+            raise UserError(f"--teacher_cache {path}: no {META} there (not a teacher cache, or its build never "
+                            "started)")
         try:
             with open(meta_path) as f:
                 self.meta = json.load(f)
@@ -204,7 +205,8 @@ def build_cache(path, *, teacher_lm, dataset, corpus, tokenizer, data_file, max_
     done = _start_or_resume(path, meta, force)
     if mlm:
         inputs, predicted = _mlm_draws(dataset, item_offsets, token_probs, n_epochs, masking)
-        counts = predicted.astype(np.int64) if settings.get("restrict_ce_to_mask") else np.ones_like(predicted, np.int64)
+        restrict = settings.get("restrict_ce_to_mask")
+        counts = predicted.astype(np.int64) if restrict else np.ones_like(predicted, np.int64)
         rows_per_unit = np.add.reduceat(counts, item_offsets[:-1], axis=1).reshape(-1)  # (n_epochs * n_items,)
         for name, array in (("mlm_inputs.bin", inputs), ("mlm_predicted.bin", predicted)):
             array.tofile(os.path.join(path, name))  # deterministic: rewritten identically on resume

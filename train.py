@@ -70,7 +70,8 @@ def parse_args(argv=None):
     parser.add_argument("--teacher_cache", type=str, default=None,
                         help="A folder written by scripts/cache_teacher.py: train on the teacher's cached top-k "
                              "predictions (and, for MLM, its fixed masking) instead of loading the teacher. Not "
-                             "with --alpha_mse or --alpha_cos (the cache holds no logits or hidden states).")
+                             "with --alpha_mse, --alpha_cos or --alpha_hidden (it holds no logits or hidden "
+                             "states).")
 
     parser.add_argument("--temperature", default=2.0, type=float, help="Temperature for the softmax temperature.")
     parser.add_argument("--alpha_ce", default=0.5, type=float, help="Linear weight for the distillation loss. Must be >=0.")

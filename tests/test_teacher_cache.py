@@ -154,7 +154,8 @@ def test_mlm_cache_fixes_each_epochs_masking_and_holds_the_live_teacher(tiny, sm
         assert torch.equal(batch.rows, predicted.flatten().nonzero().squeeze(-1))
         draws.append(batch.input_ids)
         with torch.no_grad():
-            t_logits, _ = TeacherLM(teacher)(batch.input_ids, batch.attention_mask if batch.padded else None, batch.rows)
+            mask = batch.attention_mask if batch.padded else None
+            t_logits, _ = TeacherLM(teacher)(batch.input_ids, mask, batch.rows)
         live = torch.log_softmax(t_logits / 1.5, -1)
         cached = complete_teacher_log_probs(topk, torch.zeros_like(live))
         torch.testing.assert_close(cached, live, rtol=1e-5, atol=1e-5)
@@ -226,7 +227,7 @@ def test_train_refuses_a_run_the_cache_was_not_built_for(tiny, small, tmp_path):
         (["--data_file", data, "--student_config", str(short)], "at most 64 tokens"),
         (["--data_file", data, "--temperature", "3"], "--temperature"),
         (["--data_file", data, "--n_epoch", "2"], "masking of 1 epochs"),
-        (["--data_file", data, "--alpha_cos", "1"], "--alpha_mse and --alpha_cos"),
+        (["--data_file", data, "--alpha_cos", "1"], "--alpha_mse, --alpha_cos and --alpha_hidden"),
     ]
     for extra, needle in cases:
         argv = base + extra

@@ -58,7 +58,8 @@ def test_other_vocabularies_are_refused(tiny, tmp_path):
     (tmp_path / "swapped" / "tokenizer.json").unlink(missing_ok=True)
     swapped = AutoTokenizer.from_pretrained(tmp_path / "swapped")
     with pytest.raises(UserError, match=r"id 40 is .*2 shared ids differ"):
-        check_teacher_vocabulary(teacher, vocab, swapped, "--student_config", "s.json", "t", teacher_tokenizer=tokenizer)
+        check_teacher_vocabulary(teacher, vocab, swapped, "--student_config", "s.json", "t",
+                                 teacher_tokenizer=tokenizer)
     # a student smaller than the tokenizer could not predict its last tokens
     with pytest.raises(UserError, match="cannot predict"):
         check_teacher_vocabulary(teacher, vocab - 1, tokenizer, "--student_config", "s.json", "t")
