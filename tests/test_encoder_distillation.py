@@ -155,3 +155,55 @@ def refused(argv, *needles):
     assert "\n" not in message
     for needle in needles:
         assert needle in message, message
+
+
+# ------------------------------------------------------------------------------------------------ the scripts
+
+
+def test_unlabelled_text_cuts_passages_and_drops_headings_labels_and_repeats(tmp_path):
+    from conftest import load_script
+
+    (tmp_path / "wiki.txt").write_text(" = Heading = \n\nOne two three. Four five six seven. Eight nine.\n"
+                                       "Ten eleven twelve thirteen fourteen fifteen sixteen.\n")
+    squad = {"data": [{"title": "t", "paragraphs": [{"context": "A context here.", "qas": [
+        {"id": "q", "question": "Which question?", "answers": [{"text": "A", "answer_start": 0}]}]}]}]}
+    (tmp_path / "squad.json").write_text(json.dumps(squad))
+    (tmp_path / "pairs.tsv").write_text("sentence1\tsentence2\tlabel\nFirst one.\tSecond one.\t1\n"
+                                        "A context here.\tFirst one.\t0\n")
+    out = tmp_path / "out.txt"
+    script = load_script("unlabelled_text")
+    script.main(["--output", str(out), "--max_words", "5", "--text", str(tmp_path / "wiki.txt"), "--squad",
+                 str(tmp_path / "squad.json"), "--glue", str(tmp_path / "pairs.tsv")])
+    assert out.read_text().splitlines() == [
+        "One two three.", "Four five six seven.", "Eight nine.",
+        "Ten eleven twelve thirteen fourteen fifteen sixteen.",  # one sentence longer than --max_words stays whole
+        "A context here.", "First one.", "Second one."]  # the question, the labels and the repeats are gone
+    script.main(["--output", str(out), "--max_passages", "2", "--text", str(tmp_path / "wiki.txt")])
+    assert out.read_text().splitlines() == ["One two three. Four five six seven. Eight nine.",
+                                            "Ten eleven twelve thirteen fourteen fifteen sixteen."]
+
+
+def test_sts_zero_shot_is_the_correlation_of_mean_pooled_cosines(encoders, tmp_path):
+    from scipy import stats
+    from transformers import AutoModel, AutoTokenizer
+
+    from conftest import load_script
+
+    pairs = [("the city river", "a city river was"), ("king of the north", "the ship was lost"),
+             ("played a song", "music album song played"), ("a bridge", "the first bridge in the city"),
+             ("war and battle", "the army won the battle"), ("small house", "large ancient church")]
+    gold = [4.0, 0.5, 3.2, 2.0, 3.9, 1.0]
+    (tmp_path / "sts.tsv").write_text("sentence1\tsentence2\tlabel\n" +
+                                      "".join(f"{a}\t{b}\t{g}\n" for (a, b), g in zip(pairs, gold)))
+    rows = load_script("sts_zero_shot").main(["--sts_file", str(tmp_path / "sts.tsv"), "--model", "T",
+                                              str(encoders["teacher"]), "--batch_size", "4",
+                                              "--output", str(tmp_path / "sts")])
+    # Each sentence alone (no padding at all), mean over its tokens.
+    model, tok = AutoModel.from_pretrained(encoders["teacher"]).eval(), AutoTokenizer.from_pretrained(encoders["teacher"])
+    with torch.no_grad():
+        def embed(text):
+            return model(**tok(text, return_tensors="pt")).last_hidden_state[0].mean(0)
+        cosines = [float(torch.nn.functional.cosine_similarity(embed(a), embed(b), dim=0)) for a, b in pairs]
+    assert rows[0]["spearman"] == pytest.approx(100 * stats.spearmanr(cosines, gold)[0], abs=1e-6)
+    assert rows[0]["pearson"] == pytest.approx(100 * stats.pearsonr(cosines, gold)[0], abs=1e-3)
+    assert json.loads((tmp_path / "sts.json").read_text())["rows"][0]["model"] == "T"
