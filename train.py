@@ -34,7 +34,7 @@ from masking import MlmMasking, smoothed_token_probs
 from models import AUTO, ENCODER, build_student, framing_token_ids, load_teacher, load_tokenizer, max_input_size
 from sharding import teacher_dtype, use_fsdp
 from teacher_cache import TeacherCache
-from utils import (UserError, cleanup_distributed, fail, git_info, init_distributed, logger, set_seed,
+from utils import (UserError, cleanup_distributed, fail, git_info, init_distributed, logger, refuse_gguf, set_seed,
                    special_token_ids, user_input, write_json_atomic)
 from vocabularies import check_teacher_vocabulary
 
@@ -250,6 +250,8 @@ def sanity_checks(args):
         if args.tokenizer_name is None and args.teacher_name is None and args.teacher_cache is None:
             raise UserError("without a teacher (--alpha_ce, --alpha_mse and --alpha_cos all 0), --tokenizer_name "
                             "must name the tokenizer")
+    for flag in ("teacher_name", "tokenizer_name", "student_config", "student_pretrained_weights"):
+        refuse_gguf(getattr(args, flag), f"--{flag}")
     auto = AUTO in (args.student_type, args.teacher_type) or encoder_mode(args)
     if encoder_mode(args):
         check_encoder_flags(args)  # no LM loss, hence no masking, no token counts

@@ -174,3 +174,10 @@ def special_token_ids(tokenizer):
     """{'cls_token': 101, ...} for the special tokens this tokenizer defines, under the original's names."""
     ids = {name: getattr(tokenizer, name + "_id", None) for name in SPECIAL_TOKEN_NAMES}
     return {name: int(i) for name, i in ids.items() if i is not None}
+
+
+def refuse_gguf(path, flag):
+    """A .gguf file where a model folder is expected: name the command that converts it."""
+    if path is not None and str(path).lower().endswith(".gguf"):
+        raise UserError(f"{flag} {path}: a GGUF file; convert it into a model folder first with "
+                        f"python scripts/convert_gguf.py --gguf_file {path} --dump_folder <folder>")

@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from evaluation import count_parameters, evaluate, inference_speed  # noqa: E402
 from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset  # noqa: E402
 from models import framing_token_ids, max_input_size, model_classes  # noqa: E402
-from utils import UserError, fail, first_line, load_pretrained, logger, special_token_ids, write_json_atomic  # noqa: E402
+from utils import (UserError, fail, first_line, load_pretrained, logger, refuse_gguf, special_token_ids,  # noqa: E402
+                   write_json_atomic)
 
 
 
@@ -65,6 +66,7 @@ def _check_args(args):
         raise UserError("--mask_prop must be in (0, 1]")
     for flag in ("model", "teacher", "tokenizer"):
         path = getattr(args, flag)
+        refuse_gguf(path, f"--{flag}")
         if path is not None and not os.path.isdir(path):
             raise UserError(f"--{flag} {path}: no such folder")
     if args.output is not None and os.path.isdir(args.output):

@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from extraction import add_common_arguments, recipe_for, run_extraction  # noqa: E402
 from extraction_auto import run_auto_extraction  # noqa: E402
-from utils import UserError, fail, logger  # noqa: E402
+from utils import UserError, fail, logger, refuse_gguf  # noqa: E402
 
 
 DEFAULT_CHECKPOINT = "serialization_dir/tf_roberta_048131723.pth"
@@ -53,6 +53,10 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    try:
+        refuse_gguf(args.model_name, "--model_name")
+    except UserError as error:
+        fail(str(error))
     if args.model_type == "auto":
         try:
             run_auto_extraction(args)
