@@ -28,7 +28,7 @@ TRAINER_STATE = "trainer_state.pt"
 RESUMABLE_COUNTERS = ("epoch", "n_iter", "n_total_iter", "n_optimizer_steps", "n_skipped_steps",
                       "n_consecutive_bad_steps", "n_sequences_epoch", "total_loss_epoch", "n_finite_iter_epoch")
 MUST_MATCH_ON_RESUME = ("world_size", "batch_size", "gradient_accumulation_steps", "seed", "group_by_size", "mlm",
-                        "student_type", "n_epoch")
+                        "student_type", "n_epoch", "max_steps")
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step_"

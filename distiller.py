@@ -13,7 +13,6 @@ saving, parameter statistics).
 """
 import contextlib
 import dataclasses
-import math
 import os
 import signal
 import time
@@ -28,6 +27,7 @@ from grouped_batch_sampler import training_batch_sampler
 from losses import IGNORE_INDEX, distillation_losses
 from masking import prepare_batch_clm, prepare_batch_mlm
 from models import ENCODER, RowLogitsLM, TeacherLM
+from schedule import plan_steps, short_run_warnings
 from sharding import Fsdp
 from teacher_cache import WithIndices
 from utils import append_jsonl, logger, set_seed
@@ -55,6 +55,7 @@ class DistillationConfig:
     kd_loss: str = DEFAULT_KD_LOSS  # the divergence of the ce term (divergences.py)
     jsd_beta: float = DEFAULT_JSD_BETA
     n_epoch: int = 3
+    max_steps: int = None  # stop after this many optimizer steps, whatever n_epoch says (None: n_epoch epochs)
     batch_size: int = 5
     group_by_size: bool = True
     max_model_input_size: int = 512  # bucket boundaries of group_by_size
@@ -186,8 +187,13 @@ class Distiller:
 
     def _setup_optimizer(self):
         p = self.config
-        steps_per_epoch = math.ceil(len(self.dataloader) / p.gradient_accumulation_steps)
-        self.num_steps_total = steps_per_epoch * p.n_epoch
+        self.plan = plan_steps(len(self.dataloader), p.n_epoch, p.gradient_accumulation_steps, p.warmup_prop,
+                               p.max_steps)
+        self.num_steps_total = self.plan.total
+        if self.is_master:
+            for warning in short_run_warnings(self.plan, len(self.dataloader), p.gradient_accumulation_steps,
+                                              p.warmup_prop):
+                logger.warning("SHORT RUN: %s.", warning)
         # Biases and normalisation weights (every 1-D parameter) are not decayed. The original matched the
         # names "bias" and "LayerNorm.weight", which missed DistilBERT's sa_layer_norm/output_layer_norm.
         decay, no_decay = [], []
@@ -204,8 +210,7 @@ class Distiller:
         from transformers import get_linear_schedule_with_warmup
 
         self.scheduler = get_linear_schedule_with_warmup(
-            self.optimizer, num_warmup_steps=math.ceil(self.num_steps_total * p.warmup_prop),
-            num_training_steps=self.num_steps_total)
+            self.optimizer, num_warmup_steps=self.plan.warmup, num_training_steps=self.num_steps_total)
 
     def _setup_models(self):
         self.hidden_projection = None
@@ -301,14 +306,14 @@ class Distiller:
         from tqdm import tqdm
 
         logger.info("Starting training: %d epochs, %d batches per epoch per process, %d optimizer steps.",
-                    self.config.n_epoch, len(self.dataloader), self.num_steps_total)
+                    self.plan.n_epochs, len(self.dataloader), self.num_steps_total)
         self.student.train()
         if self.teacher is not None:
             self.teacher.eval()
         previous_handlers = self._install_signal_handlers()
         try:
-            while self.epoch < self.config.n_epoch:
-                logger.info("--- Starting epoch %d/%d", self.epoch, self.config.n_epoch - 1)
+            while self.epoch < self.plan.n_epochs and not self.reached_max_steps():
+                logger.info("--- Starting epoch %d/%d", self.epoch, self.plan.n_epochs - 1)
                 self.batch_sampler.set_epoch(self.epoch)
                 self.batch_sampler.skip = self.n_iter  # > 0 only when resuming mid-epoch
                 bar = tqdm(self.dataloader, desc=f"-Iter epoch {self.epoch}", disable=not self.is_master,
@@ -326,6 +331,10 @@ class Distiller:
                         bar.close()
                         self.interrupted = True
                         return
+                    if self._at_boundary and self.reached_max_steps():
+                        logger.info("--max_steps %d reached at iteration %d.", self.config.max_steps,
+                                    self.n_total_iter)
+                        break
                 bar.close()
                 self.end_epoch()
         finally:
@@ -335,6 +344,10 @@ class Distiller:
         self.save_final()
         if self.is_master:
             self.tensorboard.close()
+
+    def reached_max_steps(self):
+        """Whether config.max_steps optimizer steps (skipped ones included, as the schedule counts them) are done."""
+        return bool(self.config.max_steps) and self.scheduler.last_epoch >= self.config.max_steps
 
     def loss_rows(self, attn_mask, lm_labels):
         """Flat positions whose logits some loss reads, found on the device (one synchronisation).
@@ -564,19 +577,22 @@ class Distiller:
         if not self.is_master:
             return
         step = self.n_total_iter
+        # The same speed and memory figures as TensorBoard's global/* scalars, under the same meaning.
+        usage = {"speed": (time.time() - self.last_log) / self.config.log_interval,  # seconds per iteration
+                 "rss_mb": psutil.Process().memory_info().rss / 1e6}
+        if self.device.type == "cuda":
+            usage["memory_usage"] = torch.cuda.max_memory_allocated(self.device) / 1e6
         self.write_metrics({"split": "train", "step": step, "epoch": self.epoch,
                             "lr": self.scheduler.get_last_lr()[0], "skipped_steps": self.n_skipped_steps,
-                            **{f"loss_{k}" if k != "total" else "loss": v for k, v in averages.items()}})
+                            **{f"loss_{k}" if k != "total" else "loss": v for k, v in averages.items()}, **usage})
         tb = self.tensorboard
         for name, value in averages.items():
             tb.add_scalar(tag=f"losses/loss_{name}" if name != "total" else "losses/loss", scalar_value=value,
                           global_step=step)
         tb.add_scalar("learning_rate/lr", self.scheduler.get_last_lr()[0], step)
         tb.add_scalar("global/skipped_steps", self.n_skipped_steps, step)
-        if self.device.type == "cuda":
-            tb.add_scalar("global/memory_usage", torch.cuda.max_memory_allocated(self.device) / 1e6, step)
-        tb.add_scalar("global/rss_mb", psutil.Process().memory_info().rss / 1e6, step)
-        tb.add_scalar("global/speed", (time.time() - self.last_log) / self.config.log_interval, step)
+        for name, value in usage.items():
+            tb.add_scalar(f"global/{name}", value, step)
         if getattr(self, "_last_grad_norm", None) is not None:
             tb.add_scalar("global/grad_norm", float(self._last_grad_norm), step)
         if stats is not None:

@@ -29,7 +29,7 @@ from checkpointing import find_resumable_checkpoint, is_sharded, load_checkpoint
 from distiller import DistillationConfig, Distiller, TrainingError
 from divergences import add_kd_loss_arguments, check_kd_loss_args
 from evaluation import evaluate
-from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset, load_token_counts
+from lm_seqs_dataset import MIN_SEQ_LEN, BinarizedCorpus, LmSeqsDataset, load_token_counts
 from masking import MlmMasking, smoothed_token_probs
 from models import AUTO, ENCODER, build_student, framing_token_ids, load_teacher, load_tokenizer, max_input_size
 from sharding import teacher_dtype, use_fsdp
@@ -115,6 +115,13 @@ def parse_args(argv=None):
                         help="Freeze token type embeddings during distillation if existent. For student_type in ['roberta'] only.")
 
     parser.add_argument("--n_epoch", type=int, default=3, help="Number of pass on the whole dataset.")
+    parser.add_argument("--max_steps", type=int, default=None,
+                        help="Stop after this many optimizer steps (the learning-rate schedule spans them); overrides "
+                             "--n_epoch: as many passes over the data as needed, the last one cut short.")
+    parser.add_argument("--max_seq_length", type=int, default=None,
+                        help="Cut sequences (training and --eval_data_file) into chunks of at most this many tokens "
+                             "(default: the longest the teacher, student and tokenizer accept). The student's "
+                             "config is left as it is.")
     parser.add_argument("--batch_size", type=int, default=5, help="Batch size (for each process).")
     parser.add_argument("--group_by_size", action="store_false",
                         help="Grouping sequences of similar length into batches is ON by default; passing this "
@@ -301,9 +308,11 @@ def sanity_checks(args):
     if min(split) < 0 or abs(sum(split) - 1) > 1e-6:
         raise UserError(f"--word_mask/--word_keep/--word_rand must be >= 0 and sum to 1, got {split}")
     for flag in ("n_epoch", "batch_size", "gradient_accumulation_steps", "log_interval", "checkpoint_interval",
-                 "save_total_limit", "max_bad_steps"):
-        if getattr(args, flag) < 1:
+                 "save_total_limit", "max_bad_steps", "max_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
+    if args.max_seq_length is not None and args.max_seq_length < MIN_SEQ_LEN:
+        raise UserError(f"--max_seq_length must be at least {MIN_SEQ_LEN} (shorter sequences are not trained on)")
     if not 0 <= args.warmup_prop <= 1:
         raise UserError("--warmup_prop must be in [0, 1]")
     if args.fp16 and args.bf16:
@@ -528,6 +537,11 @@ def main(argv=None):
                             freeze_token_type_embds=args.freeze_token_type_embds,
                             gradient_checkpointing=args.gradient_checkpointing)
     max_len = min(max_len, max_input_size(student.config))
+    if args.max_seq_length is not None:
+        if args.max_seq_length > max_len:
+            raise UserError(f"--max_seq_length {args.max_seq_length} is longer than the models accept ({max_len} "
+                            "tokens)")
+        max_len = args.max_seq_length
     check_compatibility(args, student, teacher, tokenizer, corpus, counts, special_tok_ids)
 
     dataset = LmSeqsDataset(corpus, special_tok_ids=special_tok_ids, mlm=bidirectional(args), max_len=max_len)

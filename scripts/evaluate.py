@@ -15,11 +15,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from evaluation import count_parameters, evaluate, inference_speed  # noqa: E402
-from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset  # noqa: E402
+from lm_seqs_dataset import MIN_SEQ_LEN, BinarizedCorpus, LmSeqsDataset  # noqa: E402
 from models import framing_token_ids, max_input_size, model_classes  # noqa: E402
 from utils import (UserError, fail, first_line, load_pretrained, logger, refuse_gguf, special_token_ids,  # noqa: E402
                    write_json_atomic)
 
+
+
+# The data a model is scored on must not depend on its config: every model is cut at this length unless a
+# model cannot take it (then the run says so, and --max_seq_length makes comparisons explicit).
+DEFAULT_MAX_SEQ_LENGTH = 512
 
 
 def parse_args(argv=None):
@@ -39,6 +44,10 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="Seed of the fixed MLM masking.")
     parser.add_argument("--max_batches", type=int, default=None,
                         help="Evaluate only the first max_batches * batch_size sequences.")
+    parser.add_argument("--max_seq_length", type=int, default=None,
+                        help=f"Cut sequences into chunks of at most this many tokens, the same for every model "
+                             f"compared (default: {DEFAULT_MAX_SEQ_LENGTH}, or less, with a warning, when the model, "
+                             "teacher or tokenizer accepts less).")
     parser.add_argument("--speed_batches", type=int, default=0,
                         help="Also time this many forward batches (sequences/s); 0: skip.")
     parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
@@ -60,6 +69,8 @@ def _check_args(args):
         raise UserError("--batch_size must be >= 1")
     if args.max_batches is not None and args.max_batches < 1:
         raise UserError("--max_batches must be >= 1")
+    if args.max_seq_length is not None and args.max_seq_length < MIN_SEQ_LEN:
+        raise UserError(f"--max_seq_length must be at least {MIN_SEQ_LEN} (shorter sequences are not scored)")
     if args.speed_batches < 0:
         raise UserError("--speed_batches must be >= 0")
     if not 0 < args.mask_prop <= 1:
@@ -103,6 +114,20 @@ def _load_tokenizer(args):
                     + "; pass --tokenizer")
 
 
+def sequence_cut(args, models_max):
+    """The length sequences are cut at: --max_seq_length, else the default, and never more than the models take."""
+    if args.max_seq_length is not None:
+        if args.max_seq_length > models_max:
+            raise UserError(f"--max_seq_length {args.max_seq_length} is longer than the models accept ({models_max} "
+                            "tokens)")
+        return args.max_seq_length
+    if models_max < DEFAULT_MAX_SEQ_LENGTH:
+        logger.warning("Sequences cut at %d tokens, the most the model/teacher/tokenizer accept, not the default %d: "
+                       "pass the same --max_seq_length to every evaluation you compare.", models_max,
+                       DEFAULT_MAX_SEQ_LENGTH)
+    return min(models_max, DEFAULT_MAX_SEQ_LENGTH)
+
+
 def run(args):
     import transformers
 
@@ -127,8 +152,8 @@ def run(args):
     if corpus.max_token_id >= vocab:
         raise UserError(f"--data_file {args.data_file}: token id {corpus.max_token_id} is outside the model's "
                         f"vocabulary of {vocab}; was it binarized with another tokenizer?")
-    max_len = min(max_input_size(config, tokenizer),
-                  max_input_size(t_config) if t_config is not None else 1 << 30)
+    max_len = sequence_cut(args, min(max_input_size(config, tokenizer),
+                                     max_input_size(t_config) if t_config is not None else 1 << 30))
     dataset = LmSeqsDataset(corpus, special_tok_ids=special, mlm=args.mlm, max_len=max_len)
     if len(dataset) == 0:
         raise UserError(f"--data_file {args.data_file}: no sequence left after filtering (at least 12 tokens needed)")
@@ -139,7 +164,7 @@ def run(args):
                        special_tok_ids=special, vocab_size=vocab, teacher=teacher, seed=args.seed,
                        mask_prop=args.mask_prop, max_batches=args.max_batches)
     record = {"model": args.model, "model_type": args.model_type, "teacher": args.teacher,
-              "data_file": args.data_file, "mlm": args.mlm, "seed": args.seed, "batch_size": args.batch_size,
+              "data_file": args.data_file, "max_seq_length": max_len, "mlm": args.mlm, "seed": args.seed, "batch_size": args.batch_size,
               "max_batches": args.max_batches, "n_parameters": count_parameters(model), **results}
     if teacher is not None:
         record["teacher_n_parameters"] = count_parameters(teacher)
@@ -149,7 +174,7 @@ def run(args):
 
 
 def _print_table(record):
-    keys = ["n_parameters", "n_sequences", "n_tokens", "mlm_loss", "pseudo_perplexity", "clm_loss", "perplexity",
+    keys = ["max_seq_length", "n_parameters", "n_sequences", "n_tokens", "mlm_loss", "pseudo_perplexity", "clm_loss", "perplexity",
             "kl_teacher_student", "top1_agreement", "teacher_n_parameters", "sequences_per_second"]
     rows = [(k, record[k]) for k in keys if k in record]
     width = max(len(k) for k, _ in rows)
