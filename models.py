@@ -37,13 +37,21 @@ def model_classes(model_type, mlm=True):
     return tuple(getattr(transformers, name) for name in MODEL_CLASSES[model_type])
 
 
-def framing_token_ids(ids, mlm):
+def framing_token_ids(ids, mlm, framing=None):
     """Special ids with the ones a causal LM's tokenizer may lack filled in from its others.
 
     Many decoder tokenizers (Llama, Qwen, Mistral) have no pad token and some no BOS or unknown token: a
-    sequence is then framed by EOS, and padding (never seen by a loss) reuses an existing id.
+    sequence is then framed by EOS, and padding (never seen by a loss) reuses an existing id. framing: the
+    [start id, end id] a corpus was binarized with (its metadata, from --start_token / --end_token); the
+    chunks of a long sequence are framed with them too (a side that had none keeps the tokenizer's).
     """
     ids = dict(ids)
+    start, end = framing or (None, None)
+    start_name, end_name = ("cls_token", "sep_token") if mlm else ("bos_token", "eos_token")
+    if start is not None:
+        ids[start_name] = int(start)
+    if end is not None:
+        ids[end_name] = int(end)
     if not mlm:
         if "bos_token" not in ids and "eos_token" in ids:
             ids["bos_token"] = ids["eos_token"]

@@ -30,8 +30,25 @@ TOKENIZER_TYPES = {
 }
 
 
-def load_framing_tokenizer(tokenizer_type, tokenizer_name, flag="--tokenizer_name"):
-    """(tokenizer, start id, end id, text prefix) of a --tokenizer_type: what binarize frames each line with."""
+NO_TOKEN = "none"  # --start_token / --end_token value: nothing on that side of each line
+
+
+def _chosen_token_id(tokenizer, text, flag):
+    """The id of the single token `text` names (a chat tokenizer's <|endoftext|>, ...), None for 'none'."""
+    if text == NO_TOKEN:
+        return None
+    token_id = tokenizer.convert_tokens_to_ids(text)
+    if token_id is None or (token_id == tokenizer.unk_token_id and text != tokenizer.unk_token):
+        raise ValueError(f"{flag} {text!r}: not a token of the tokenizer (give one token as it is spelled in its "
+                         f"vocabulary, e.g. {tokenizer.eos_token!r}, or {NO_TOKEN!r})")
+    return int(token_id)
+
+
+def load_framing_tokenizer(tokenizer_type, tokenizer_name, flag="--tokenizer_name", start_token=None, end_token=None):
+    """(tokenizer, start id, end id, text prefix) of a --tokenizer_type: what binarize frames each line with.
+
+    start_token / end_token: the framing the user chose instead of the type's (a token's text, or 'none':
+    the id is then None and nothing is added on that side)."""
     import transformers
 
     class_name, start_attr, end_attr, prefix = TOKENIZER_TYPES[tokenizer_type]
@@ -48,8 +65,13 @@ def load_framing_tokenizer(tokenizer_type, tokenizer_name, flag="--tokenizer_nam
             end_attr = "eos_token"
     start_id = getattr(tokenizer, start_attr + "_id")
     end_id = getattr(tokenizer, end_attr + "_id")
-    if start_id is None or end_id is None:
-        raise ValueError(f"{flag} {tokenizer_name}: the tokenizer has no {start_attr}/{end_attr}")
+    if (start_id is None and start_token is None) or (end_id is None and end_token is None):
+        raise ValueError(f"{flag} {tokenizer_name}: the tokenizer has no {start_attr}/{end_attr}; choose the "
+                         "framing with --start_token / --end_token")
+    if start_token is not None:
+        start_id = _chosen_token_id(tokenizer, start_token, "--start_token")
+    if end_token is not None:
+        end_id = _chosen_token_id(tokenizer, end_token, "--end_token")
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # transformers 5 builds one from an empty folder
         raise ValueError(f"{flag} {tokenizer_name}: no vocabulary found, only special tokens")
     return tokenizer, start_id, end_id, prefix
@@ -76,17 +98,21 @@ def check_text_file(path, flag, sample_bytes=1 << 16):
 
 
 def frame(ids, start_id, end_id):
-    """Flat ids of the batch (a list of id lists) with each sequence wrapped in start/end ids, plus lengths."""
+    """Flat ids of the batch (a list of id lists) with each sequence wrapped in start/end ids (None: nothing on
+    that side), plus lengths."""
     n = len(ids)
+    n_start, n_end = int(start_id is not None), int(end_id is not None)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=n)
     body = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
-    framed_lengths = lengths + 2
+    framed_lengths = lengths + n_start + n_end
     ends = np.cumsum(framed_lengths)
     out = np.empty(int(ends[-1]) if n else 0, dtype=np.int64)
-    out[ends - framed_lengths] = start_id
-    out[ends - 1] = end_id
+    if n_start:
+        out[ends - framed_lengths] = start_id
+    if n_end:
+        out[ends - 1] = end_id
     seq_of_token = np.repeat(np.arange(n), lengths)
-    out[np.arange(len(body)) + 2 * seq_of_token + 1] = body
+    out[np.arange(len(body)) + (n_start + n_end) * seq_of_token + n_start] = body
     return out, framed_lengths
 
 
@@ -106,13 +132,15 @@ def read_line_batches(path, batch_lines, progress):
         yield batch
 
 
-def binarize(file_path, tokenizer_type, tokenizer_name, dump_file, batch_lines=10_000):
+def binarize(file_path, tokenizer_type, tokenizer_name, dump_file, batch_lines=10_000, start_token=None,
+             end_token=None):
     if not os.path.isfile(file_path):
         raise ValueError(f"--file_path {file_path}: no such file")
     if os.path.getsize(file_path) == 0:
         raise ValueError(f"--file_path {file_path}: the file is empty")
     check_text_file(file_path, "--file_path")
-    tokenizer, start_id, end_id, prefix = load_framing_tokenizer(tokenizer_type, tokenizer_name)
+    tokenizer, start_id, end_id, prefix = load_framing_tokenizer(tokenizer_type, tokenizer_name,
+                                                                 start_token=start_token, end_token=end_token)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     # A tokenizer.json may switch on fixed padding/truncation (the real bert-base-uncased one pads to 128):
     # corpus sequences must keep their true length, long ones are chunked later by the dataset.
@@ -128,7 +156,7 @@ def binarize(file_path, tokenizer_type, tokenizer_name, dump_file, batch_lines=1
 
     metadata = {"tokenizer_type": tokenizer_type, "tokenizer_name": tokenizer_name,
                 "source": os.path.basename(file_path),
-                "special_ids": special_token_ids(tokenizer)}
+                "special_ids": special_token_ids(tokenizer), "framing": [start_id, end_id]}
     t0, n_lines = time.time(), 0
     progress = tqdm(total=os.path.getsize(file_path), unit="B", unit_scale=True, desc="binarize",
                     disable=None, mininterval=2)

@@ -517,7 +517,6 @@ def main(argv=None):
     cache = TeacherCache(args.teacher_cache) if args.teacher_cache is not None else None
     tokenizer = build_tokenizer(args)
     teacher = build_teacher(args)
-    special_tok_ids = framing_token_ids(special_token_ids(tokenizer), bidirectional(args))
     max_len = max_input_size(teacher.config if teacher is not None else None, tokenizer)
     if cache is not None:  # the teacher's limit, as the cache recorded it
         max_len = min(max_len, cache.meta["max_len"])
@@ -525,6 +524,8 @@ def main(argv=None):
     logger.info("Loading data from %s", args.data_file)
     with user_input("--data_file"):
         corpus = BinarizedCorpus.open(args.data_file)
+    special_tok_ids = framing_token_ids(special_token_ids(tokenizer), bidirectional(args),
+                                        corpus.metadata.get("framing"))
     counts = None
     masked = args.mlm and not encoder_mode(args)  # encoders learn from unmasked text (Distiller.prepare_batch_plain)
     if masked and cache is None:  # a cache brings its masking

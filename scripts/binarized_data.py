@@ -5,7 +5,9 @@
 
 writes data/binarized_text.bert-base-uncased.bin (see lm_seqs_dataset.py for the format; the work is done
 by preprocessing.binarize). Each line is wrapped as `[CLS] line [SEP]` (bert), `<s> line </s>` (roberta) or
-`<|endoftext|> line <|endoftext|>` (gpt2); blank lines are skipped.
+`<|endoftext|> line <|endoftext|>` (gpt2); blank lines are skipped. --start_token / --end_token choose other
+framing tokens, or none: an instruct/chat tokenizer's BOS and EOS are often its turn markers (<|im_start|>,
+<|im_end|>), which `auto` would put around every line; its document separator (<|endoftext|>) fits a plain corpus.
 """
 import argparse
 import logging
@@ -27,11 +29,19 @@ def main(argv=None):
     parser.add_argument("--dump_file", type=str, default="data/dump",
                         help="The dump file prefix; '.<tokenizer>.bin' is appended.")
     parser.add_argument("--batch_lines", type=int, default=10_000, help="Lines tokenized per batch.")
+    parser.add_argument("--start_token", default=None,
+                        help="The token put before each line instead of the --tokenizer_type's (its text, e.g. "
+                             "'<|endoftext|>'), or 'none'. auto's own choice: [CLS] when the tokenizer has [CLS] and "
+                             "[SEP], else BOS, else EOS.")
+    parser.add_argument("--end_token", default=None,
+                        help="The token put after each line instead of the --tokenizer_type's, or 'none'. auto's "
+                             "own choice: [SEP] when the tokenizer has [CLS] and [SEP], else EOS.")
     args = parser.parse_args(argv)
     if args.batch_lines < 1:
         fail("--batch_lines must be at least 1")
     try:
-        binarize(args.file_path, args.tokenizer_type, args.tokenizer_name, args.dump_file, args.batch_lines)
+        binarize(args.file_path, args.tokenizer_type, args.tokenizer_name, args.dump_file, args.batch_lines,
+                 start_token=args.start_token, end_token=args.end_token)
     except ValueError as exc:
         fail(str(exc))
 

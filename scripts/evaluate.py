@@ -146,7 +146,7 @@ def run(args):
         raise UserError(f"vocabulary mismatch: --model {args.model} has {vocab} tokens, --teacher {args.teacher} "
                         f"has {t_config.vocab_size}")
     tokenizer = _load_tokenizer(args)
-    special = framing_token_ids(special_token_ids(tokenizer), args.mlm)
+    special = framing_token_ids(special_token_ids(tokenizer), args.mlm, corpus.metadata.get("framing"))
     if args.mlm and "mask_token" not in special:
         raise UserError("the tokenizer has no mask token, needed for MLM evaluation")
     if corpus.max_token_id >= vocab:
