@@ -6,6 +6,7 @@ GPT-2, ...): it slices that list and the config (per-layer fields, layer counts,
 result against a freshly built student of the same class, and writes a complete model folder.
 """
 import copy
+import math
 import os
 import shutil
 import tempfile
@@ -292,6 +293,33 @@ def check_auto_output_paths(args):
             raise UserError(f"--dump_folder {args.dump_folder} is not empty; remove it or choose another")
 
 
+def held_out_scorer(args, tokenizer, teacher_config):
+    """A function model -> held-out loss on --eval_data_file (None without it): what a layer choice costs before
+    any training."""
+    if getattr(args, "eval_data_file", None) is None:
+        return None
+    import functools
+
+    from evaluation import evaluate
+    from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset
+    from models import framing_token_ids, max_input_size
+    from utils import special_token_ids, user_input
+
+    if tokenizer is None:
+        raise UserError(f"--eval_data_file needs the teacher's tokenizer; --model_name {args.model_name} has none")
+    with user_input("--eval_data_file"):
+        corpus = BinarizedCorpus.open(args.eval_data_file)
+    special = framing_token_ids(special_token_ids(tokenizer), args.mlm, corpus.metadata.get("framing"))
+    dataset = LmSeqsDataset(corpus, special_tok_ids=special, mlm=args.mlm,
+                            max_len=min(args.eval_max_seq_length, max_input_size(teacher_config, tokenizer)))
+    if len(dataset) == 0:
+        raise UserError(f"--eval_data_file {args.eval_data_file}: no sequence left after filtering")
+    score = functools.partial(evaluate, dataset=dataset, mlm=args.mlm, batch_size=args.eval_batch_size,
+                              device="cpu", special_tok_ids=special, max_batches=args.eval_max_batches)
+    key = "mlm_loss" if args.mlm else "clm_loss"
+    return lambda model: score(model, vocab_size=model.config.get_text_config().vocab_size)[key]
+
+
 def run_auto_extraction(args):
     """Validate everything, then write: an error leaves no output behind."""
     if args.student_config is not None:
@@ -306,7 +334,15 @@ def run_auto_extraction(args):
     n_teacher_layers = len(teacher.get_submodule(find_layer_stack(teacher).path))
     layers = layers_arg if layers_arg is not None else default_layers(n_teacher_layers)
     tokenizer = load_teacher_tokenizer(args.model_name)
+    score = held_out_scorer(args, tokenizer, teacher.config.get_text_config())
+    teacher_loss = score(teacher) if score is not None else None  # before the teacher becomes the student
     student, changed = build_auto_student(teacher, layers, inplace=True)
+    if score is not None:
+        vocab = student.config.get_text_config().vocab_size
+        logger.info("Held-out %s loss on %s (nats per token): teacher %.3f, student before training %.3f, "
+                    "uniform guess %.3f. A student far above the teacher, or above the uniform guess, starts "
+                    "from a poor layer choice (see --layers).", "MLM" if args.mlm else "CLM", args.eval_data_file,
+                    teacher_loss, score(student), math.log(vocab))
 
     logger.info("Teacher %s (%s): %d layers; student built from teacher layers %s", args.model_name,
                 type(student).__name__, n_teacher_layers, ",".join(map(str, layers)))

@@ -41,6 +41,14 @@ def build_parser():
     parser.add_argument("--mlm", action="store_true",
                         help="With --model_type auto: load the teacher with AutoModelForMaskedLM "
                              "(default: AutoModelForCausalLM).")
+    parser.add_argument("--eval_data_file", default=None,
+                        help="With --model_type auto: a binarized held-out file (scripts/binarized_data.py) on "
+                             "which the teacher's and the new student's losses are reported, before any training.")
+    parser.add_argument("--eval_max_batches", type=int, default=4,
+                        help="Score at most this many batches of --eval_data_file.")
+    parser.add_argument("--eval_batch_size", type=int, default=8, help="Batch size of that scoring.")
+    parser.add_argument("--eval_max_seq_length", type=int, default=512,
+                        help="Cut --eval_data_file's sequences into chunks of at most this many tokens.")
     parser.add_argument("--vocab_transform", dest="vocab_transform", action="store_const", const=True,
                         default=True,
                         help="Copy RoBERTa's lm_head.dense / lm_head.layer_norm (the default here: the "
@@ -57,6 +65,10 @@ def main(argv=None):
         refuse_gguf(args.model_name, "--model_name")
     except UserError as error:
         fail(str(error))
+    if args.eval_data_file is not None and args.model_type != "auto":
+        fail("--eval_data_file applies to --model_type auto only")
+    if min(args.eval_max_batches, args.eval_batch_size) < 1 or args.eval_max_seq_length < 12:
+        fail("--eval_max_batches and --eval_batch_size must be >= 1, --eval_max_seq_length >= 12")
     if args.model_type == "auto":
         try:
             run_auto_extraction(args)
