@@ -1,0 +1,264 @@
+#!/usr/bin/env python
+"""What distillation buys with a real pretrained teacher: the paper's ablation in miniature, rerunnable.
+
+    pip install gguf accelerate          # only to read a .gguf teacher
+    python scripts/ablation.py --teacher SmolLM2-135M-Instruct.Q4_1.gguf \
+        --train_text ../shared/data/wikitext-2/valid.txt --eval_text ../shared/data/wikitext-2/test.txt \
+        --workdir runs/ablation
+
+Arms, each trained with the same data, order (per seed), steps and learning rate:
+    distilled          student from teacher layers, --alpha_ce 5 --alpha_clm 2 --alpha_cos 1
+    no teacher         the same student, --alpha_clm 2 alone
+    distilled, random  the same architecture from random init, the distilled run's losses
+for every seed, plus the teacher and the untrained student. Every model is scored by scripts/evaluate.py on
+the same held-out sequences, cut at the same length: perplexity, KL(teacher || student) and top-1 agreement.
+The table gives each arm's mean, standard deviation and range over the seeds, and the paired difference
+(distilled - no teacher) seed by seed: the same seed means the same batches in the same order.
+
+Each step is a repository script run as a subprocess, its command printed and its log kept under
+workdir/logs; a finished step (its output present) is skipped, so an interrupted ablation resumes by running
+the same command again. --dry_run prints the commands and the run's size without running anything.
+"""
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from demo_pipeline import Pipeline, StepFailed  # noqa: E402
+from utils import UserError, fail, write_json_atomic  # noqa: E402
+
+ARMS = {
+    "distilled": {"init": "teacher_layers", "alpha": {"ce": 5, "clm": 2, "cos": 1}},
+    "no_teacher": {"init": "teacher_layers", "alpha": {"ce": 0, "clm": 2, "cos": 0}},
+    "distilled_random_init": {"init": "random", "alpha": {"ce": 5, "clm": 2, "cos": 1}},
+}
+METRICS = ("perplexity", "kl_teacher_student", "top1_agreement")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Distillation ablation with a real causal LM teacher.")
+    parser.add_argument("--teacher", required=True,
+                        help="The teacher: a .gguf file (converted once with scripts/convert_gguf.py) or a model "
+                             "folder of a causal LM with its tokenizer.")
+    parser.add_argument("--train_text", required=True, help="Training text, one sequence per line.")
+    parser.add_argument("--eval_text", required=True, help="Held-out text, one sequence per line.")
+    parser.add_argument("--workdir", required=True, help="Where the data, models, logs and the table go.")
+    parser.add_argument("--layers", default=None,
+                        help="Teacher layers the student keeps (default: the first ceil(n/2) and the last "
+                             "floor(n/2) of n = half the teacher's depth; 0-7 and 23-29 for a 30-layer teacher).")
+    parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds, one run per arm and seed.")
+    parser.add_argument("--max_steps", type=int, default=150, help="Optimizer steps of every training run.")
+    parser.add_argument("--batch_size", type=int, default=4, help="Sequences per batch.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=2, help="Batches per optimizer step.")
+    parser.add_argument("--max_seq_length", type=int, default=256,
+                        help="Training and evaluation sequences are cut into chunks of at most this many tokens.")
+    parser.add_argument("--learning_rate", type=float, default=5e-4, help="Peak learning rate of every run.")
+    parser.add_argument("--warmup_prop", type=float, default=0.05, help="Linear warmup proportion.")
+    parser.add_argument("--temperature", type=float, default=2.0, help="Distillation temperature.")
+    parser.add_argument("--eval_batches", type=int, default=24,
+                        help="Held-out batches of 8 sequences scored per model (the first ones of --eval_text).")
+    parser.add_argument("--start_token", default="<|endoftext|>",
+                        help="Token before each line (binarized_data.py --start_token; 'auto': the tokenizer's "
+                             "own choice).")
+    parser.add_argument("--end_token", default="<|endoftext|>", help="Token after each line ('auto', 'none', ...).")
+    parser.add_argument("--dry_run", action="store_true", help="Print the commands and the run's size; run nothing.")
+    parser.add_argument("--verbose", action="store_true", help="Show every step's output.")
+    return parser.parse_args(argv)
+
+
+def default_layers(n_teacher_layers):
+    """Half the depth, as the first half and the last half of the teacher: for SmolLM2-135M the layers 0-7 and
+    23-29 start at a held-out loss of 8.9 nats, where every other layer (0,2,...,28) starts at 14.4, worse than
+    a uniform guess (10.8)."""
+    n = max(1, n_teacher_layers // 2)
+    first = (n + 1) // 2
+    return list(range(first)) + list(range(n_teacher_layers - (n - first), n_teacher_layers))
+
+
+def summarize(values):
+    """(mean, sample standard deviation, min, max) of a list of floats (std 0 for one value)."""
+    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, min(values),
+            max(values))
+
+
+def results_table(records, seeds):
+    """Markdown: one row per model or arm (mean +- std [min, max] over the seeds), then the paired gain.
+
+    records: {"teacher": eval record, "student_init": eval record, (arm, seed): eval record plus
+    "train_seconds"}."""
+    lines = ["| model | runs | perplexity | KL(teacher \u2016 student) | top-1 agreement | train s / run |",
+             "|---|---|---|---|---|---|"]
+    for name in ("teacher", "student_init"):
+        if name in records:
+            r = records[name]
+            lines.append(f"| {name} | 1 | {r['perplexity']:.2f} | {r.get('kl_teacher_student', 0):.3f} | "
+                         f"{r.get('top1_agreement', 1):.3f} | - |")
+    for arm in ARMS:
+        runs = [records[(arm, s)] for s in seeds if (arm, s) in records]
+        if not runs:
+            continue
+        cells = []
+        for metric, digits in zip(METRICS, (2, 3, 3)):
+            mean, std, lo, hi = summarize([r[metric] for r in runs])
+            cells.append(f"{mean:.{digits}f} \u00b1 {std:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]")
+        seconds = statistics.fmean(r.get("train_seconds", math.nan) for r in runs)
+        lines.append(f"| {arm} | {len(runs)} | {' | '.join(cells)} | {seconds:.0f} |")
+    paired = [records[("no_teacher", s)]["perplexity"] - records[("distilled", s)]["perplexity"]
+              for s in seeds if ("distilled", s) in records and ("no_teacher", s) in records]
+    if paired:
+        mean, std, lo, hi = summarize(paired)
+        lines.append("")
+        lines.append(f"Paired gain of distillation (no_teacher - distilled perplexity, same seed): {mean:.2f} "
+                     f"\u00b1 {std:.2f} [{lo:.2f}, {hi:.2f}] over {len(paired)} seed(s).")
+    return "\n".join(lines)
+
+
+class Ablation:
+    def __init__(self, args):
+        self.args = args
+        self.workdir = os.path.abspath(args.workdir)
+        self.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        n_steps = 6 + len(self.seeds) * len(ARMS) * 2  # teacher, 2 x binarize, extract, 2 references
+        self.pipe = Pipeline(self.workdir, n_steps=n_steps, verbose=args.verbose)
+        self.path = lambda *parts: os.path.join(self.workdir, *parts)
+
+    def check(self):
+        a = self.args
+        for flag in ("teacher", "train_text", "eval_text"):
+            if not os.path.exists(getattr(a, flag)):
+                raise UserError(f"--{flag} {getattr(a, flag)}: no such file or folder")
+        if not self.seeds:
+            raise UserError(f"--seeds {a.seeds!r}: no seed given")
+        for flag in ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_batches"):
+            if getattr(a, flag) < 1:
+                raise UserError(f"--{flag} must be at least 1")
+
+    def step(self, name, done, script, args, log, progress=None):
+        """Run a script unless its output `done` exists (a rerun resumes); --dry_run only prints it."""
+        self.pipe.begin(name)
+        if os.path.exists(done):
+            print(f"    already done: {self.pipe.rel(done)}", flush=True)
+        elif self.args.dry_run:
+            print("    python " + shlex.join(str(x) for x in [script, *args]), flush=True)
+        else:
+            self.pipe.run(script, args, log, progress)
+        self.pipe.end()
+
+    def run(self):
+        a = self.args
+        teacher = os.path.abspath(a.teacher)
+        if teacher.lower().endswith(".gguf"):
+            folder = self.path("teacher")
+            self.step("Convert the GGUF teacher", self.path("teacher", "config.json"), "scripts/convert_gguf.py",
+                      ["--gguf_file", teacher, "--dump_folder", folder], "convert.log")
+            teacher = folder
+        else:
+            self.pipe.begin("Teacher folder")
+            print(f"    {self.pipe.rel(teacher)}", flush=True)
+            self.pipe.end()
+        framing = []
+        for side in ("start", "end"):
+            value = getattr(a, f"{side}_token")
+            if value != "auto":
+                framing += [f"--{side}_token", value]
+        data = {}
+        for split, text in (("train", a.train_text), ("eval", a.eval_text)):
+            prefix = self.path("data", split)
+            data[split] = f"{prefix}.{os.path.basename(teacher)}.bin"
+            self.step(f"Binarize {split} text", data[split], "scripts/binarized_data.py",
+                      ["--file_path", text, "--tokenizer_type", "auto", "--tokenizer_name", teacher,
+                       "--dump_file", prefix, *framing], f"binarize_{split}.log")
+        student_init = self.path("student_init")
+        depth = self._teacher_depth(teacher)
+        layers = a.layers or (",".join(map(str, default_layers(depth))) if depth else "<half the teacher's depth>")
+        self.step("Student from teacher layers " + layers, self.path("student_init", "config.json"),
+                  "scripts/extract.py", ["--model_type", "auto", "--model_name", teacher, "--layers", layers,
+                                         "--dump_folder", student_init, "--eval_data_file", data["eval"],
+                                         "--eval_max_seq_length", a.max_seq_length], "extract.log")
+
+        records = {}
+        for name, model in (("teacher", teacher), ("student_init", student_init)):
+            record = self._evaluate(f"Evaluate {name}", model, teacher if name != "teacher" else None, data["eval"],
+                                    f"eval_{name}")
+            if record is not None:
+                records[name] = record
+        for seed in self.seeds:
+            for arm, spec in ARMS.items():
+                run = self.path("runs", f"{arm}_seed{seed}")
+                seconds = self._train(arm, spec, seed, run, teacher, student_init, data["train"])
+                record = self._evaluate(f"Evaluate {arm} seed {seed}", run, teacher, data["eval"],
+                                        f"eval_{arm}_seed{seed}")
+                if record is not None:
+                    records[(arm, seed)] = dict(record, train_seconds=seconds)
+        if a.dry_run:
+            return None
+        table = results_table(records, self.seeds)
+        write_json_atomic(self.path("ablation.json"), {"settings": vars(a), "layers": layers, "results": {
+            (k if isinstance(k, str) else f"{k[0]}_seed{k[1]}"): v for k, v in records.items()}})
+        with open(self.path("ablation.md"), "w") as f:
+            f.write(table + "\n")
+        print("\n" + table, flush=True)
+        return table
+
+    def _teacher_depth(self, teacher):
+        config = os.path.join(teacher, "config.json")
+        if not os.path.exists(config):  # a dry run before the conversion: the layers are not known yet
+            return 0
+        with open(config) as f:
+            values = json.load(f)
+        return values.get("num_hidden_layers") or values.get("n_layer")
+
+    def _train(self, arm, spec, seed, run, teacher, student_init, data):
+        a = self.args
+        init = ["--student_pretrained_weights", student_init] if spec["init"] == "teacher_layers" else []
+        alphas = [x for name, value in spec["alpha"].items() for x in (f"--alpha_{name}", value)]
+        args = ["--student_type", "auto", "--teacher_type", "auto", "--student_config",
+                os.path.join(student_init, "config.json"), *init, "--teacher_name", teacher, "--tokenizer_name",
+                teacher, *alphas, "--data_file", data, "--dump_path", run, "--force", "--n_gpu", "0",
+                "--seed", seed, "--max_steps", a.max_steps, "--batch_size", a.batch_size,
+                "--gradient_accumulation_steps", a.gradient_accumulation_steps, "--max_seq_length", a.max_seq_length,
+                "--learning_rate", a.learning_rate, "--warmup_prop", a.warmup_prop, "--temperature", a.temperature,
+                "--log_interval", 10, "--checkpoint_interval", 100_000]
+        timing = os.path.join(run, "ablation_seconds.json")  # written once the run is complete
+        start = time.time()
+        self.step(f"Train {arm} seed {seed}", timing, "train.py", args, f"train_{arm}_seed{seed}.log",
+                  progress=os.path.join(run, "metrics.jsonl"))
+        if self.args.dry_run:
+            return math.nan
+        if not os.path.exists(timing):
+            write_json_atomic(timing, {"train_seconds": round(time.time() - start, 1)})
+        with open(timing) as f:
+            return json.load(f)["train_seconds"]
+
+    def _evaluate(self, name, model, teacher, data, tag):
+        a = self.args
+        out = self.path("eval", f"{tag}.json")
+        vs_teacher = ["--teacher", teacher, "--teacher_type", "auto"] if teacher else []
+        self.step(name, out, "scripts/evaluate.py",
+                  ["--model", model, "--model_type", "auto", *vs_teacher, "--data_file", data, "--batch_size", 8, "--max_batches", a.eval_batches, "--max_seq_length",
+                   a.max_seq_length, "--device", "cpu", "--output", out], f"{tag}.log")
+        if not os.path.exists(out):
+            return None
+        with open(out) as f:
+            return json.load(f)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ablation = Ablation(args)
+    try:
+        ablation.check()
+        return ablation.run()
+    except UserError as exc:
+        fail(str(exc))
+    except StepFailed as exc:
+        fail(f"{exc.step}: {exc} (log: {exc.log})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""scripts/ablation.py without its two-hour run: the commands its dry run prints are ones the scripts accept,
+the default layer choice, and the table's statistics against hand computations. (The end-to-end run on tiny
+local models is cheap to try by hand: docs/real-teacher.md; CI never needs the GGUF teacher.)"""
+import shlex
+
+from conftest import load_script
+from test_docs import parser_of
+
+
+def test_dry_run_commands_parse_with_each_scripts_own_parser(tmp_path, capsys):
+    gguf = tmp_path / "teacher.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(16))
+    text = tmp_path / "lines.txt"
+    text.write_text("one line of text\n")
+    load_script("ablation").main(["--teacher", str(gguf), "--train_text", str(text), "--eval_text", str(text),
+                                  "--workdir", str(tmp_path / "work"), "--seeds", "0,1", "--dry_run"])
+    commands = [shlex.split(line.strip())[1:] for line in capsys.readouterr().out.splitlines()
+                if line.strip().startswith("python ")]
+    scripts = [c[0] for c in commands]
+    assert scripts[:4] == ["scripts/convert_gguf.py", "scripts/binarized_data.py", "scripts/binarized_data.py",
+                           "scripts/extract.py"]
+    assert scripts.count("train.py") == 6 and scripts.count("scripts/evaluate.py") == 8
+    for script, *args in commands:
+        parser_of(script).parse_args(args)  # exits (fails the test) on a flag or value the script does not take
+    trains = [c for c in commands if c[0] == "train.py"]
+    distilled = [c for c in trains if "--alpha_ce" in c and c[c.index("--alpha_ce") + 1] == "5"]
+    assert len(distilled) == 4 and all("--max_steps" in c and "--max_seq_length" in c for c in trains)
+    assert not (tmp_path / "work").exists()  # a dry run writes nothing
+
+
+def test_default_layers_keep_a_first_and_a_last_block():
+    default_layers = load_script("ablation").default_layers
+    assert default_layers(30) == [0, 1, 2, 3, 4, 5, 6, 7, 23, 24, 25, 26, 27, 28, 29]
+    assert default_layers(4) == [0, 3]
+
+
+def test_table_means_spreads_and_paired_gain():
+    ablation = load_script("ablation")
+
+    def record(ppl, kl=0.5, top1=0.4):
+        return {"perplexity": ppl, "kl_teacher_student": kl, "top1_agreement": top1, "train_seconds": 60.0}
+
+    records = {"teacher": {"perplexity": 20.0}, "student_init": record(5000.0)}
+    for seed, (kd, plain) in enumerate([(30.0, 33.0), (32.0, 36.0), (34.0, 36.0)]):
+        records[("distilled", seed)] = record(kd)
+        records[("no_teacher", seed)] = record(plain)
+    table = ablation.results_table(records, [0, 1, 2])
+    assert "| distilled | 3 | 32.00 \u00b1 2.00 [30.00, 34.00] |" in table
+    assert "| no_teacher | 3 | 35.00 \u00b1 1.73 [33.00, 36.00] |" in table
+    assert "| teacher | 1 | 20.00 |" in table
+    # no_teacher - distilled, seed by seed: 3, 4, 2 -> mean 3, sample std 1
+    assert "3.00 \u00b1 1.00 [2.00, 4.00] over 3 seed(s)" in table
+    assert "distilled_random_init" not in table  # an arm without runs has no row
