@@ -26,11 +26,11 @@ from divergences import DEFAULT_JSD_BETA, DEFAULT_KD_LOSS
 from grouped_batch_sampler import training_batch_sampler
 from losses import IGNORE_INDEX, distillation_losses
 from masking import prepare_batch_clm, prepare_batch_mlm
-from models import ENCODER, RowLogitsLM, TeacherLM
+from models import ENCODER, RowLogitsLM, TeacherLM, hidden_projection
 from schedule import plan_steps, short_run_warnings
 from sharding import Fsdp
 from teacher_cache import WithIndices
-from utils import append_jsonl, logger, set_seed
+from utils import amp_dtype, append_jsonl, logger, set_seed
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 LOSS_NAMES = ("ce", "mlm", "clm", "mse", "cos", "hidden")
@@ -182,8 +182,12 @@ class Distiller:
                                      generator=torch.Generator().manual_seed(c.seed))
     def _setup_precision(self):
         p = self.config
-        self.amp_dtype = torch.bfloat16 if p.bf16 else torch.float16 if p.fp16 else None
+        self.amp_dtype = amp_dtype(bf16=p.bf16, fp16=p.fp16)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=p.fp16)
+        if self.amp_dtype is None and self.device.type == "cuda":
+            # A float32 run on a GPU: TF32 matmuls (10-bit mantissa inputs, fp32 accumulation), the usual speed/
+            # precision trade for training; without it fp32 matmuls run at a fraction of the tensor cores' rate.
+            torch.set_float32_matmul_precision("high")
 
     def _setup_optimizer(self):
         p = self.config
@@ -218,7 +222,7 @@ class Distiller:
         t_dim = self.teacher.config.hidden_size if self.teacher is not None else s_dim
         hidden_losses = self.alpha["cos"] > 0 or self.alpha["hidden"] > 0
         if hidden_losses and s_dim != t_dim:  # train.py refuses this without --hidden_projection
-            self.hidden_projection = torch.nn.Linear(s_dim, t_dim, bias=False).to(self.device)
+            self.hidden_projection = hidden_projection(s_dim, t_dim, seed=self.config.seed).to(self.device)
             logger.info("Hidden-state losses through a learned %d -> %d projection (not part of the exported "
                         "student).", s_dim, t_dim)
         pairs = (self.config.hidden_layer_map or ()) if self.alpha["hidden"] > 0 else ()

@@ -11,6 +11,12 @@ numbers do not depend on the batch size, the batch order, the number of processe
 random state, so two evaluations of the same weights agree exactly and a curve over training measures the
 weights alone. The per-position sums come from the same chunked formula training uses (losses.py).
 
+Precision and cost: the forwards run as in training, through models.RowLogitsLM (the vocabulary projection only
+at the positions a metric reads, never over every position) and under autocast in the run's dtype (train.py
+passes --bf16/--fp16; float32 otherwise); the cross-entropy, KL and argmax over those logits are computed in
+float32. A DDP and an FSDP run of the same weights and precision therefore report the same numbers up to
+float rounding. Every rank runs as many forwards as the busiest one (an FSDP forward is a collective).
+
 `scripts/evaluate.py` is the command line; train.py hands `evaluate` to the Distiller for evaluation during
 training; `count_parameters` and `inference_speed` feed the demo's table.
 """
@@ -23,11 +29,15 @@ import torch
 from benchmarking import sync
 from losses import IGNORE_INDEX, logit_loss_sums
 from masking import attention_mask_from_lengths, clm_eval_labels, fixed_mlm_mask
+from models import RowLogitsLM
 from utils import unwrap
 
 
 def _shard(dataset, batch_size, max_batches, world_size, rank):
-    """This rank's dataset indices, longest first (less padding), cut into batches."""
+    """This rank's dataset indices, longest first (less padding), cut into batches, then None up to the number
+    of batches of the rank with the most: every rank runs the same number of forwards. Under FSDP each forward
+    is a collective (it gathers the weights), so a rank that finished early would wait in the final all-reduce
+    while another still gathers: a hang. A None batch is run on some sequence and not counted."""
     n = len(dataset)
     if max_batches is not None:
         # A global budget, so the evaluated set (and the result) does not depend on the number of ranks.
@@ -36,7 +46,9 @@ def _shard(dataset, batch_size, max_batches, world_size, rank):
     lengths = getattr(dataset, "lengths", None)
     lengths = np.asarray(lengths)[indices] if lengths is not None else np.array([dataset[i][1] for i in indices])
     indices = indices[np.argsort(-lengths, kind="stable")]
-    return [indices[i: i + batch_size] for i in range(0, len(indices), batch_size)]
+    batches = [indices[i: i + batch_size] for i in range(0, len(indices), batch_size)]
+    most = math.ceil(len(range(0, n, world_size)) / batch_size)  # rank 0 has the most sequences
+    return batches + [None] * (most - len(batches))
 
 
 def _collate(dataset, indices):
@@ -51,14 +63,26 @@ def _collate(dataset, indices):
 
 
 def _position_sums(s_logits, t_logits, targets):
-    """[sum CE, n, sum KL(t||s), n argmax agree] over the rows of flat logits whose target is not ignored."""
-    vocab = s_logits.size(-1)
-    targets = targets.reshape(-1)
-    rows = (targets != IGNORE_INDEX).nonzero().squeeze(-1)  # evaluation may wait for the device
-    s_rows = s_logits.reshape(-1, vocab)[rows]  # (n, vocab)
-    t_rows = t_logits.reshape(-1, t_logits.size(-1))[rows] if t_logits is not None else None
-    ce, kl, agree = logit_loss_sums(s_rows, t_rows, targets[rows], temperature=1.0)
-    return torch.stack([ce, ce.new_tensor(rows.numel()), kl, agree])
+    """[sum CE, n, sum KL(t||s), n argmax agree] over row logits (n, vocab) and their targets (n,)."""
+    ce, kl, agree = logit_loss_sums(s_logits, t_logits, targets, temperature=1.0)
+    return torch.stack([ce, ce.new_tensor(targets.numel()), kl, agree])
+
+
+def _targets(token_ids, lengths, indices, mlm, special, mask_id, seed, mask_prop):
+    """(inputs, targets) on the host, targets (bs, L) with IGNORE_INDEX where no metric reads the logits: the
+    fixed masking's positions (MLM), or each position followed by a real token (CLM: i predicts i + 1)."""
+    if mlm:
+        return fixed_mlm_mask(token_ids, lengths, indices, special_ids=special, mask_id=mask_id, seed=seed,
+                              mask_prop=mask_prop)
+    shifted = clm_eval_labels(token_ids, lengths)  # (bs, L - 1), aligned with positions 0 .. L - 2
+    return token_ids, torch.cat([shifted, shifted.new_full((shifted.size(0), 1), IGNORE_INDEX)], dim=1)
+
+
+def _row_model(model):
+    """The model as a models.RowLogitsLM (vocabulary projection only at the given rows); an FSDP-sharded
+    student already is one (its root), and must be called through it."""
+    model = unwrap(model)
+    return model if isinstance(model, RowLogitsLM) else RowLogitsLM(model)
 
 
 def _set_eval(*models):
@@ -76,7 +100,7 @@ def _exp(x):
 
 @torch.no_grad()
 def evaluate(model, dataset, *, mlm, batch_size, device, special_tok_ids, vocab_size=None, teacher=None, seed=0,
-             mask_prop=0.15, max_batches=None, world_size=1, rank=0):
+             mask_prop=0.15, max_batches=None, world_size=1, rank=0, amp_dtype=None):
     """Evaluate `model` (and its agreement with `teacher`) on `dataset`; see the module docstring.
 
     dataset: items (token ids, length), e.g. LmSeqsDataset. special_tok_ids: {name: id} as
@@ -84,48 +108,48 @@ def evaluate(model, dataset, *, mlm, batch_size, device, special_tok_ids, vocab_
     vocab_size: if given, logits are cut to their first vocab_size columns (models whose embedding matrix
     was padded beyond the tokenizer). max_batches: evaluate only the first max_batches * batch_size
     sequences of the dataset (all ranks together). With world_size > 1 every rank must call this: rank r
-    takes the sequences i % world_size == r, and when torch.distributed is initialised the sums are
-    all-reduced so that every rank returns the same global numbers.
+    takes the sequences i % world_size == r, every rank runs as many forwards as the busiest one, and when
+    torch.distributed is initialised the sums are all-reduced so that every rank returns the same global numbers.
+    amp_dtype: run the forwards under autocast in this dtype (the training run's --bf16/--fp16); the
+    losses over the logits are computed in float32 either way.
 
     Returns {'mlm_loss', 'pseudo_perplexity'} (MLM) or {'clm_loss', 'perplexity'} (CLM), plus
     'kl_teacher_student' and 'top1_agreement' with a teacher, 'n_tokens' and 'n_sequences'.
     """
-    model = unwrap(model)
-    teacher = unwrap(teacher) if teacher is not None else None
     device = torch.device(device)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if mlm and "mask_token" not in special_tok_ids:
         raise ValueError("MLM evaluation needs special_tok_ids['mask_token']")
     special = sorted(set(special_tok_ids.values()))
-    modes = _set_eval(model, teacher)
+    student_lm = _row_model(model)
+    teacher_lm = _row_model(teacher) if teacher is not None else None
+    modes = _set_eval(student_lm, teacher_lm)
     try:
         sums = torch.zeros(5, dtype=torch.float64, device=device)  # CE, n tokens, KL, agreements, sequences
         for indices in _shard(dataset, batch_size, max_batches, world_size, rank):
+            counted = indices is not None
+            indices = indices if counted else np.zeros(1, dtype=np.int64)  # a forward to keep step with the others
             token_ids, lengths = _collate(dataset, indices)
-            attn = attention_mask_from_lengths(lengths, token_ids.size(1))
-            if mlm:
-                inputs, targets = fixed_mlm_mask(token_ids, lengths, indices, special_ids=special,
-                                                 mask_id=special_tok_ids["mask_token"], seed=seed,
-                                                 mask_prop=mask_prop)
-            else:
-                inputs, targets = token_ids, clm_eval_labels(token_ids, lengths)
-            inputs, attn = inputs.to(device), attn.to(device)
-            targets = targets.to(device)
+            inputs, targets = _targets(token_ids, lengths, indices, mlm, special, special_tok_ids.get("mask_token"),
+                                       seed, mask_prop)
+            targets = targets.flatten()
+            rows = (targets != IGNORE_INDEX).nonzero().squeeze(-1)  # on the host: no device synchronisation
             # Same call as training: CLM pads on the right, where a causal model cannot look anyway.
-            mask = attn if mlm else None
-            s_logits = model(input_ids=inputs, attention_mask=mask).logits
-            t_logits = teacher(input_ids=inputs, attention_mask=mask).logits if teacher is not None else None
+            mask = attention_mask_from_lengths(lengths, token_ids.size(1)).to(device) if mlm else None
+            inputs, device_rows = inputs.to(device), rows.to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                s_logits = student_lm(inputs, mask, device_rows)[0]
+                t_logits = teacher_lm(inputs, mask, device_rows)[0] if teacher_lm is not None else None
+            if not counted:
+                continue
             if vocab_size is not None:
                 s_logits = s_logits[..., :vocab_size]
                 t_logits = t_logits[..., :vocab_size] if t_logits is not None else None
-            if not mlm:
-                s_logits = s_logits[:, :-1]
-                t_logits = t_logits[:, :-1] if t_logits is not None else None
             if t_logits is not None and t_logits.size(-1) != s_logits.size(-1):
                 raise ValueError(f"student logits have {s_logits.size(-1)} columns, the teacher's "
                                  f"{t_logits.size(-1)}; pass vocab_size to compare the shared vocabulary")
-            sums[:4] += _position_sums(s_logits, t_logits, targets)
+            sums[:4] += _position_sums(s_logits, t_logits, targets[rows].to(device))
             sums[4] += len(indices)
         if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)

@@ -215,6 +215,15 @@ def _is_plain_bidirectional(model):
                               RobertaModel))
 
 
+def hidden_projection(s_dim, t_dim, seed):
+    """The learned student -> teacher hidden-size projection of --hidden_projection, initialised from `seed`
+    alone: the same weights on every rank. DDP would broadcast rank 0's anyway, but FSDP shards each rank's own
+    tensor, so ranks that drew differently (each rank's generator is seeded apart) would mix their draws."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.nn.Linear(s_dim, t_dim, bias=False)
+
+
 class RowLogitsLM(torch.nn.Module):
     """Wraps a LM: forward returns (logits at the selected flat rows (n, vocab), last hidden states).
 

@@ -60,12 +60,6 @@ def use_fsdp(requested, ctx):
     return requested
 
 
-def teacher_dtype(fsdp, bf16):
-    """The dtype the teacher is loaded in: bfloat16 under --fsdp --bf16 (it is frozen, and autocast runs its
-    matmuls in bf16 anyway: storing it in bf16 halves its memory), else float32 as under DDP."""
-    return torch.bfloat16 if (fsdp and bf16) else None
-
-
 def transformer_blocks(model):
     """The model's transformer blocks (the modules of its layer list), or [] when there is none to find."""
     from extraction_auto import find_layer_stack  # the same rule `extract.py --model_type auto` slices by
@@ -131,7 +125,7 @@ class Fsdp:
         """Shard a models.TeacherLM for its forward (or move it whole to the device with --teacher_replicated).
 
         Every unit, the root included, frees its gathered weights right after forward: there is no backward
-        to keep them for. Under --bf16 the teacher is stored in bfloat16 (see teacher_dtype).
+        to keep them for. Under --bf16 the teacher is stored in bfloat16 (train.py loads it so).
         """
         if self.bf16:
             cast_parameters(teacher_lm, torch.bfloat16)

@@ -32,10 +32,10 @@ from evaluation import evaluate
 from lm_seqs_dataset import MIN_SEQ_LEN, BinarizedCorpus, LmSeqsDataset, load_token_counts
 from masking import MlmMasking, smoothed_token_probs
 from models import AUTO, ENCODER, build_student, framing_token_ids, load_teacher, load_tokenizer, max_input_size
-from sharding import teacher_dtype, use_fsdp
+from sharding import use_fsdp
 from teacher_cache import TeacherCache
-from utils import (UserError, cleanup_distributed, fail, git_info, init_distributed, logger, refuse_gguf, set_seed,
-                   special_token_ids, user_input, write_json_atomic)
+from utils import (UserError, amp_dtype, cleanup_distributed, fail, git_info, init_distributed, logger, refuse_gguf,
+                   set_seed, special_token_ids, user_input, write_json_atomic)
 from vocabularies import check_teacher_vocabulary
 
 
@@ -382,7 +382,10 @@ def build_teacher(args):
     if not needs_teacher(args):
         logger.info("No teacher: --alpha_ce, --alpha_mse and --alpha_cos are 0, training on the LM loss alone.")
         return None
-    return load_teacher(args.teacher_type, args.teacher_name, args.mlm, dtype=teacher_dtype(args.fsdp, args.bf16))
+    # Stored in the run's compute dtype (bf16/fp16, DDP or FSDP): it is frozen, and autocast would cast its
+    # weights to that dtype at every forward anyway; float32 storage would only double its memory.
+    dtype = amp_dtype(bf16=args.bf16, fp16=args.fp16)
+    return load_teacher(args.teacher_type, args.teacher_name, args.mlm, dtype=dtype)
 
 
 def check_compatibility(args, student, teacher, tokenizer, corpus, counts, special_tok_ids):
@@ -500,7 +503,8 @@ def build_evaluator(args, ctx, student, teacher, tokenizer, special_tok_ids, max
     return functools.partial(evaluate, dataset=eval_dataset, mlm=args.mlm, batch_size=args.eval_batch_size,
                              device=ctx.device, special_tok_ids=special_tok_ids,
                              vocab_size=student.config.vocab_size, seed=args.seed, mask_prop=args.mlm_mask_prop,
-                             max_batches=args.eval_max_batches, world_size=ctx.world_size, rank=ctx.global_rank)
+                             max_batches=args.eval_max_batches, world_size=ctx.world_size, rank=ctx.global_rank,
+                             amp_dtype=amp_dtype(bf16=args.bf16, fp16=args.fp16))
 
 
 def main(argv=None):

@@ -69,6 +69,12 @@ def set_seed(seed):
         torch.cuda.manual_seed_all(seed)
 
 
+def amp_dtype(bf16=False, fp16=False):
+    """The compute dtype of a run's --bf16 / --fp16 (autocast for training and evaluation, storage of the frozen
+    teacher); None: float32."""
+    return torch.bfloat16 if bf16 else torch.float16 if fp16 else None
+
+
 def _env_int(name, default):
     value = os.environ.get(name)
     return int(value) if value not in (None, "") else default

@@ -229,6 +229,37 @@ def test_rank_shards_are_disjoint_and_cover_the_evaluated_set(tiny, setups, kind
         assert combined == pytest.approx(full[key], rel=1e-5, abs=1e-9), key
 
 
+def test_every_rank_runs_as_many_forwards(tiny, setups):
+    """3 sequences on 2 ranks, one per batch: rank 1 has one sequence, but runs as many forwards (student and
+    teacher) as rank 0. Under FSDP each forward is a collective: a rank with fewer would hang the others."""
+    student, teacher = _load(tiny, "bert", seed=1), _load(tiny, "bert")
+    calls = []
+    for model in (student, teacher):
+        model.bert.embeddings.register_forward_hook(lambda module, args, out: calls.append(module))
+    counts = []
+    for rank in (0, 1):
+        calls.clear()
+        out = _evaluate(setups, "bert", student, teacher=teacher, max_batches=3, batch_size=1, world_size=2,
+                        rank=rank)
+        counts.append((len(calls), out["n_sequences"]))
+    assert counts == [(4, 2), (4, 1)]  # two forwards (student, teacher) per batch; padding is not counted
+
+
+def test_evaluation_runs_in_the_given_precision_and_only_at_the_scored_rows(tiny, setups):
+    """The vocabulary projection runs at the positions a metric reads (n_tokens rows, not every position),
+    under autocast in the run's dtype; the metrics stay close to float32's."""
+    model = _load(tiny, "bert")
+    heads = []
+    model.cls.register_forward_hook(lambda module, args, out: heads.append((args[0].shape, out.dtype)))
+    full = _evaluate(setups, "bert", model, max_batches=2)
+    assert sum(shape[0] for shape, _ in heads) == full["n_tokens"] and all(len(s) == 2 for s, _ in heads)
+    heads.clear()
+    bf16 = _evaluate(setups, "bert", model, max_batches=2, amp_dtype=torch.bfloat16)
+    assert {dtype for _, dtype in heads} == {torch.bfloat16}
+    assert bf16["n_tokens"] == full["n_tokens"]
+    assert bf16["mlm_loss"] == pytest.approx(full["mlm_loss"], rel=2e-2) and bf16["mlm_loss"] != full["mlm_loss"]
+
+
 GLOO_WRAPPER = """
 import json, os, sys
 sys.path.insert(0, {repo!r})

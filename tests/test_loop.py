@@ -1,4 +1,5 @@
-"""The loop's bookkeeping (distiller.py): the epoch loss, and gradient accumulation at an epoch's end."""
+"""The loop's bookkeeping (distiller.py): the epoch loss, gradient accumulation at an epoch's end, and the
+models it is handed (teacher dtype, hidden projection)."""
 import json
 
 import numpy as np
@@ -72,3 +73,27 @@ def test_a_short_last_accumulation_group_averages_over_the_batches_it_holds(tmp_
     for step, (ours, ref) in enumerate(zip(accumulated, full)):
         for g, g_ref in zip(ours, ref):
             torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-7, msg=f"optimizer step {step}")
+
+
+def test_teacher_is_stored_in_the_compute_dtype(tiny):
+    """--bf16 / --fp16 load the frozen teacher in that dtype under DDP as under FSDP (autocast would cast its
+    weights at every forward anyway); float32 otherwise."""
+    import train
+
+    common = ["--dump_path", "d", "--data_file", "f", "--student_type", "distilbert", "--student_config", "c",
+              "--teacher_type", "bert", "--teacher_name", str(tiny["bert"]), "--mlm", "--alpha_clm", "0"]
+    for flags, dtype in (([], torch.float32), (["--bf16"], torch.bfloat16), (["--fp16"], torch.float16)):
+        assert train.build_teacher(train.parse_args(common + flags)).dtype == dtype, flags
+
+
+def test_hidden_projection_does_not_depend_on_the_rank_generator():
+    """Each rank's global generator is seeded apart (train.py: seed + rank); the projection must be identical
+    on every rank, since FSDP shards each rank's own initial tensor."""
+    from models import hidden_projection
+
+    draws = []
+    for rank_seed in (56, 57):
+        torch.manual_seed(rank_seed)
+        draws.append(hidden_projection(32, 48, seed=56).weight)
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
+    assert not torch.equal(draws[0], hidden_projection(32, 48, seed=1).weight)
