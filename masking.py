@@ -66,10 +66,30 @@ def mask_tokens(token_ids, lengths, token_probs, mask_prop, split, mask_id, voca
     return corrupted, labels
 
 
-def non_padding_positions(lengths, max_len):
-    """Flat positions (row-major over (bs, max_len)) of the real tokens, computed on the host from CPU lengths."""
-    lengths = lengths.numpy()
-    return torch.from_numpy(np.flatnonzero(np.arange(max_len)[None, :] < lengths[:, None]))
+def non_padding_positions(lengths, max_len, n_real=None):
+    """Flat positions (row-major over (bs, max_len)) of the real tokens, in order, computed where `lengths` lives.
+
+    n_real: their number when known on the host (it always is for training: the lengths come from the
+    DataLoader); given, device lengths need no synchronisation (the output size is fixed in advance).
+    """
+    if n_real is None:
+        n_real = int(lengths.sum())
+    row = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths, output_size=n_real)
+    starts = torch.cumsum(lengths, 0) - lengths  # where each row's tokens begin in the flat list of real tokens
+    column = torch.arange(n_real, device=lengths.device) - starts[row]
+    return row * max_len + column
+
+
+def _on_device(lengths, max_len, device):
+    """(attention mask, non-padding rows) on the device, built there from the CPU lengths alone.
+
+    Only the lengths cross from the host: the DataLoader pinned them with the batch (pin_memory on a GPU), so
+    the copy is truly asynchronous. A mask or row list built on the host would be pageable memory, and a
+    non-blocking copy from pageable memory may wait for the GPU, which would undo the sync-free step.
+    """
+    n_real = int(lengths.numpy().sum())
+    lengths = lengths.to(device, non_blocking=True)
+    return attention_mask_from_lengths(lengths, max_len), non_padding_positions(lengths, max_len, n_real)
 
 
 class Batch(NamedTuple):
@@ -106,13 +126,13 @@ def prepare_batch_mlm(token_ids, lengths, device, masking):
     Every size is known on the host, so the step that follows makes no device synchronisation.
     """
     max_len = token_ids.size(1)
-    attn_mask = attention_mask_from_lengths(lengths, max_len).to(device, non_blocking=True)
+    attn_mask, real_rows = _on_device(lengths, max_len, device)
     token_ids = token_ids.to(device, non_blocking=True)
     restrict = masking.restrict_to_mask
     token_ids, labels, *drawn = mask_tokens(token_ids, lengths, masking.token_probs, masking.mask_prop,
                                             masking.split, masking.mask_id, masking.vocab_size,
                                             return_positions=restrict)
-    rows = drawn[0] if restrict else non_padding_positions(lengths, max_len).to(device, non_blocking=True)
+    rows = drawn[0] if restrict else real_rows
     return Batch(token_ids, attn_mask, labels, rows, _padded(lengths, max_len))
 
 
@@ -120,9 +140,8 @@ def prepare_batch_clm(token_ids, lengths, device):
     """(bs, seq) ids and CPU lengths -> a Batch on the device; labels are the ids themselves (the step shifts
     them: position i predicts token i + 1), IGNORE_INDEX on padding."""
     max_len = token_ids.size(1)
-    attn_mask = attention_mask_from_lengths(lengths, max_len).to(device, non_blocking=True)
+    attn_mask, rows = _on_device(lengths, max_len, device)
     token_ids = token_ids.to(device, non_blocking=True)
-    rows = non_padding_positions(lengths, max_len).to(device, non_blocking=True)
     return Batch(token_ids, attn_mask, clm_labels(token_ids, attn_mask), rows, _padded(lengths, max_len))
 
 

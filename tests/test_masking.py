@@ -264,3 +264,41 @@ def test_same_generator_seed_gives_same_masking():
     c = mask_tokens(ids, lengths, uniform_probs(), 0.15, SPLIT, MASK, VOCAB, generator=torch.Generator().manual_seed(10))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[1], c[1])
+
+
+# ------------------------------------------------------------------------------------------ batch preparation
+
+
+def _host_to_device_copies(prepare):
+    """The host tensors `prepare()` sends to the training device (every Tensor.to call's source)."""
+    sources = []
+    original = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        sources.append(self)
+        return original(self, *args, **kwargs)
+
+    torch.Tensor.to = recording_to
+    try:
+        batch = prepare()
+    finally:
+        torch.Tensor.to = original
+    return batch, sources
+
+
+@pytest.mark.parametrize("mlm", [True, False])
+def test_only_the_dataloaders_tensors_cross_to_the_device(mlm):
+    """The DataLoader pins token_ids and lengths (pin_memory on a GPU); the attention mask and the loss rows
+    are built on the device from the lengths, not on the host: a non-blocking copy from pageable host memory
+    may wait for the GPU. The rows are the real tokens' flat positions, in order, as on the host."""
+    from masking import MlmMasking, prepare_batch_clm, prepare_batch_mlm
+
+    ids, lengths = make_batch(torch.Generator().manual_seed(0), bs=5, max_len=9)
+    masking = MlmMasking(token_probs=uniform_probs(), mask_prop=0.15, split=SPLIT, mask_id=MASK, vocab_size=VOCAB)
+    device = torch.device("cpu")
+    batch, sources = _host_to_device_copies(
+        lambda: prepare_batch_mlm(ids, lengths, device, masking) if mlm else prepare_batch_clm(ids, lengths, device))
+    assert sources and all(source is ids or source is lengths for source in sources)
+    real = torch.arange(9)[None, :] < lengths[:, None]
+    assert torch.equal(batch.attention_mask, real)
+    assert batch.rows.tolist() == np.flatnonzero(real.numpy()).tolist()
