@@ -26,7 +26,7 @@ from divergences import DEFAULT_JSD_BETA, DEFAULT_KD_LOSS
 from grouped_batch_sampler import training_batch_sampler
 from losses import IGNORE_INDEX, distillation_losses
 from masking import prepare_batch_clm, prepare_batch_mlm
-from models import ENCODER, RowLogitsLM, TeacherLM, hidden_projection
+from models import ENCODER, RowLogitsLM, TeacherLM, compile_blocks, hidden_projection
 from schedule import plan_steps, short_run_warnings
 from sharding import Fsdp
 from teacher_cache import WithIndices
@@ -153,6 +153,7 @@ class Distiller:
         self._setup_data()
         self._setup_precision()
         self._setup_models()
+        self._setup_compile()
         self._setup_fsdp()  # before the optimizer: sharding replaces the parameters
         self._setup_optimizer()
         self._setup_ddp()
@@ -231,6 +232,17 @@ class Distiller:
         self.teacher_lm = (TeacherLM(self.teacher, blocks=[t for _, t in pairs], bare=self.bare)
                            if self.teacher is not None else None)
 
+    def _setup_compile(self):
+        """--compile: each transformer block of the student and the teacher (models.compile_blocks); the
+        embeddings, the mask construction and the head at the loss rows stay eager. Under DDP and FSDP alike."""
+        if not self.config.compile:
+            return
+        n_blocks = compile_blocks(self.student)
+        if self.teacher is not None:
+            compile_blocks(self.teacher)
+        logger.info("torch.compile: %d student blocks (and the teacher's) compile during the first batches.",
+                    n_blocks)
+
     def _setup_fsdp(self):
         """Under config.fsdp, shard the student (the RowLogitsLM wrapper is the root) and the teacher."""
         self.sharding = None
@@ -238,8 +250,8 @@ class Distiller:
             return
         if not torch.distributed.is_initialized():  # train.py runs a single process unsharded
             raise ValueError("fsdp needs an initialised process group (torchrun)")
-        if self.config.fp16 or self.config.compile:
-            raise ValueError("fsdp runs in float32 or bfloat16 (not float16), uncompiled")
+        if self.config.fp16:
+            raise ValueError("fsdp runs in float32 or bfloat16 (not float16)")
         self.sharding = Fsdp(self.ctx, bf16=self.config.bf16, shard_teacher=not self.config.teacher_replicated)
         self.student_lm = self.sharding.shard_student(self.student_lm)
         if self.teacher_lm is not None:
@@ -263,14 +275,6 @@ class Distiller:
             # Agreeing on a stop through NCCL would mean reading a GPU tensor (a sync) every optimizer step.
             backend = torch.distributed.get_backend()
             self._host_group = None if backend == "gloo" else torch.distributed.new_group(backend="gloo")
-        if self.config.compile:
-            # The wrappers, not the bare models: what is compiled is the forward the step really runs (the
-            # encoder, then the head at the loss rows). The DDP module compiles with graph breaks at its buckets.
-            logger.info("torch.compile: the forwards compile during the first batches of each new shape.")
-            # dynamic=True: batch length and row count change every batch; one graph serves them all.
-            self.model = torch.compile(self.model, dynamic=True)
-            if self.teacher_lm is not None:
-                self.teacher_lm = torch.compile(self.teacher_lm, dynamic=True)
 
     # -- batches ----------------------------------------------------------------------------------------
 

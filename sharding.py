@@ -27,6 +27,7 @@ import warnings
 
 import torch
 
+from models import transformer_blocks
 from utils import UserError, logger
 
 # torch.distributed.fsdp and torch.distributed.tensor are imported where a sharded run uses them, so that DDP and
@@ -58,18 +59,6 @@ def use_fsdp(requested, ctx):
                        "Launch several processes with torchrun to shard.")
         return False
     return requested
-
-
-def transformer_blocks(model):
-    """The model's transformer blocks (the modules of its layer list), or [] when there is none to find."""
-    from extraction_auto import find_layer_stack  # the same rule `extract.py --model_type auto` slices by
-
-    try:
-        stack = find_layer_stack(model)
-    except UserError as exc:
-        logger.warning("FSDP: %s; the whole model is one unit (gathered at once in every forward).", exc)
-        return []
-    return list(model.get_submodule(stack.path))
 
 
 def cast_parameters(module, dtype):
@@ -113,7 +102,7 @@ class Fsdp:
         # in place (losses.py), so the warning says nothing here.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(RowLogitsLM|TeacherLM)\) returned a "
                                 r"view tensor")
-        for block in transformer_blocks(student_lm.model):
+        for block in transformer_blocks(student_lm.model, "FSDP"):
             self._fully_shard(block, mesh=self.mesh, mp_policy=policy)
         self._fully_shard(student_lm, mesh=self.mesh, mp_policy=policy)
         n_local = sum(p.to_local().numel() for p in student_lm.parameters())
@@ -132,7 +121,7 @@ class Fsdp:
         if not self.teacher_sharded:
             logger.info("FSDP: teacher replicated on every rank (--teacher_replicated).")
             return teacher_lm.to(self.device)
-        for block in transformer_blocks(teacher_lm.model):
+        for block in transformer_blocks(teacher_lm.model, "FSDP"):
             self._fully_shard(block, mesh=self.mesh, reshard_after_forward=True)
         self._fully_shard(teacher_lm, mesh=self.mesh, reshard_after_forward=True)
         logger.info("FSDP: teacher sharded over %d ranks for its forward.", self.ctx.world_size)

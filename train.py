@@ -141,8 +141,8 @@ def parse_args(argv=None):
                         help="Accepted for compatibility with apex command lines; ignored (torch.amp is used).")
     parser.add_argument("--bf16", action="store_true", help="Mixed precision in bfloat16 (torch.amp, no scaler).")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the student and teacher forwards. Each new batch shape compiles at first "
-                             "(lengths vary; after the first recompilation shapes are treated as dynamic).")
+                        help="torch.compile each transformer block of the student and the teacher (with DDP or "
+                             "--fsdp); the first batches compile, with dynamic shapes (lengths vary).")
     parser.add_argument("--fsdp", action="store_true",
                         help="Shard the student (weights, gradients, optimizer state) and the teacher across the "
                              "processes with FSDP2 instead of a full copy on each (DDP). Needs torchrun with 2 or "
@@ -328,8 +328,6 @@ def sanity_checks(args):
     if args.fsdp and args.fp16:
         raise UserError("--fsdp runs in float32 or with --bf16, not --fp16 (its loss scaling would need the "
                         "overflow check agreed across shards)")
-    if args.fsdp and args.compile:
-        raise UserError("--compile is not supported with --fsdp yet; drop one of them")
 
 
 def check_dump_path(args, ctx):
