@@ -158,10 +158,16 @@ def load_tokenizer(model_type, name, flag, mlm=True):
     return tokenizer
 
 
-def load_teacher(teacher_type, name, mlm=True, flag="--teacher_name", dtype=None):
+def load_teacher(teacher_type, name, mlm=True, flag="--teacher_name", dtype=None, on_meta=False):
     """The frozen teacher (eval mode, no gradients), refused when its checkpoint lacks weights of its class.
-    dtype: load the weights in this dtype (default: float32)."""
-    _, model_class, _ = model_classes(teacher_type, mlm)
+    dtype: load the weights in this dtype (default: float32). on_meta (--fsdp): when `name` is a folder of
+    safetensors matching the model, build it on the meta device and leave its weights in the files
+    (`teacher.streamed_weights`, read shard by shard after sharding: sharding.Fsdp); else load it whole."""
+    config_class, model_class, _ = model_classes(teacher_type, mlm)
+    if on_meta:
+        teacher = _teacher_on_meta(teacher_type, config_class, model_class, name, flag, dtype)
+        if teacher is not None:
+            return teacher
     kwargs = {"dtype": dtype} if dtype is not None else {}
     teacher, info = load_pretrained(lambda: model_class.from_pretrained(name, output_loading_info=True, **kwargs),
                                     flag, name, f"a {teacher_type} model")
@@ -177,6 +183,27 @@ def load_teacher(teacher_type, name, mlm=True, flag="--teacher_name", dtype=None
                         f"{model_class.__name__} (e.g. {sorted(missing)[0]}){hint}")
     teacher.eval()
     teacher.requires_grad_(False)
+    return teacher
+
+
+def _teacher_on_meta(teacher_type, config_class, model_class, name, flag, dtype):
+    """The teacher built on the meta device with its StreamedWeights, or None (not a safetensors folder, or its
+    tensor names do not match the model's: the caller loads it whole)."""
+    from streamed_weights import StreamedWeights, build_on_meta
+
+    if not os.path.isdir(name):
+        return None
+    config = load_pretrained(lambda: config_class.from_pretrained(name), flag, name, f"a {teacher_type} config")
+    dtype = dtype or getattr(config, "dtype", None)  # as from_pretrained: the checkpoint's dtype by default
+    teacher = build_on_meta(lambda: model_class.from_config(config) if teacher_type == AUTO else model_class(config),
+                            dtype if isinstance(dtype, torch.dtype) else None)
+    weights = StreamedWeights.match(teacher, name)
+    if weights is None:
+        return None
+    teacher.streamed_weights = weights
+    teacher.eval()
+    teacher.requires_grad_(False)
+    logger.info("Teacher built on the meta device: each rank reads only its shards from %s.", name)
     return teacher
 
 

@@ -124,6 +124,10 @@ class Fsdp:
         for block in transformer_blocks(teacher_lm.model, "FSDP"):
             self._fully_shard(block, mesh=self.mesh, reshard_after_forward=True)
         self._fully_shard(teacher_lm, mesh=self.mesh, reshard_after_forward=True)
+        streamed = getattr(teacher_lm.model, "streamed_weights", None)  # built on the meta device (models.py)
+        if streamed is not None:
+            streamed.load_shards(teacher_lm, self.device, prefix="model.")
+            del teacher_lm.model.streamed_weights
         logger.info("FSDP: teacher sharded over %d ranks for its forward.", self.ctx.world_size)
         return teacher_lm
 

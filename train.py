@@ -383,7 +383,9 @@ def build_teacher(args):
     # Stored in the run's compute dtype (bf16/fp16, DDP or FSDP): it is frozen, and autocast would cast its
     # weights to that dtype at every forward anyway; float32 storage would only double its memory.
     dtype = amp_dtype(bf16=args.bf16, fp16=args.fp16)
-    return load_teacher(args.teacher_type, args.teacher_name, args.mlm, dtype=dtype)
+    # Sharded (--fsdp): built on the meta device, each rank reads only its shards after sharding (sharding.py)
+    on_meta = args.fsdp and not args.teacher_replicated
+    return load_teacher(args.teacher_type, args.teacher_name, args.mlm, dtype=dtype, on_meta=on_meta)
 
 
 def check_compatibility(args, student, teacher, tokenizer, corpus, counts, special_tok_ids):

@@ -128,6 +128,7 @@ def test_fsdp_ends_with_the_ddp_student(runs):
     (ddp_dump, ddp_out), (fsdp_dump, fsdp_out) = runs["ddp"], runs["fsdp"]
     assert "FSDP: student sharded over 2 ranks" in runs["fsdp_log"]
     assert "FSDP: teacher sharded over 2 ranks" in runs["fsdp_log"]
+    assert "Teacher built on the meta device" in runs["fsdp_log"]  # each rank read its shards only
     assert not _load(ddp_out / "report.pt")["sharded"] and _load(fsdp_out / "report.pt")["sharded"]
     fsdp, ddp = _load(fsdp_out / "gathered.pt"), _load(ddp_out / "gathered.pt")
     _assert_same(fsdp, ddp, atol=1e-6)
@@ -169,6 +170,8 @@ def test_export_loads_and_matches_the_gathered_weights(runs):
 
 
 def test_sharded_teacher_gives_the_whole_teachers_outputs(runs):
+    """The teacher was built on the meta device and each rank read its rows from the safetensors: its outputs
+    are those of the teacher loaded whole by from_pretrained."""
     report = _load(runs["fsdp"][1] / "report.pt")
     assert report["teacher_is_sharded"]
     for sharded, whole in zip(report["teacher_rows"], report["whole_rows"]):  # (row logits, hidden states)
