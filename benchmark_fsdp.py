@@ -63,7 +63,7 @@ def fsdp_worker(args):
     proc = psutil.Process()
     with tempfile.TemporaryDirectory() as dump:
         config = dataclasses.replace(make_config(config_name, student_type, args, args.seq_len, dump), fsdp=True,
-                                     teacher_replicated=args.teacher_replicated, compile=False)
+                                     teacher_replicated=args.teacher_replicated, compile=args.compile)
         distiller, dataset = make_distiller(config, device, sequences, student, teacher, special, ctx=ctx)
         del student, teacher
         prepare = distiller.prepare_batch_mlm if config.mlm else distiller.prepare_batch_clm

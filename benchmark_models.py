@@ -6,9 +6,10 @@ import torch
 
 CONFIGS = ("bert_mlm", "bert_mlm_restrict", "gpt2_clm")
 BERT_SPECIAL = {"pad_token": 0, "unk_token": 100, "cls_token": 101, "sep_token": 102, "mask_token": 103}
-# Dense bf16 tensor-core peaks (no sparsity), by a substring of torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-                   ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12))
+# Dense bf16 tensor-core peaks (no sparsity), by a substring of torch.cuda.get_device_name(); the first match
+# wins, so a variant comes before its family: "NVIDIA H200 NVL" (PCIe card, lower clocks) is not an SXM H200.
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("GH200", 989e12),
+                   ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12))
 
 # Model sizes. "tiny" is sized for a 2-core CPU (a default run of all configurations in ~1-2 minutes) but
 # keeps the real vocabularies, because the vocabulary-sized tensors are what the loss code is about.
@@ -85,21 +86,45 @@ def model_shape(model):
     return layers, dim
 
 
-def step_flops(teacher, student, batches):
-    """Model flops of the steps on these batches (padding included: the models compute it).
+def head_matmul_params(model):
+    """Matmul parameters of the LM head alone (the part RowLogitsLM runs only at the loss rows): the model's
+    matmul_params minus those of its encoder (models.split_lm_head); all of them when the head cannot be split."""
+    from models import split_lm_head
+
+    split = split_lm_head(model)
+    if split is None:
+        return matmul_params(model)
+    input_table = model.get_input_embeddings().weight
+    base = sum(p.numel() for name, p in split[0].named_parameters()
+               if p is not input_table and not any(k in name for k in ("position", "wpe", "token_type")))
+    return matmul_params(model) - base
+
+
+def step_flops(teacher, student, batches, head_rows=None):
+    """FLOPs the steps on these batches execute (padding included: the models compute it).
 
     Per token: teacher forward 2*N_t, student forward + backward 6*N_s, with N the matmul parameters
     (matmul_params). Attention scores and weighted sum add 2*2*S*d per token per layer forward (S the
     padded length, d the hidden size): 4*L_t*S*d_t for the teacher, 3x that for the student,
-    12*L_s*S*d_s. Softmaxes, norms, losses and the optimizer are not counted.
+    12*L_s*S*d_s. Softmaxes, norms, losses and the optimizer are not counted. head_rows: for each batch,
+    the number of rows at which both LM heads run (ours: the loss rows, e.g. only the masked ones with
+    --restrict_ce_to_mask); None: every position (the reference, and the usual "model FLOPs").
     """
     n_t, n_s = matmul_params(teacher), matmul_params(student)
+    h_t, h_s = head_matmul_params(teacher), head_matmul_params(student)
     (l_t, d_t), (l_s, d_s) = model_shape(teacher), model_shape(student)
     total = 0
-    for ids, *_ in batches:
+    for i, (ids, *_) in enumerate(batches):
         bs, s = ids.shape
-        total += bs * s * (2 * n_t + 6 * n_s + 4 * l_t * s * d_t + 12 * l_s * s * d_s)
+        rows = bs * s if head_rows is None else head_rows[i]
+        total += bs * s * (2 * (n_t - h_t) + 6 * (n_s - h_s) + 4 * l_t * s * d_t + 12 * l_s * s * d_s)
+        total += rows * (2 * h_t + 6 * h_s)
     return total
+
+
+def peak_flops_of(device_name):
+    """The dense bf16 peak of a CUDA device by its name (PEAK_BF16_FLOPS), or None when unknown."""
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in device_name), None)
 
 
 def device_peak_flops(device, override):
@@ -107,5 +132,4 @@ def device_peak_flops(device, override):
         return override
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device))

@@ -121,7 +121,8 @@ def print_table(results, args, device):
         print("host synchronisations in one of our steps (CUDA sync debug mode): "
               + ", ".join(f"{name} {n}" for name, n in syncs))
     if any(r["peak_flops"] for r in results):
-        print(f"MFU against {results[0]['peak_flops'] / 1e12:.0f} TFLOP/s (dense bf16 peak, or --peak_flops)")
+        print(f"MFU against {results[0]['peak_flops'] / 1e12:.0f} TFLOP/s (dense bf16 peak, or --peak_flops), of the "
+              "FLOPs each side executes (ours: the LM heads only at the loss rows; reference: at every position)")
 
     peak_note = "CUDA allocator" if device.type == "cuda" else "profiler, CPU allocations"
     print(f"\nloss only: losses + backward on fixed random logits shaped like the longest batch; peak = memory the "
@@ -169,7 +170,8 @@ def parse_args(argv=None):
     parser.add_argument("--student_layers", type=int, default=None, help="Override the student depth.")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for both sides (CUDA).")
     parser.add_argument("--compile", action="store_true",
-                        help="train.py --compile for ours (student and teacher forwards); the batches run once "
+                        help="train.py --compile for ours (each transformer block of student and teacher; also with "
+                             "--fsdp_ranks); the batches run once "
                              "untimed first, so compilation is not timed. The reference stays eager.")
     parser.add_argument("--peak_flops", type=float, default=None, help="Device peak FLOP/s for MFU (else a table).")
     parser.add_argument("--seed", type=int, default=56, help="Seed of the models, batches, masking and dropout.")
@@ -198,8 +200,6 @@ def parse_args(argv=None):
     if args.fsdp_ranks is not None or args.fsdp_worker is not None:
         if args.config == "all":
             parser.error("--fsdp_ranks measures one configuration: give --config")
-        if args.compile:
-            parser.error("--fsdp_ranks: --compile is not supported with FSDP")
     if args.fsdp_ranks is not None:
         try:
             args.fsdp_ranks = [int(n) for n in args.fsdp_ranks.split(",")]

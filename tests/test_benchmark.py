@@ -125,6 +125,10 @@ def test_benchmark_smoke(tmp_path):
         assert all(v is not None and v > 0 for v in r["ratios"].values())
     restrict = report["results"][1]
     assert restrict["loss_only"]["rows"] < report["results"][0]["loss_only"]["rows"]
+    # MFU counts the FLOPs each side executes: ours runs the LM heads at fewer rows than every position
+    for r in report["results"]:
+        assert r["ours"]["executed_flops"] < r["reference"]["executed_flops"] == r["model_flops_per_run"]
+    assert restrict["ours"]["executed_flops"] < report["results"][0]["ours"]["executed_flops"]
 
 
 def test_fsdp_memory_per_rank_smoke(tmp_path):
@@ -189,3 +193,34 @@ def test_bench_preprocessing_refuses_inputs_of_the_wrong_kind(tiny, tmp_path, ca
     (broken / "tokenizer.json").write_text("{ not json")
     expect_error(capsys, bench_preprocessing.main, ["--text", tiny["corpus"], "--tokenizer", broken],
                  f"--tokenizer {broken}", "cannot load")
+
+
+def test_peak_flops_by_device_name():
+    """Each device name gets its own peak: an H200 NVL (PCIe card) is not an SXM H200, nor an H100 NVL an H100."""
+    from benchmark_models import peak_flops_of
+
+    assert peak_flops_of("NVIDIA H200") == peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_of("NVIDIA H200 NVL") == peak_flops_of("NVIDIA H100 NVL") == 835e12
+    assert peak_flops_of("NVIDIA H100 PCIe") == 756e12 and peak_flops_of("NVIDIA GH200 480GB") == 989e12
+    assert peak_flops_of("Some Future GPU") is None
+
+
+def test_step_flops_count_the_heads_at_the_rows_they_run():
+    """With head_rows, both LM heads are counted at those rows only (ours; fewer with --restrict_ce_to_mask);
+    without, at every position. The difference is the heads' parameters (counted here from the head modules
+    themselves) times 2 (teacher forward) and 6 (student forward and backward) per row left out."""
+    from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
+
+    from benchmark_models import step_flops
+
+    teacher = BertForMaskedLM(BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, max_position_embeddings=24))
+    student = DistilBertForMaskedLM(DistilBertConfig(vocab_size=300, dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+                                                     max_position_embeddings=24))
+    batches = [(torch.zeros(3, 20, dtype=torch.long),), (torch.zeros(2, 24, dtype=torch.long),)]
+    head_t = sum(p.numel() for p in teacher.cls.parameters())
+    head_s = sum(p.numel() for m in (student.vocab_transform, student.vocab_layer_norm, student.vocab_projector)
+                 for p in m.parameters())
+    every = step_flops(teacher, student, batches)
+    rows = step_flops(teacher, student, batches, head_rows=[9, 7])
+    assert every - rows == (60 - 9 + 48 - 7) * (2 * head_t + 6 * head_s)
