@@ -263,7 +263,7 @@ class Distiller:
             # No DDP: FSDP reduce-scatters the gradients itself. Stop signals are agreed as under DDP (below).
             backend = torch.distributed.get_backend()
             self._host_group = None if backend == "gloo" else torch.distributed.new_group(backend="gloo")
-        elif self.multi_gpu:
+        elif self.ctx.distributed:  # several processes, or one under torchrun (a one-rank group)
             from torch.nn.parallel import DistributedDataParallel
 
             # The LM head is only unused when no loss reads the logits (cosine loss alone).
@@ -407,7 +407,7 @@ class Distiller:
         # DDP decides at forward time whether the backward all-reduces: no_sync must hold the forward too, or
         # every micro-batch is all-reduced. Under FSDP the gradients are reduce-scattered after every batch and
         # accumulate as shards: skipping that (as no_sync does) would keep a full unsharded gradient per rank.
-        ddp = self.multi_gpu and self.sharding is None
+        ddp = self.ctx.distributed and self.sharding is None  # self.model is the DDP module
         with self.model.no_sync() if (ddp and not self._at_boundary) else contextlib.nullcontext():
             s_out, t_out = self._forward(input_ids, attention_mask, rows, padded, teacher_rows)
             losses = self.compute_losses(s_out, t_out, attention_mask, lm_labels, rows)

@@ -52,9 +52,10 @@ def _is_dtensor(tensor):
 
 
 def use_fsdp(requested, ctx):
-    """Whether this run shards (--fsdp with several processes). With one process there is nothing to shard
-    across: the run goes on unsharded (a world of size 1, as without --fsdp), with a warning."""
-    if requested and not ctx.multi_gpu:
+    """Whether this run shards (--fsdp in a process group). A single process outside torchrun has nothing to
+    shard across: the run goes on unsharded (a world of size 1, as without --fsdp), with a warning. Under
+    torchrun one process shards over a one-rank group (the same code and collectives as several)."""
+    if requested and not ctx.distributed:
         logger.warning("--fsdp with a single process: nothing to shard across, training unsharded (world size 1). "
                        "Launch several processes with torchrun to shard.")
         return False

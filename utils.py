@@ -89,6 +89,7 @@ class RunContext:
     n_nodes: int = 1
     node_id: int = 0
     device: torch.device = torch.device("cpu")
+    distributed: bool = False  # a process group is initialised (several processes, or torchrun with one)
 
     @property
     def is_master(self):
@@ -102,7 +103,8 @@ class RunContext:
 
 
 def init_distributed(n_gpu=1, local_rank=-1):
-    """The RunContext of this process; initialises the process group when there are several processes.
+    """The RunContext of this process; initialises the process group when there are several processes, or one
+    launched by torchrun (a one-rank group).
 
     Works with `torchrun` (RANK, LOCAL_RANK, WORLD_SIZE in the environment) and with the README's
     `python -m torch.distributed.launch` recipe (the same variables, plus N_GPU_NODE / N_NODES /
@@ -125,10 +127,14 @@ def init_distributed(n_gpu=1, local_rank=-1):
                      node_id=_env_int("NODE_RANK", _env_int("GROUP_RANK", 0)),
                      device=torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
 
-    if ctx.multi_gpu and not torch.distributed.is_initialized():
+    # Under torchrun a single process gets a process group too: DDP or FSDP over one rank runs the collectives
+    # (NCCL on a GPU) that several ranks would, which is how a one-GPU machine checks that path.
+    launched = "TORCHELASTIC_RUN_ID" in os.environ
+    if (ctx.multi_gpu or launched) and not torch.distributed.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         kwargs = {"device_id": ctx.device} if use_cuda else {}
         torch.distributed.init_process_group(backend=backend, init_method="env://", **kwargs)
+    ctx = dataclasses.replace(ctx, distributed=torch.distributed.is_available() and torch.distributed.is_initialized())
     logger.info(f"--- Global rank: {ctx.global_rank} - world size {ctx.world_size}, node {ctx.node_id}/{ctx.n_nodes}, "
                 f"local rank {ctx.local_rank}, device {ctx.device}, host {socket.gethostname()}")
     if not ctx.is_master:

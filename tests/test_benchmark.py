@@ -125,9 +125,9 @@ def test_benchmark_smoke(tmp_path):
         assert all(v is not None and v > 0 for v in r["ratios"].values())
     restrict = report["results"][1]
     assert restrict["loss_only"]["rows"] < report["results"][0]["loss_only"]["rows"]
-    # MFU counts the FLOPs each side executes: ours runs the LM heads at fewer rows than every position
+    # MFU counts the FLOPs each side executes: ours runs the LM heads at the loss rows only (at most every position)
     for r in report["results"]:
-        assert r["ours"]["executed_flops"] < r["reference"]["executed_flops"] == r["model_flops_per_run"]
+        assert r["ours"]["executed_flops"] <= r["reference"]["executed_flops"] == r["model_flops_per_run"]
     assert restrict["ours"]["executed_flops"] < report["results"][0]["ours"]["executed_flops"]
 
 

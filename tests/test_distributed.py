@@ -64,3 +64,23 @@ def test_two_process_gloo_run_keeps_ranks_identical(tiny, binarized, tmp_path):
         calls = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert calls["n_iter"] > calls["n_steps"] > 0, calls
         assert calls["first_buckets"] == calls["n_steps"], calls
+
+
+def test_torchrun_with_one_process_gets_a_one_rank_group(monkeypatch):
+    """torchrun --nproc_per_node=1 (a one-GPU machine): a one-rank process group, so DDP and --fsdp run their
+    collectives over it (scripts/gpu_checks.sh checks the NCCL path that way); a plain process gets none."""
+    from conftest import free_port
+    from sharding import use_fsdp
+    from utils import cleanup_distributed, init_distributed
+
+    plain = init_distributed(n_gpu=0)
+    assert not plain.distributed and not use_fsdp(True, plain)
+    for name, value in (("TORCHELASTIC_RUN_ID", "test"), ("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
+        monkeypatch.setenv(name, value)
+    try:
+        ctx = init_distributed(n_gpu=0)
+        assert ctx.distributed and ctx.world_size == 1 and torch.distributed.get_world_size() == 1
+        assert use_fsdp(True, ctx)
+    finally:
+        cleanup_distributed()
