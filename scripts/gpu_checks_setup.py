@@ -12,7 +12,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-SIZES = {"tiny": dict(lines=400, vocab=1000, hidden=32, layers=2, heads=2, max_len=64),
+SIZES = {"tiny": dict(lines=150, vocab=1000, hidden=32, layers=2, heads=2, max_len=64),
          "small": dict(lines=20000, vocab=8000, hidden=256, layers=4, heads=4, max_len=256)}
 
 
