@@ -33,6 +33,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# Inductor's own cache, here: a step killed by its timeout can leave a half-written kernel in a shared cache.
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$OUT/inductor_cache}
 
 if [ "$DRY" = 1 ]; then
     DEVICE=cpu N_GPU=0 SETUP_SIZE=tiny PROBE=(--device cpu --size tiny --compile_backend aot_eager)
