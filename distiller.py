@@ -22,11 +22,12 @@ import torch
 from torch.utils.data import DataLoader
 
 import checkpointing
+from blocks import compile_blocks
 from divergences import DEFAULT_JSD_BETA, DEFAULT_KD_LOSS
 from grouped_batch_sampler import training_batch_sampler
 from losses import IGNORE_INDEX, distillation_losses
 from masking import prepare_batch_clm, prepare_batch_mlm
-from models import ENCODER, RowLogitsLM, TeacherLM, compile_blocks, hidden_projection
+from models import ENCODER, RowLogitsLM, TeacherLM, hidden_projection
 from schedule import plan_steps, short_run_warnings
 from sharding import Fsdp
 from teacher_cache import WithIndices
@@ -233,7 +234,7 @@ class Distiller:
                            if self.teacher is not None else None)
 
     def _setup_compile(self):
-        """--compile: each transformer block of the student and the teacher (models.compile_blocks); the
+        """--compile: each transformer block of the student and the teacher (blocks.compile_blocks); the
         embeddings, the mask construction and the head at the loss rows stay eager. Under DDP and FSDP alike."""
         if not self.config.compile:
             return

@@ -27,7 +27,7 @@ import warnings
 
 import torch
 
-from models import transformer_blocks
+from blocks import transformer_blocks
 from utils import UserError, logger
 
 # torch.distributed.fsdp and torch.distributed.tensor are imported where a sharded run uses them, so that DDP and

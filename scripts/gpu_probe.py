@@ -9,7 +9,7 @@
    GPU is busy, from pageable and from pinned memory (a pageable copy waits for the GPU: that is why the
    training batch is pinned and the masks are built on the device);
 3. attention kernel: the SDPA kernels a causal LM's forward runs eagerly, with --compile's per-block
-   compilation (models.compile_blocks), and with the whole model compiled (what --compile used to do);
+   compilation (blocks.compile_blocks), and with the whole model compiled (what --compile used to do);
 4. evaluation cost: evaluation.evaluate on a BERT-shaped masked LM, float32 and bf16 autocast, seconds and the
    CUDA allocator's peak.
 """
@@ -88,7 +88,8 @@ def probe_attention(device, size, backend):
     """SDPA kernels of a causal LM's forward (no padding: no mask), eager and compiled two ways."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from models import RowLogitsLM, compile_blocks
+    from blocks import compile_blocks
+    from models import RowLogitsLM
 
     # One block is enough to see the kernel, and keeps three compilations short.
     config = GPT2Config(vocab_size=size["vocab"], n_embd=size["hidden"], n_layer=1, n_head=size["heads"],
@@ -120,7 +121,7 @@ def _compile_blocks_with(model, backend):
     """compile_blocks with another backend (the dry run: inductor's code generation is slow on a CPU)."""
     from unittest import mock
 
-    from models import compile_blocks
+    from blocks import compile_blocks
 
     original = torch.compile
     with mock.patch.object(torch, "compile", lambda fn, **kw: original(fn, **dict(kw, backend=backend))):

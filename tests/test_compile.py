@@ -1,4 +1,4 @@
-"""--compile compiles each transformer block (models.compile_blocks), so a causal LM keeps SDPA's is_causal.
+"""--compile compiles each transformer block (blocks.compile_blocks), so a causal LM keeps SDPA's is_causal.
 
 torch.compile is swapped for one whose backend records the graphs dynamo captures and runs them as they are
 (no inductor code generation: seconds instead of minutes on a CPU); what is compiled, and how, is the
