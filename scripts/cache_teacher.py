@@ -103,7 +103,6 @@ def main(argv=None):
     tokenizer = load_tokenizer(args.teacher_type, args.tokenizer_name or args.teacher_name,
                                "--tokenizer_name" if args.tokenizer_name else "--teacher_name", args.mlm)
     teacher = load_teacher(args.teacher_type, args.teacher_name, args.mlm)
-    special = framing_token_ids(special_token_ids(tokenizer), args.mlm)
     max_len = max_input_size(teacher.config, tokenizer)
     vocab_size = teacher.config.vocab_size
     if args.student_config is not None:
@@ -119,6 +118,8 @@ def main(argv=None):
     if corpus.max_token_id >= vocab_size:
         raise UserError(f"--data_file {corpus.path}: token id {corpus.max_token_id} is outside the vocabulary of "
                         f"{vocab_size}; was it binarized with another tokenizer?")
+    # The chunks of a long sequence are framed as train.py frames them: with the corpus's recorded tokens.
+    special = framing_token_ids(special_token_ids(tokenizer), args.mlm, corpus.metadata.get("framing"))
     dataset = LmSeqsDataset(corpus, special_tok_ids=special, mlm=args.mlm, max_len=max_len)
     if len(dataset) == 0:
         raise UserError(f"--data_file {corpus.path}: no sequence left after filtering")

@@ -67,3 +67,28 @@ def test_an_unknown_framing_token_is_one_error_line(tiny, chat_tokenizer, tmp_pa
                   "--dump_file", tmp_path / "x", "--start_token", "<|no_such_token|>"],
                  "--start_token", "<|no_such_token|>", "not a token")
     assert not list(tmp_path.iterdir())
+
+
+def test_the_teacher_cache_frames_chunks_as_training_does(tiny, chat_tokenizer, tmp_path):
+    """cache_teacher.py must cut and frame long sequences exactly as train.py will read them, or the cached rows
+    stop matching the batches' positions."""
+    import numpy as np
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lm_seqs_dataset import LmSeqsDataset
+    from models import framing_token_ids
+    from utils import special_token_ids
+
+    folder, tok = chat_tokenizer
+    corpus = _binarize(tiny, folder, tmp_path / "eot", "--start_token", "<|endoftext|>", "--end_token", "<|endoftext|>")
+    teacher = tmp_path / "teacher"
+    config = GPT2Config(vocab_size=len(tok), n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(teacher)
+    tok.save_pretrained(teacher)
+    load_script("cache_teacher").main(["--teacher_type", "auto", "--teacher_name", str(teacher), "--data_file",
+                                       corpus.path, "--cache_dir", str(tmp_path / "cache"), "--k", "4", "--n_gpu", "0"])
+    special = framing_token_ids(special_token_ids(tok), mlm=False, framing=corpus.metadata["framing"])
+    as_trained = LmSeqsDataset(corpus, special_tok_ids=special, mlm=False, max_len=16)
+    assert as_trained.wrapped.any()
+    cached = np.load(tmp_path / "cache" / "item_offsets.npy")
+    assert np.diff(cached).tolist() == [int(n) for n in as_trained.lengths]
