@@ -26,7 +26,6 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-import torch  # noqa: E402
 
 from glue import (GLUE_TASKS, Task, get_task, glue_metrics, infer_custom_task, label_ids, load_file,  # noqa: E402
                   load_hub_split, task_score, text_columns)
@@ -36,7 +35,7 @@ from task_models import (clamp_max_seq_length, in_task_order, label_permutation,
                          load_teacher, load_tokenizer)
 from task_training import (TokenizedSet, add_training_arguments, check_training_args, start_run,  # noqa: E402
                            task_main, train_and_evaluate)
-from utils import UserError, logger, unwrap  # noqa: E402
+from utils import UserError, amp_dtype, logger, unwrap  # noqa: E402
 
 COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "labels")
 
@@ -163,7 +162,7 @@ def make_loss_fn(args, student_perm=None, teacher_perm=None):
 
 def evaluate(args, model, tokenizer, ctx, task, eval_set, out_folder, model_path=None):
     """The task's metrics for `model`; the master writes out_folder/eval_results.json. Collective."""
-    amp = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    amp = amp_dtype(bf16=args.bf16, fp16=args.fp16)
     logits = predict(model, eval_set, ["logits"], tokenizer.pad_token_id, args.per_gpu_eval_batch_size, ctx,
                      amp_dtype=amp)["logits"]
     if not ctx.is_master:

@@ -28,7 +28,6 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from losses import task_distillation_loss, token_ce_loss, token_kd_loss  # noqa: E402
 from ner import (FORMATS, check_tags, hub_sentences, label_list, parse_labels, read_column_file,  # noqa: E402
@@ -39,7 +38,7 @@ from task_models import (clamp_max_seq_length, in_task_order, label_permutation,
                          load_student, load_teacher, load_tokenizer)
 from task_training import (TokenizedSet, add_training_arguments, check_training_args, start_run,  # noqa: E402
                            subsample, task_main, train_and_evaluate)
-from utils import UserError, logger, unwrap  # noqa: E402
+from utils import UserError, amp_dtype, logger, unwrap  # noqa: E402
 
 COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "labels")
 
@@ -159,7 +158,7 @@ def make_loss_fn(args, student_perm, teacher_perm):
 def evaluate(args, model, tokenizer, ctx, eval_data, labels, out_folder, model_path=None):
     """Entity scores of `model`; the master writes eval_results.json and predictions.txt to out_folder. Collective."""
     data, dataset, rows = eval_data
-    amp = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    amp = amp_dtype(bf16=args.bf16, fp16=args.fp16)
     logits = predict(model, dataset, ["logits"], tokenizer.pad_token_id, args.per_gpu_eval_batch_size, ctx,
                      amp_dtype=amp, per_position=True)["logits"]
     if not ctx.is_master:

@@ -33,7 +33,7 @@ from task_evaluation import predict, write_eval_results  # noqa: E402
 from task_models import clamp_max_seq_length, load_student, load_teacher, load_tokenizer  # noqa: E402
 from task_training import (TokenizedSet, add_training_arguments, check_training_args, start_run,  # noqa: E402
                            subsample, task_main, train_and_evaluate)
-from utils import UserError, logger  # noqa: E402
+from utils import UserError, amp_dtype, logger  # noqa: E402
 
 TRAIN_COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions")
 EVAL_COLUMNS = ("input_ids", "token_type_ids", "attention_mask")
@@ -182,7 +182,7 @@ def evaluate(args, model, tokenizer, ctx, eval_data, out_folder, model_path=None
     eval_results.json to out_folder. Collective: every rank runs its share of the windows."""
     examples, features = eval_data
     dataset = TokenizedSet(features, EVAL_COLUMNS)
-    amp = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    amp = amp_dtype(bf16=args.bf16, fp16=args.fp16)
     out = predict(model, dataset, ["start_logits", "end_logits"], tokenizer.pad_token_id,
                   args.per_gpu_eval_batch_size, ctx, amp_dtype=amp, per_position=True)
     if not ctx.is_master:

@@ -30,8 +30,8 @@ from divergences import add_kd_loss_arguments, check_kd_loss_args
 from grouped_batch_sampler import training_batch_sampler
 from losses import IGNORE_INDEX
 from task_models import load_student
-from utils import (UserError, append_jsonl, cleanup_distributed, fail, init_distributed, logger, set_seed, unwrap,
-                   write_json_atomic)
+from utils import (UserError, amp_dtype, append_jsonl, cleanup_distributed, fail, init_distributed, logger, set_seed,
+                   unwrap, write_json_atomic)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.pt"
@@ -266,7 +266,7 @@ class TaskTrainer:
         self.total_steps = a.max_steps if a.max_steps > 0 else max(1, int(steps_per_epoch * a.num_train_epochs))
 
     def _setup_precision(self):
-        self.amp_dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        self.amp_dtype = amp_dtype(bf16=self.args.bf16, fp16=self.args.fp16)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.args.fp16)
 
     def _setup_optimizer(self):
