@@ -144,6 +144,20 @@ def label_ids(values, task, source, label_names=None):
     return out
 
 
+def read_scored_pairs(path, flag):
+    """(first sentences, second sentences, gold scores) of a file with sentence1, sentence2 and numeric label
+    columns (STS-B's layout); flag names the file in errors."""
+    data = load_file(path, flag)
+    missing = [c for c in ("sentence1", "sentence2", "label") if c not in data.column_names]
+    if missing:
+        raise UserError(f"{flag} {path}: no column {missing[0]!r} (columns: {', '.join(data.column_names)})")
+    try:
+        gold = [float(x) for x in data["label"]]
+    except ValueError as exc:
+        raise UserError(f"{flag} {path}: a label is not a number ({exc})") from None
+    return list(data["sentence1"]), list(data["sentence2"]), gold
+
+
 def _is_int(text):
     try:
         int(text)

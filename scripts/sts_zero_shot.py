@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from glue import load_file  # noqa: E402
+from glue import read_scored_pairs  # noqa: E402
 from utils import UserError, fail, load_pretrained, write_json_atomic  # noqa: E402
 
 
@@ -33,19 +33,6 @@ def parse_args(argv=None):
     parser.add_argument("--max_seq_length", type=int, default=128, help="Longer sentences are truncated.")
     parser.add_argument("--batch_size", type=int, default=64, help="Sentences encoded at once.")
     return parser.parse_args(argv)
-
-
-def read_pairs(path):
-    """(first sentences, second sentences, gold scores) of the file."""
-    data = load_file(path, "--sts_file")
-    missing = [c for c in ("sentence1", "sentence2", "label") if c not in data.column_names]
-    if missing:
-        raise UserError(f"--sts_file {path}: no column {missing[0]!r} (columns: {', '.join(data.column_names)})")
-    try:
-        gold = [float(x) for x in data["label"]]
-    except ValueError as exc:
-        raise UserError(f"--sts_file {path}: a label is not a number ({exc})") from None
-    return list(data["sentence1"]), list(data["sentence2"]), gold
 
 
 def embed(model, tokenizer, sentences, max_len, batch_size):
@@ -83,7 +70,7 @@ def main(argv=None):
     for name, folder in args.model:
         if not os.path.isdir(folder):
             raise UserError(f"--model {name} {folder}: no such folder")
-    pairs = read_pairs(args.sts_file)
+    pairs = read_scored_pairs(args.sts_file, "--sts_file")
     rows = [{"model": name, "folder": folder, **score(folder, pairs, args.max_seq_length, args.batch_size)}
             for name, folder in args.model]
     lines = [f"Zero-shot similarity on {os.path.basename(args.sts_file)} ({len(pairs[2])} pairs; cosine of "

@@ -207,3 +207,49 @@ def test_sts_zero_shot_is_the_correlation_of_mean_pooled_cosines(encoders, tmp_p
     assert rows[0]["spearman"] == pytest.approx(100 * stats.spearmanr(cosines, gold)[0], abs=1e-6)
     assert rows[0]["pearson"] == pytest.approx(100 * stats.pearsonr(cosines, gold)[0], abs=1e-3)
     assert json.loads((tmp_path / "sts.json").read_text())["rows"][0]["model"] == "T"
+
+
+def test_pair_probe_fits_a_ridge_on_frozen_pair_encodings(encoders, tmp_path):
+    import numpy as np
+    from scipy import stats
+    from transformers import AutoModel, AutoTokenizer
+
+    from conftest import load_script
+
+    words = "the city river king north ship lost played song music album bridge first war battle army".split()
+    rng = np.random.default_rng(0)
+    rows = [(" ".join(rng.choice(words, 3)), " ".join(rng.choice(words, 4)), float(rng.uniform(0, 5)))
+            for _ in range(30)]
+    for name, part in (("train", rows[:20]), ("dev", rows[20:])):
+        (tmp_path / f"{name}.tsv").write_text("sentence1\tsentence2\tlabel\n" +
+                                              "".join(f"{a}\t{b}\t{g}\n" for a, b, g in part))
+    result = load_script("pair_probe").main([
+        "--train_file", str(tmp_path / "train.tsv"), "--dev_file", str(tmp_path / "dev.tsv"), "--max_train_samples",
+        "16", "--ridge", "0.5", "--batch_size", "7", "--model", "T", str(encoders["teacher"]),
+        "--output", str(tmp_path / "probe")])[0]["features"]
+    assert set(result) == {"cls", "pooler", "mean"}
+    # The same probe by hand: each pair alone, as one sequence (what the task scripts feed), [CLS] features,
+    # a ridge with an unpenalised bias through numpy's least squares on the augmented system.
+    model, tok = AutoModel.from_pretrained(encoders["teacher"]).eval(), AutoTokenizer.from_pretrained(encoders["teacher"])
+    with torch.no_grad():
+        feats = np.stack([model(**tok(a, b, return_tensors="pt")).last_hidden_state[0, 0].double().numpy()
+                          for a, b, _ in rows])
+    x, y = feats[:16], np.array([g for _, _, g in rows[:16]])
+    design = np.vstack([np.c_[x, np.ones(16)], np.c_[np.sqrt(0.5) * np.eye(x.shape[1]), np.zeros(x.shape[1])]])
+    coef = np.linalg.lstsq(design, np.r_[y, np.zeros(x.shape[1])], rcond=None)[0]
+    predicted = np.c_[feats[20:], np.ones(10)] @ coef
+    expected = 100 * stats.spearmanr(predicted, [g for _, _, g in rows[20:]])[0]
+    assert result["cls"]["spearman"] == pytest.approx(expected, abs=1e-4)
+    assert result["cls"]["feature_std"] == pytest.approx(x.std(0).mean(), rel=1e-4)
+    assert "| T |" in (tmp_path / "probe.md").read_text()
+
+
+def test_pair_probe_names_the_bad_file(encoders, tmp_path):
+    from conftest import run_script
+
+    (tmp_path / "bad.tsv").write_text("sentence1\tsentence2\tscore\na\tb\t1\n")
+    proc = run_script("scripts/pair_probe.py", "--train_file", tmp_path / "bad.tsv", "--dev_file",
+                      tmp_path / "bad.tsv", "--model", "T", encoders["teacher"], expect_ok=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-1000:]
+    assert "--train_file" in errors[0] and "no column 'label'" in errors[0], errors[0]
