@@ -1,6 +1,7 @@
 """Shared test helpers: tiny local tokenizers, teachers and student configs built once per test session (no
 network), running scripts (one process or two under torchrun), one-line error checks, a tiny Distiller."""
 import dataclasses
+import itertools
 import os
 import random
 import socket
@@ -59,10 +60,29 @@ def load_script(name):
     return module
 
 
+# torchrun's master ports come from a block of ports for each pytest-xdist worker (gw0, gw1, ...; a serial run
+# uses the first), below Linux's ephemeral range (32768-60999). A port taken from the kernel (bind to port 0) and
+# released lies in that range, where an outgoing connection, such as one between another worker's gloo ranks, can
+# take it before torchrun binds it. Each session starts at a random place in its block: two test sessions on one
+# machine rarely meet.
+PORT_BLOCK = 500
+FIRST_PORT = 20000
+_port_counter = itertools.count(random.SystemRandom().randrange(PORT_BLOCK))
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nothing listens on, from this worker's block, a different one at each call."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    first = FIRST_PORT + int(worker.lstrip("gw") or 0) % 24 * PORT_BLOCK  # 24 blocks end at 32000
+    for _ in range(PORT_BLOCK):
+        port = first + next(_port_counter) % PORT_BLOCK
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use: another program's, or a port of ours still closing
+                continue
+        return port
+    raise RuntimeError(f"no free TCP port in {first}-{first + PORT_BLOCK - 1}")
 
 
 def run_torchrun(*args, nproc=2, **kwargs):
