@@ -22,6 +22,17 @@ WORDS = ("the a of and to in is was for on that with as by at from his her it an
 RARE = "zygote quixotic xylophone jubilant vexillology".split()
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, each worker's torch gets its share of the cores: by default every worker would start a
+    thread per core (2 workers on 2 cores: 4 busy threads). Scripts the tests start run on one (run_script)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers:
+        import torch
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // workers))
+
+
 def make_corpus_lines(n_lines=300, seed=0):
     """Deterministic English-like lines of varied length, a few blank and a few very short ones."""
     rng = random.Random(seed)
