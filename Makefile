@@ -1,5 +1,6 @@
 # `make demo` on a fresh machine: virtualenv, CPU torch, requirements, then the offline end-to-end demo.
-# `make test`: the same environment plus pytest, then the test suite.
+# `make test`: the same environment plus pytest and pytest-xdist, then the test suite on TEST_WORKERS processes
+# (the command .ci/run runs; see there for the flags).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,6 +8,7 @@ VENV ?= .venv
 # On a GPU node: make demo TORCH=torch
 TORCH ?= torch==2.13.0
 DEMO_ARGS ?=
+TEST_WORKERS ?= 2
 
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
@@ -20,7 +22,7 @@ demo-quick: $(VENV)/.installed
 	$(BIN)/python scripts/demo.py --quick $(DEMO_ARGS)
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 install: $(VENV)/.installed
 
@@ -34,8 +36,9 @@ $(VENV)/.installed: requirements.txt | $(BIN)/python
 	$(PIP) -r requirements.txt
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) pytest
+# Also after a Makefile change: a venv made before pytest-xdist was on this list gets it.
+$(VENV)/.installed-test: $(VENV)/.installed Makefile
+	$(PIP) pytest pytest-xdist
 	touch $@
 
 clean-demo:

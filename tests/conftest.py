@@ -1,6 +1,7 @@
 """Shared test helpers: tiny local tokenizers, teachers and student configs built once per test session (no
 network), running scripts (one process or two under torchrun), one-line error checks, a tiny Distiller."""
 import dataclasses
+import itertools
 import os
 import random
 import socket
@@ -19,6 +20,17 @@ WORDS = ("the a of and to in is was for on that with as by at from his her it an
          "played released recorded wrote built opened called named became moved won lost began ended served "
          "small large early late local national famous ancient modern several many other only major").split()
 RARE = "zygote quixotic xylophone jubilant vexillology".split()
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, each worker's torch gets its share of the cores: by default every worker would start a
+    thread per core (2 workers on 2 cores: 4 busy threads). Scripts the tests start run on one (run_script)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers:
+        import torch
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // workers))
 
 
 def make_corpus_lines(n_lines=300, seed=0):
@@ -59,10 +71,29 @@ def load_script(name):
     return module
 
 
+# torchrun's master ports come from a block of ports for each pytest-xdist worker (gw0, gw1, ...; a serial run
+# uses the first), below Linux's ephemeral range (32768-60999). A port taken from the kernel (bind to port 0) and
+# released lies in that range, where an outgoing connection, such as one between another worker's gloo ranks, can
+# take it before torchrun binds it. Each session starts at a random place in its block: two test sessions on one
+# machine rarely meet.
+PORT_BLOCK = 500
+FIRST_PORT = 20000
+_port_counter = itertools.count(random.SystemRandom().randrange(PORT_BLOCK))
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nothing listens on, from this worker's block, a different one at each call."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    first = FIRST_PORT + int(worker.lstrip("gw") or 0) % 24 * PORT_BLOCK  # 24 blocks end at 32000
+    for _ in range(PORT_BLOCK):
+        port = first + next(_port_counter) % PORT_BLOCK
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use: another program's, or a port of ours still closing
+                continue
+        return port
+    raise RuntimeError(f"no free TCP port in {first}-{first + PORT_BLOCK - 1}")
 
 
 def run_torchrun(*args, nproc=2, **kwargs):

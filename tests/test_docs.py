@@ -21,7 +21,8 @@ FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 SHELL = {"bash", "sh", "shell"}
 FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
 # Flags of programs that are not ours, named in prose.
-OTHER_PROGRAMS_FLAGS = {"--logdir"}  # tensorboard --logdir
+# tensorboard --logdir; pytest-xdist's --dist and --no-loadscope-reorder (the test command)
+OTHER_PROGRAMS_FLAGS = {"--logdir", "--dist", "--no-loadscope-reorder"}
 
 
 class _Parsed(BaseException):
