@@ -52,15 +52,15 @@ def parse_args(argv=None):
                         help="Teacher layers the student keeps (default: the first ceil(n/2) and the last "
                              "floor(n/2) of n = half the teacher's depth; 0-7 and 23-29 for a 30-layer teacher).")
     parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds, one run per arm and seed.")
-    parser.add_argument("--max_steps", type=int, default=150, help="Optimizer steps of every training run.")
+    parser.add_argument("--max_steps", type=int, default=60, help="Optimizer steps of every training run.")
     parser.add_argument("--batch_size", type=int, default=4, help="Sequences per batch.")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=2, help="Batches per optimizer step.")
-    parser.add_argument("--max_seq_length", type=int, default=256,
+    parser.add_argument("--max_seq_length", type=int, default=128,
                         help="Training and evaluation sequences are cut into chunks of at most this many tokens.")
     parser.add_argument("--learning_rate", type=float, default=5e-4, help="Peak learning rate of every run.")
     parser.add_argument("--warmup_prop", type=float, default=0.05, help="Linear warmup proportion.")
     parser.add_argument("--temperature", type=float, default=2.0, help="Distillation temperature.")
-    parser.add_argument("--eval_batches", type=int, default=24,
+    parser.add_argument("--eval_batches", type=int, default=12,
                         help="Held-out batches of 8 sequences scored per model (the first ones of --eval_text).")
     parser.add_argument("--start_token", default="<|endoftext|>",
                         help="Token before each line (binarized_data.py --start_token; 'auto': the tokenizer's "
