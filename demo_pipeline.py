@@ -91,8 +91,12 @@ class Pipeline:
         total = optimizer_steps("".join(captured))
         record = _last_metrics(metrics_path)
         if record is not None:
-            of = f"/{total}" if total else ""
-            print(f"      step {record['step']}{of}  train loss {record.get('loss', float('nan')):.3f}  "
+            # "step" counts iterations (batches); the total is in optimizer steps.
+            if "optimizer_step" in record:
+                where = f"optimizer step {record['optimizer_step']}" + (f"/{total}" if total else "")
+            else:
+                where = f"iteration {record['step']}"
+            print(f"      {where}  train loss {record.get('loss', float('nan')):.3f}  "
                   f"({time.time() - self._t0:.0f}s)", flush=True)
 
 

@@ -65,6 +65,7 @@ def test_max_steps_and_max_seq_length(tiny, binarized, tmp_path):
     for k, record in enumerate(train, start=1):
         assert record["lr"] == pytest.approx(5e-4 * (60 - k) / 60, abs=1e-12)
     assert all(r["speed"] > 0 and r["rss_mb"] > 0 for r in train)  # metrics.jsonl carries TensorBoard's figures
+    assert [r["optimizer_step"] for r in train] == list(range(1, 61))  # one optimizer step per batch here
     assert (dump / "model.safetensors").is_file()
 
 
