@@ -179,6 +179,17 @@ def write_json_atomic(path, payload):
     os.replace(tmp, path)
 
 
+def write_report(prefix, text, payload):
+    """PREFIX.md (the markdown text) and PREFIX.json (the numbers), each replaced whole, folders made as needed:
+    the --output of the scripts that print a table."""
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    tmp = f"{prefix}.md.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, f"{prefix}.md")
+    write_json_atomic(f"{prefix}.json", payload)
+
+
 SPECIAL_TOKEN_NAMES = ("cls_token", "sep_token", "bos_token", "eos_token", "pad_token", "unk_token", "mask_token")
 
 

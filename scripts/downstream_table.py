@@ -28,7 +28,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from glue import GLUE_ORDER, get_task  # noqa: E402
-from utils import UserError, fail, write_json_atomic  # noqa: E402
+from utils import UserError, fail, write_report  # noqa: E402
 
 SQUAD_TASKS = ("squad", "squad_v2")
 
@@ -212,11 +212,7 @@ def main(argv=None):
     text = markdown(table)
     print(text, end="")
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output + ".md.tmp", "w") as f:
-            f.write(text)
-        os.replace(args.output + ".md.tmp", args.output + ".md")
-        write_json_atomic(args.output + ".json", table)
+        write_report(args.output, text, table)
 
 
 if __name__ == "__main__":

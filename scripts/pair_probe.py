@@ -25,7 +25,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from glue import read_scored_pairs  # noqa: E402
-from utils import UserError, fail, load_pretrained, write_json_atomic  # noqa: E402
+from utils import UserError, fail, load_pretrained, write_report  # noqa: E402
 
 FEATURES = ("cls", "pooler", "mean")
 
@@ -119,11 +119,8 @@ def main(argv=None):
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(f"{args.output}.md", "w") as f:
-            f.write(text)
-        write_json_atomic(f"{args.output}.json", {"train_file": args.train_file, "dev_file": args.dev_file,
-                                                  "n_train": len(train[2]), "ridge": args.ridge, "rows": rows})
+        write_report(args.output, text, {"train_file": args.train_file, "dev_file": args.dev_file,
+                                         "n_train": len(train[2]), "ridge": args.ridge, "rows": rows})
     return rows
 
 

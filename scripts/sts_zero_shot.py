@@ -19,7 +19,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from glue import read_scored_pairs  # noqa: E402
-from utils import UserError, fail, load_pretrained, write_json_atomic  # noqa: E402
+from utils import UserError, fail, load_pretrained, write_report  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -79,10 +79,7 @@ def main(argv=None):
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(f"{args.output}.md", "w") as f:
-            f.write(text)
-        write_json_atomic(f"{args.output}.json", {"sts_file": args.sts_file, "n_pairs": len(pairs[2]), "rows": rows})
+        write_report(args.output, text, {"sts_file": args.sts_file, "n_pairs": len(pairs[2]), "rows": rows})
     return rows
 
 
