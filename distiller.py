@@ -592,7 +592,8 @@ class Distiller:
         if self.device.type == "cuda":
             usage["memory_usage"] = torch.cuda.max_memory_allocated(self.device) / 1e6
         self.write_metrics({"split": "train", "step": step, "optimizer_step": self.n_optimizer_steps,
-                            "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0], "skipped_steps": self.n_skipped_steps,
+                            "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0],
+                            "skipped_steps": self.n_skipped_steps,
                             **{f"loss_{k}" if k != "total" else "loss": v for k, v in averages.items()}, **usage})
         tb = self.tensorboard
         for name, value in averages.items():

@@ -26,7 +26,6 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-
 from glue import (GLUE_TASKS, Task, get_task, glue_metrics, infer_custom_task, label_ids, load_file,  # noqa: E402
                   load_hub_split, task_score, text_columns)
 from losses import classification_kd_loss, classification_loss, task_distillation_loss  # noqa: E402
