@@ -52,6 +52,8 @@ def parse_args(argv=None):
                         help="Teacher layers the student keeps (default: the first ceil(n/2) and the last "
                              "floor(n/2) of n = half the teacher's depth; 0-7 and 23-29 for a 30-layer teacher).")
     parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds, one run per arm and seed.")
+    parser.add_argument("--arms", default=",".join(ARMS),
+                        help=f"Comma-separated arms to train (default all: {', '.join(ARMS)}).")
     parser.add_argument("--max_steps", type=int, default=60, help="Optimizer steps of every training run.")
     parser.add_argument("--batch_size", type=int, default=4, help="Sequences per batch.")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=2, help="Batches per optimizer step.")
@@ -122,8 +124,9 @@ class Ablation:
     def __init__(self, args):
         self.args = args
         self.workdir = os.path.abspath(args.workdir)
-        self.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        n_steps = 6 + len(self.seeds) * len(ARMS) * 2  # teacher, 2 x binarize, extract, 2 references
+        self.seeds = [int(s) for s in args.seeds.split(",") if s.strip().lstrip("-").isdigit()]
+        self.arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
+        n_steps = 6 + len(self.seeds) * len(self.arms) * 2  # teacher, 2 x binarize, extract, 2 references
         self.pipe = Pipeline(self.workdir, n_steps=n_steps, verbose=args.verbose)
         self.path = lambda *parts: os.path.join(self.workdir, *parts)
 
@@ -132,8 +135,12 @@ class Ablation:
         for flag in ("teacher", "train_text", "eval_text"):
             if not os.path.exists(getattr(a, flag)):
                 raise UserError(f"--{flag} {getattr(a, flag)}: no such file or folder")
-        if not self.seeds:
-            raise UserError(f"--seeds {a.seeds!r}: no seed given")
+        given = [s for s in a.seeds.split(",") if s.strip()]
+        if not self.seeds or len(self.seeds) != len(given):
+            raise UserError(f"--seeds {a.seeds!r}: expected comma-separated integers")
+        unknown = [arm for arm in self.arms if arm not in ARMS]
+        if unknown or not self.arms:
+            raise UserError(f"--arms {a.arms!r}: choose among {', '.join(ARMS)}")
         for flag in ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_batches"):
             if getattr(a, flag) < 1:
                 raise UserError(f"--{flag} must be at least 1")
@@ -188,7 +195,8 @@ class Ablation:
             if record is not None:
                 records[name] = record
         for seed in self.seeds:
-            for arm, spec in ARMS.items():
+            for arm in self.arms:
+                spec = ARMS[arm]
                 run = self.path("runs", f"{arm}_seed{seed}")
                 seconds = self._train(arm, spec, seed, run, teacher, student_init, data["train"])
                 record = self._evaluate(f"Evaluate {arm} seed {seed}", run, teacher, data["eval"],

@@ -3,6 +3,8 @@ the default layer choice, and the table's statistics against hand computations. 
 local models is cheap to try by hand: docs/real-teacher.md; CI never needs the GGUF teacher.)"""
 import shlex
 
+import pytest
+
 from conftest import load_script
 from test_docs import parser_of
 
@@ -26,6 +28,25 @@ def test_dry_run_commands_parse_with_each_scripts_own_parser(tmp_path, capsys):
     distilled = [c for c in trains if "--alpha_ce" in c and c[c.index("--alpha_ce") + 1] == "5"]
     assert len(distilled) == 4 and all("--max_steps" in c and "--max_seq_length" in c for c in trains)
     assert not (tmp_path / "work").exists()  # a dry run writes nothing
+
+
+def test_arms_choose_which_runs_train_and_an_unknown_arm_is_refused(tmp_path, capsys):
+    gguf = tmp_path / "teacher.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(16))
+    text = tmp_path / "lines.txt"
+    text.write_text("one line of text\n")
+    base = ["--teacher", str(gguf), "--train_text", str(text), "--eval_text", str(text),
+            "--workdir", str(tmp_path / "work"), "--seeds", "0,1,2", "--dry_run"]
+    load_script("ablation").main(base + ["--arms", "distilled,no_teacher"])
+    dumps = [line.split("--dump_path ")[1].split()[0] for line in capsys.readouterr().out.splitlines()
+             if line.strip().startswith("python train.py")]
+    assert [d.rsplit("/", 1)[1] for d in dumps] == [f"{arm}_seed{s}" for s in (0, 1, 2)
+                                                    for arm in ("distilled", "no_teacher")]
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("ablation").main(base + ["--arms", "distilled,teacherless"])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "--arms" in err and "teacherless" in err and len(err.strip().splitlines()) == 1
 
 
 def test_default_layers_keep_a_first_and_a_last_block():
