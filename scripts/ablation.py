@@ -54,7 +54,7 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds, one run per arm and seed.")
     parser.add_argument("--arms", default=",".join(ARMS),
                         help=f"Comma-separated arms to train (default all: {', '.join(ARMS)}).")
-    parser.add_argument("--max_steps", type=int, default=60, help="Optimizer steps of every training run.")
+    parser.add_argument("--max_steps", type=int, default=150, help="Optimizer steps of every training run.")
     parser.add_argument("--batch_size", type=int, default=4, help="Sequences per batch.")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=2, help="Batches per optimizer step.")
     parser.add_argument("--max_seq_length", type=int, default=128,
