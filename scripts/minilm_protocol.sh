@@ -15,8 +15,9 @@
 # DATA_DIR holds wikitext-2/ (valid.txt, test.txt), glue/ (SST-2/, MRPC/, STS-B/, CoLA/, RTE/ with train.tsv and
 # dev.tsv) and squad/ (train-from-dev-v1.1.json, dev-heldout-v1.1.json). TASKS defaults to "squad sst2 mrpc stsb
 # cola rte". Task budgets are those of scripts/minilm_figures.sh (scripts/minilm_common.sh).
-# Environment: SEEDS (default "42 43"); GENERAL_EPOCHS (3), GENERAL_LR (1e-4), GENERAL_PASSAGES (all) for the
-# general distillation; SMOKE=1 shrinks everything to a few examples, to check that the commands run.
+# Environment: SEEDS (default "42 43"); GENERAL_EPOCHS (3), GENERAL_LR (1e-4), GENERAL_PASSAGES (all) and
+# GENERAL_MAX_STEPS (none: the epochs decide; else train.py --max_steps, the batches drawn from the whole shuffled
+# corpus) for the general distillation; SMOKE=1 shrinks everything to a few examples, to check that the commands run.
 # The unlabelled text is WikiText-2 (the shared copy has only its validation and test splits, used here as
 # training text: nothing is scored on them), the SQuAD training contexts and the GLUE training sentences; never
 # a dev set that is scored. Finished steps are skipped when the script is run again (delete a folder to redo it).
@@ -24,7 +25,7 @@ set -euo pipefail
 MINILM=$1; DATA=$2; OUT=$3; TASKS=${4:-"squad sst2 mrpc stsb cola rte"}
 GLUE=$DATA/glue; SQUAD=$DATA/squad
 SEEDS=${SEEDS:-"42 43"}; GENERAL_EPOCHS=${GENERAL_EPOCHS:-3}; GENERAL_LR=${GENERAL_LR:-1e-4}
-GENERAL_PASSAGES=${GENERAL_PASSAGES:-}
+GENERAL_PASSAGES=${GENERAL_PASSAGES:-}; GENERAL_MAX_STEPS=${GENERAL_MAX_STEPS:-}
 source "$(dirname "$0")/minilm_common.sh"
 [ "${SMOKE:-0}" = 1 ] && GENERAL_PASSAGES=${GENERAL_PASSAGES:-200} GENERAL_EPOCHS=1
 mkdir -p "$OUT/data"
@@ -51,7 +52,7 @@ if [ ! -f "$GENERAL/model.safetensors" ]; then
     --teacher_type encoder --teacher_name "$MINILM" --alpha_ce 0 --alpha_clm 0 --alpha_cos 1 --alpha_hidden 1 \
     --hidden_layer_map 0:0,1:3 --data_file "$OUT/data/unlabelled.minilm-3l.bin" --dump_path "$GENERAL" --force \
     --n_epoch "$GENERAL_EPOCHS" --batch_size 32 --gradient_accumulation_steps 1 --learning_rate "$GENERAL_LR" \
-    --log_interval 20 --checkpoint_interval 1000 --seed 42
+    ${GENERAL_MAX_STEPS:+--max_steps "$GENERAL_MAX_STEPS"} --log_interval 20 --checkpoint_interval 1000 --seed 42
 fi
 
 # 3. Zero-shot sentence similarity on STS-B dev.
