@@ -71,5 +71,5 @@ for t in (1.0, 2.0):
 print(f"teacher accuracy on those pairs {(logits.argmax(-1) == labels).float().mean():.3f}")
 for run in sorted(p.parent for p in out.glob("*/eval_results.json")):
     res = json.loads((run / "eval_results.json").read_text())
-    print(f"{run.name:16s} dev accuracy {100 * res['score']:.2f}")
+    print(f"{run.name:16s} dev accuracy {res['score']:.2f}")
 EOF
