@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -120,11 +121,19 @@ def results_table(records, seeds):
     return "\n".join(lines)
 
 
+def parse_seeds(text):
+    """--seeds as a list of ints; anything but comma-separated integers is a UserError."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items or not all(re.fullmatch(r"-?[0-9]+", item) for item in items):
+        raise UserError(f"--seeds {text!r}: expected comma-separated integers")
+    return [int(item) for item in items]
+
+
 class Ablation:
     def __init__(self, args):
         self.args = args
         self.workdir = os.path.abspath(args.workdir)
-        self.seeds = [int(s) for s in args.seeds.split(",") if s.strip().lstrip("-").isdigit()]
+        self.seeds = parse_seeds(args.seeds)
         self.arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
         n_steps = 6 + len(self.seeds) * len(self.arms) * 2  # teacher, 2 x binarize, extract, 2 references
         self.pipe = Pipeline(self.workdir, n_steps=n_steps, verbose=args.verbose)
@@ -135,9 +144,6 @@ class Ablation:
         for flag in ("teacher", "train_text", "eval_text"):
             if not os.path.exists(getattr(a, flag)):
                 raise UserError(f"--{flag} {getattr(a, flag)}: no such file or folder")
-        given = [s for s in a.seeds.split(",") if s.strip()]
-        if not self.seeds or len(self.seeds) != len(given):
-            raise UserError(f"--seeds {a.seeds!r}: expected comma-separated integers")
         unknown = [arm for arm in self.arms if arm not in ARMS]
         if unknown or not self.arms:
             raise UserError(f"--arms {a.arms!r}: choose among {', '.join(ARMS)}")
@@ -258,8 +264,8 @@ class Ablation:
 
 def main(argv=None):
     args = parse_args(argv)
-    ablation = Ablation(args)
     try:
+        ablation = Ablation(args)
         ablation.check()
         return ablation.run()
     except UserError as exc:

@@ -49,6 +49,19 @@ def test_arms_choose_which_runs_train_and_an_unknown_arm_is_refused(tmp_path, ca
     assert "--arms" in err and "teacherless" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("seeds", ["0,x", "1.5", "0,--5", ","])
+def test_seeds_that_are_not_integers_are_refused_in_one_line(tmp_path, capsys, seeds):
+    text = tmp_path / "lines.txt"
+    text.write_text("one line of text\n")
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("ablation").main(["--teacher", str(text), "--train_text", str(text), "--eval_text", str(text),
+                                      "--workdir", str(tmp_path / "work"), "--seeds", seeds, "--dry_run"])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "--seeds" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "work").exists()
+
+
 def test_default_layers_keep_a_first_and_a_last_block():
     default_layers = load_script("ablation").default_layers
     assert default_layers(30) == [0, 1, 2, 3, 4, 5, 6, 7, 23, 24, 25, 26, 27, 28, 29]
