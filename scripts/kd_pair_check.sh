@@ -30,7 +30,7 @@ done
 
 pair_run() {  # name model [teacher [extra flags...]]
   local name=$1 model=$2 teacher=${3:-}
-  [ -f "$OUT/$name/eval_results.json" ] && return 0
+  done_run "$name" && return 0
   $PY run_glue_w_distillation.py --task_name stsb_binary --model_name_or_path "$model" \
     ${teacher:+--teacher_name_or_path "$teacher"} "${@:4}" \
     --train_file "$OUT/data/train.tsv" --validation_file "$OUT/data/dev.tsv" --max_train_samples 3000 \

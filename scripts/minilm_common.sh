@@ -45,6 +45,10 @@ glue() {  # task name model [teacher]
     --seed "$SEED" $COMMON
 }
 
+done_run() {  # name: the run folder under OUT already holds its evaluation (a rerun skips it)
+  [ -f "$OUT/$1/eval_results.json" ]
+}
+
 task_run() {  # task name model [teacher]: the SQuAD or the GLUE run
   if [ "$1" = squad ]; then squad "${@:2}"; else glue "$@"; fi
 }

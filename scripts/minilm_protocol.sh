@@ -61,7 +61,6 @@ $PY scripts/sts_zero_shot.py --sts_file "$GLUE/STS-B/dev.tsv" --output "$OUT/sts
   --model "3 layers, general-distilled" "$GENERAL"
 
 # 4. The tasks: the teacher once, the three arms per seed.
-done_run() { [ -f "$OUT/$1/eval_results.json" ]; }
 for task in $TASKS; do
   done_run "teacher_$task" || SEED=42 task_run "$task" "teacher_$task" "$MINILM"
   for SEED in $SEEDS; do
