@@ -5,10 +5,12 @@
 
 `train.py` builds everything a run needs (flags, models, data, the evaluation) and hands it over; this file
 only runs the loop, in XLM's verbs: `step` (forward, losses, backward) -> `optimize` (accumulate, clip, step)
--> `iter` (counters, log, checkpoint) -> `end_epoch`. The loss maths is in losses.py, the masking in
-masking.py, the model wrappers in models.py, the checkpoint format in checkpointing.py. One process is just
+-> `iter` (counters, log, checkpoint) -> `end_epoch`. The loss maths is in distil/losses.py, the masking in
+distil/masking.py, the model wrappers in distil/models.py,
+the checkpoint format in distil/checkpointing.py. One process is just
 a world of size 1: the same code runs under torchrun with DDP, or with the student and teacher sharded by
-FSDP2 (config.fsdp: sharding.py decides how; the loop calls it where DDP and FSDP differ: setup, clipping,
+FSDP2 (config.fsdp: distil/distributed/sharding.py
+decides how; the loop calls it where DDP and FSDP differ: setup, clipping,
 saving, parameter statistics).
 """
 import contextlib
@@ -21,16 +23,16 @@ import psutil
 import torch
 from torch.utils.data import DataLoader
 
-import checkpointing
-from blocks import compile_blocks
-from divergences import DEFAULT_JSD_BETA, DEFAULT_KD_LOSS
+from distil import checkpointing
+from distil.distributed.blocks import compile_blocks
+from distil.divergences import DEFAULT_JSD_BETA, DEFAULT_KD_LOSS
 from grouped_batch_sampler import training_batch_sampler
-from losses import IGNORE_INDEX, distillation_losses
-from masking import prepare_batch_clm, prepare_batch_mlm
-from models import ENCODER, RowLogitsLM, TeacherLM, hidden_projection
-from schedule import plan_steps, short_run_warnings
-from sharding import Fsdp
-from teacher_cache import WithIndices
+from distil.losses import IGNORE_INDEX, distillation_losses
+from distil.masking import prepare_batch_clm, prepare_batch_mlm
+from distil.models import ENCODER, RowLogitsLM, TeacherLM, hidden_projection
+from distil.schedule import plan_steps, short_run_warnings
+from distil.distributed.sharding import Fsdp
+from distil.teacher_cache import WithIndices
 from utils import amp_dtype, append_jsonl, logger, set_seed
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -53,7 +55,7 @@ class DistillationConfig:
     hidden_layer_map: tuple = None  # ((student block, teacher block), ...) for alpha_hidden, 0-based
     hidden_loss: str = "cos"  # "cos" or "mse", see losses.hidden_layer_loss
     restrict_ce_to_mask: bool = False
-    kd_loss: str = DEFAULT_KD_LOSS  # the divergence of the ce term (divergences.py)
+    kd_loss: str = DEFAULT_KD_LOSS  # the divergence of the ce term (distil/divergences.py)
     jsd_beta: float = DEFAULT_JSD_BETA
     n_epoch: int = 3
     max_steps: int = None  # stop after this many optimizer steps, whatever n_epoch says (None: n_epoch epochs)
@@ -76,7 +78,7 @@ class DistillationConfig:
     save_total_limit: int = 3
     max_bad_steps: int = 20
     eval_interval: int = 0
-    fsdp: bool = False  # shard student (and teacher) with FSDP2 (sharding.py) instead of DDP; needs world size > 1
+    fsdp: bool = False  # shard student (and teacher) with FSDP2 (distil/distributed), not DDP; needs world size > 1
     teacher_replicated: bool = False  # with fsdp: keep the whole teacher on every rank
 
     @classmethod

@@ -26,14 +26,14 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from glue import (GLUE_TASKS, Task, get_task, glue_metrics, infer_custom_task, label_ids, load_file,  # noqa: E402
-                  load_hub_split, task_score, text_columns)
-from losses import classification_kd_loss, classification_loss, task_distillation_loss  # noqa: E402
-from task_evaluation import predict, write_eval_results  # noqa: E402
-from task_models import (clamp_max_seq_length, in_task_order, label_permutation, load_config, load_student,  # noqa: E402
-                         load_teacher, load_tokenizer)
-from task_training import (TokenizedSet, add_training_arguments, check_training_args, start_run,  # noqa: E402
-                           task_main, train_and_evaluate)
+from tasks.glue import (GLUE_TASKS, Task, get_task, glue_metrics, infer_custom_task, label_ids,  # noqa: E402
+                         load_file, load_hub_split, task_score, text_columns)
+from distil.losses import classification_kd_loss, classification_loss, task_distillation_loss  # noqa: E402
+from tasks.evaluation import predict, write_eval_results  # noqa: E402
+from tasks.models import (clamp_max_seq_length, in_task_order, label_permutation, load_config,  # noqa: E402
+                          load_student, load_teacher, load_tokenizer)
+from tasks.training import (TokenizedSet, add_training_arguments, check_training_args, start_run,  # noqa: E402
+                            task_main, train_and_evaluate)
 from utils import UserError, amp_dtype, logger, unwrap  # noqa: E402
 
 COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "labels")
@@ -170,7 +170,7 @@ def evaluate(args, model, tokenizer, ctx, task, eval_set, out_folder, model_path
     logits = [in_task_order(row, perm) for row in logits]
     labels = [eval_set.data[i]["labels"] for i in range(len(eval_set))]
     metrics = glue_metrics(task, logits, labels)
-    from evaluation import count_parameters
+    from distil.evaluation import count_parameters
 
     score = task_score(task, metrics)
     write_eval_results(out_folder, {"task": task.name, "metrics": metrics, "score": score,

@@ -17,7 +17,7 @@ Loss with a teacher: alpha_task * CE + alpha_ce * T^2 * KL(teacher_T || student_
 word's first sub-token) and averaged over the scored tokens; teacher and student label orders are matched by
 name. Without a teacher: the cross-entropy alone. Evaluation writes eval_results.json (entity precision,
 recall and F1 with the CoNLL convention, overall and per type, and token accuracy) and predictions.txt (the
-evaluation file with the tag column holding the predictions). See ner.py for the file formats and windows.
+evaluation file with the tag column holding the predictions). See tasks/ner.py for the file formats and windows.
 """
 import argparse
 import os
@@ -29,15 +29,15 @@ if REPO not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from losses import task_distillation_loss, token_ce_loss, token_kd_loss  # noqa: E402
-from ner import (FORMATS, check_tags, hub_sentences, label_list, parse_labels, read_column_file,  # noqa: E402
-                 sentence_windows, word_predictions, write_predictions)
-from ner_metrics import ner_scores  # noqa: E402
-from task_evaluation import predict, write_eval_results  # noqa: E402
-from task_models import (clamp_max_seq_length, in_task_order, label_permutation, load_config,  # noqa: E402
-                         load_student, load_teacher, load_tokenizer)
-from task_training import (TokenizedSet, add_training_arguments, check_training_args, start_run,  # noqa: E402
-                           subsample, task_main, train_and_evaluate)
+from distil.losses import task_distillation_loss, token_ce_loss, token_kd_loss  # noqa: E402
+from tasks.ner import (FORMATS, check_tags, hub_sentences, label_list, parse_labels, read_column_file,  # noqa: E402
+                       sentence_windows, word_predictions, write_predictions)
+from tasks.ner_metrics import ner_scores  # noqa: E402
+from tasks.evaluation import predict, write_eval_results  # noqa: E402
+from tasks.models import (clamp_max_seq_length, in_task_order, label_permutation, load_config,  # noqa: E402
+                          load_student, load_teacher, load_tokenizer)
+from tasks.training import (TokenizedSet, add_training_arguments, check_training_args, start_run,  # noqa: E402
+                            subsample, task_main, train_and_evaluate)
 from utils import UserError, amp_dtype, logger, unwrap  # noqa: E402
 
 COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "labels")
@@ -170,7 +170,7 @@ def evaluate(args, model, tokenizer, ctx, eval_data, labels, out_folder, model_p
     per_type = scores.pop("per_type")
     os.makedirs(out_folder, exist_ok=True)
     write_predictions(data, predicted, os.path.join(out_folder, "predictions.txt"))
-    from evaluation import count_parameters
+    from distil.evaluation import count_parameters
 
     write_eval_results(out_folder, {"task": args.task_name, "task_type": "ner", "metrics": scores,
                                     "per_type": per_type, "score": 100.0 * scores["f1"], "score_name": "entity_f1",

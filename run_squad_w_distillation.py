@@ -26,13 +26,14 @@ if REPO not in sys.path:
 
 import torch  # noqa: E402
 
-from losses import span_ce_loss, span_kd_loss, task_distillation_loss  # noqa: E402
-from squad import examples_from_records, postprocess_predictions, read_squad_examples, squad_features  # noqa: E402
-from squad_metrics import squad_scores  # noqa: E402
-from task_evaluation import predict, write_eval_results  # noqa: E402
-from task_models import clamp_max_seq_length, load_student, load_teacher, load_tokenizer  # noqa: E402
-from task_training import (TokenizedSet, add_training_arguments, check_training_args, start_run,  # noqa: E402
-                           subsample, task_main, train_and_evaluate)
+from distil.losses import span_ce_loss, span_kd_loss, task_distillation_loss  # noqa: E402
+from tasks.squad import (examples_from_records, postprocess_predictions, read_squad_examples,  # noqa: E402
+                         squad_features)
+from tasks.squad_metrics import squad_scores  # noqa: E402
+from tasks.evaluation import predict, write_eval_results  # noqa: E402
+from tasks.models import clamp_max_seq_length, load_student, load_teacher, load_tokenizer  # noqa: E402
+from tasks.training import (TokenizedSet, add_training_arguments, check_training_args, start_run,  # noqa: E402
+                            subsample, task_main, train_and_evaluate)
 from utils import UserError, amp_dtype, logger  # noqa: E402
 
 TRAIN_COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions")
@@ -205,7 +206,7 @@ def evaluate(args, model, tokenizer, ctx, eval_data, out_folder, model_path=None
         if payload is not None:
             with open(os.path.join(out_folder, name), "w") as f:
                 json.dump(payload, f, indent=2)
-    from evaluation import count_parameters
+    from distil.evaluation import count_parameters
 
     task = "squad_v2" if args.version_2_with_negative else "squad"
     write_eval_results(out_folder, {"task": task, "metrics": metrics, "score": metrics["f1"], "score_name": "f1",

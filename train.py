@@ -25,18 +25,18 @@ import sys
 import numpy as np
 import torch
 
-from checkpointing import find_resumable_checkpoint, is_sharded, load_checkpoint_file
+from distil.checkpointing import find_resumable_checkpoint, is_sharded, load_checkpoint_file
 from distiller import DistillationConfig, Distiller, TrainingError
-from divergences import add_kd_loss_arguments, check_kd_loss_args
-from evaluation import evaluate
+from distil.divergences import add_kd_loss_arguments, check_kd_loss_args
+from distil.evaluation import evaluate
 from lm_seqs_dataset import MIN_SEQ_LEN, BinarizedCorpus, LmSeqsDataset, load_token_counts
-from masking import MlmMasking, smoothed_token_probs
-from models import AUTO, ENCODER, build_student, framing_token_ids, load_teacher, load_tokenizer, max_input_size
-from sharding import use_fsdp
-from teacher_cache import TeacherCache
+from distil.masking import MlmMasking, smoothed_token_probs
+from distil.models import AUTO, ENCODER, build_student, framing_token_ids, load_teacher, load_tokenizer, max_input_size
+from distil.distributed.sharding import use_fsdp
+from distil.teacher_cache import TeacherCache
 from utils import (UserError, amp_dtype, cleanup_distributed, fail, git_info, init_distributed, logger, refuse_gguf,
                    set_seed, special_token_ids, user_input, write_json_atomic)
-from vocabularies import check_teacher_vocabulary
+from distil.vocabularies import check_teacher_vocabulary
 
 
 # ------------------------------------------------------------------------------------------------ flags
@@ -383,7 +383,7 @@ def build_teacher(args):
     # Stored in the run's compute dtype (bf16/fp16, DDP or FSDP): it is frozen, and autocast would cast its
     # weights to that dtype at every forward anyway; float32 storage would only double its memory.
     dtype = amp_dtype(bf16=args.bf16, fp16=args.fp16)
-    # Sharded (--fsdp): built on the meta device, each rank reads only its shards after sharding (sharding.py)
+    # Sharded (--fsdp): built on the meta device, each rank reads only its shards after sharding (distil/distributed)
     on_meta = args.fsdp and not args.teacher_replicated
     return load_teacher(args.teacher_type, args.teacher_name, args.mlm, dtype=dtype, on_meta=on_meta)
 

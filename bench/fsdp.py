@@ -13,9 +13,9 @@ import time
 import psutil
 import torch
 
-from benchmark_models import build_models, special_ids
-from benchmark_step import make_config, make_distiller, make_sequences, step_alloc_peak
-from benchmarking import PeakSampler, release_freed_host_memory, sync
+from bench.models import build_models, special_ids
+from bench.step import make_config, make_distiller, make_sequences, step_alloc_peak
+from distil.measuring import PeakSampler, release_freed_host_memory, sync
 from utils import RunContext
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -52,7 +52,7 @@ def fsdp_worker(args):
         teacher, student, student_type = build_models(config_name, args.size, args)
     teacher.eval().requires_grad_(False)
     if args.gradient_checkpointing:
-        from models import enable_gradient_checkpointing
+        from distil.models import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(student)
     n_teacher, n_student = (sum(p.numel() for p in m.parameters()) for m in (teacher, student))

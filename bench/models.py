@@ -89,7 +89,7 @@ def model_shape(model):
 def head_matmul_params(model):
     """Matmul parameters of the LM head alone (the part RowLogitsLM runs only at the loss rows): the model's
     matmul_params minus those of its encoder (models.split_lm_head); all of them when the head cannot be split."""
-    from models import split_lm_head
+    from distil.models import split_lm_head
 
     split = split_lm_head(model)
     if split is None:

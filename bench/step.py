@@ -12,13 +12,13 @@ import numpy as np
 import psutil
 import torch
 
-from benchmark_models import build_models, device_peak_flops, model_shape, special_ids, step_flops
-from benchmarking import PeakSampler, cpu_alloc_peak, cuda_sync_warnings, release_freed_host_memory, sync
+from bench.models import build_models, device_peak_flops, model_shape, special_ids, step_flops
+from distil.measuring import PeakSampler, cpu_alloc_peak, cuda_sync_warnings, release_freed_host_memory, sync
 from distiller import DistillationConfig, Distiller
 from lm_seqs_dataset import LmSeqsDataset
-from losses import distillation_losses
-from masking import MlmMasking, smoothed_token_probs
-from reference_step import ReferenceStep, reference_losses, weighted_total
+from distil.losses import distillation_losses
+from distil.masking import MlmMasking, smoothed_token_probs
+from bench.reference_step import ReferenceStep, reference_losses, weighted_total
 from utils import RunContext
 
 def make_sequences(n_batches, batch_size, seq_len, vocab, special, mlm, seed):

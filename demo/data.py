@@ -136,7 +136,7 @@ def write_task_tsv(path, rows):
 def find_glue_tasks(glue_dir):
     """[(task name, train file, dev file)] for each GLUE task folder of glue_dir (SST-2/, CoLA/, ... holding
     train.tsv and dev.tsv, or dev_matched.tsv for MNLI), in the order of the Distil* README's table."""
-    from glue import GLUE_ORDER, get_task
+    from tasks.glue import GLUE_ORDER, get_task
 
     found = {}
     for name in sorted(os.listdir(glue_dir)):

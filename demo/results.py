@@ -40,9 +40,9 @@ def measure_speed(model_dirs, data_file, batch_size, n_batches, rounds):
     import torch
     import transformers
 
-    from evaluation import inference_speed
+    from distil.evaluation import inference_speed
     from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset
-    from models import max_input_size, model_classes
+    from distil.models import max_input_size, model_classes
     from utils import special_token_ids
 
     logging.getLogger("distil").setLevel(logging.WARNING)
@@ -67,7 +67,7 @@ def downstream_column(downstream):
     """The main table's column for the downstream scores: the task's score, or the macro score of several."""
     tasks = downstream["tasks"]
     if len(tasks) == 1:
-        from glue import get_task
+        from tasks.glue import get_task
 
         task = get_task(tasks[0])
         metric = "+".join(task.metrics) if task else "accuracy"

@@ -5,7 +5,7 @@ optimizer, schedule, scaler, counters, the RNG of every rank). It is written to 
 and renamed, so a crash never leaves half a checkpoint under the real name; only the newest
 --save_total_limit are kept; loading uses weights_only=True, so a tampered file cannot run code.
 
-A run sharded with --fsdp (sharding.py) writes a folder `step_<iteration>/` instead: the student and
+A run sharded with --fsdp (distil/distributed/sharding.py) writes a folder `step_<iteration>/` instead: the student and
 optimizer shards through torch.distributed.checkpoint (one file per rank plus `.metadata`, no rank ever
 holding the whole model) and `trainer_state.pt` (the rest, as above, written by the master). The folder is
 written under a temporary name and renamed once every rank has finished. DCP can load those shards on another

@@ -56,7 +56,7 @@ def divergence_rows(log_p_s, log_p_t, kd_loss=DEFAULT_KD_LOSS, beta=DEFAULT_JSD_
     autograd without with_grad (the task scripts' losses go through autograd).
 
     Entries where both probabilities are 0 contribute 0; give such entries (e.g. padding positions) a very
-    negative finite logit, not -inf, so that no 0 * inf appears (see soft_target_divergence in losses.py).
+    negative finite logit, not -inf, so that no 0 * inf appears (see soft_target_divergence in distil/losses.py).
     """
     if kd_loss == "forward_kl":
         p_t = log_p_t.exp()

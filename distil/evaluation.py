@@ -9,7 +9,7 @@ Metrics (all token means over the positions the LM loss covers):
 The masking (masking.fixed_mlm_mask) is a pure function of (seed, index of the sequence in the dataset): the
 numbers do not depend on the batch size, the batch order, the number of processes, the device, or any global
 random state, so two evaluations of the same weights agree exactly and a curve over training measures the
-weights alone. The per-position sums come from the same chunked formula training uses (losses.py).
+weights alone. The per-position sums come from the same chunked formula training uses (distil/losses.py).
 
 Precision and cost: the forwards run as in training, through models.RowLogitsLM (the vocabulary projection only
 at the positions a metric reads, never over every position) and under autocast in the run's dtype (train.py
@@ -26,10 +26,10 @@ import time
 import numpy as np
 import torch
 
-from benchmarking import sync
-from losses import IGNORE_INDEX, logit_loss_sums
-from masking import attention_mask_from_lengths, clm_eval_labels, fixed_mlm_mask
-from models import RowLogitsLM
+from distil.measuring import sync
+from distil.losses import IGNORE_INDEX, logit_loss_sums
+from distil.masking import attention_mask_from_lengths, clm_eval_labels, fixed_mlm_mask
+from distil.models import RowLogitsLM
 from utils import unwrap
 
 

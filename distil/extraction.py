@@ -6,7 +6,7 @@ embeddings are dropped, as in the original; the MLM head's transform only with -
 RoBERTa -> RoBERTa and GPT-2 -> GPT-2 (the teacher's own class with fewer layers, so every tensor keeps its
 name except for the layer index). The output is a state dict whose keys are exactly those of the student
 class's `state_dict()`, ready for `train.py --student_pretrained_weights`, and optionally a model folder.
-Any other Hugging Face LM goes through extraction_auto.py. Everything is validated before anything is
+Any other Hugging Face LM goes through distil/extraction_auto.py. Everything is validated before anything is
 written: an error leaves no output behind.
 """
 import copy

@@ -18,8 +18,8 @@ from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPI
                           AutoModelForMaskedLM, AutoTokenizer)
 from transformers.utils import cached_file
 
-from extraction import (check_layers, default_layers, load_teacher_config, load_teacher_weights, parse_layers,
-                        save_state_dict)
+from distil.extraction import (check_layers, default_layers, load_teacher_config, load_teacher_weights, parse_layers,
+                                save_state_dict)
 from utils import UserError, load_pretrained, logger
 
 
@@ -300,9 +300,9 @@ def held_out_scorer(args, tokenizer, teacher_config):
         return None
     import functools
 
-    from evaluation import evaluate
+    from distil.evaluation import evaluate
     from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset
-    from models import framing_token_ids, max_input_size
+    from distil.models import framing_token_ids, max_input_size
     from utils import special_token_ids, user_input
 
     if tokenizer is None:

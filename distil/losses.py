@@ -2,7 +2,7 @@
 
 The pretraining objective is a weighted sum of six terms (weights --alpha_*):
     ce      KL(teacher || student) of the temperature-softened next-token distributions, times T^2 (or another
-            divergence, --kd_loss: divergences.py)
+            divergence, --kd_loss: distil/divergences.py)
     mlm     cross-entropy of the student on the masked tokens (masked language modelling)
     clm     cross-entropy of the student on the next token (causal language modelling)
     mse     squared error between student and teacher logits, summed over the vocabulary
@@ -20,7 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from divergences import DEFAULT_JSD_BETA, DEFAULT_KD_LOSS, TopKTeacher, complete_teacher_log_probs, divergence_rows
+from distil.divergences import (DEFAULT_JSD_BETA, DEFAULT_KD_LOSS, TopKTeacher, complete_teacher_log_probs,
+                                 divergence_rows)
 
 IGNORE_INDEX = -100  # label of a position that predicts nothing (padding, unmasked tokens)
 
@@ -49,7 +50,7 @@ def rows_per_chunk(n, vocab, device):
 def logit_losses_chunk(s, t, labels, temperature, row_weight=None, with_grads=True, kd_loss=DEFAULT_KD_LOSS,
                        beta=DEFAULT_JSD_BETA):
     """On a chunk of rows of fp32 logits s, t (rows, vocab): the sums over rows of KL(p_t || p_s) at
-    temperature T (or the divergence kd_loss, see divergences.py), of the squared error, and of the label
+    temperature T (or the divergence kd_loss, see distil/divergences.py), of the squared error, and of the label
     cross-entropy; with_grads also gives the gradient of each sum w.r.t. s (KL's without its 1/T factor,
     squared error's without its 2): (kl, sq, ce, d_kl, diff, d_ce). t may also be a divergences.TopKTeacher
     (a cached teacher: no squared error then, sq = 0 and diff None). t or labels may be None (their terms are
@@ -177,7 +178,7 @@ def weighted_logit_loss(s_logits, t_logits, labels, temperature, w_ce, w_mse, w_
     be None (no teacher: ce = mse = 0) or a divergences.TopKTeacher (a cached teacher's top k: mse = 0), and
     labels None (lm = 0). kd_rows (n,) bool, optional: the rows ce
     and mse average over (default: all of them). Nothing to average over gives 0, never NaN. kd_loss,
-    jsd_beta: the divergence ce is (divergences.py; forward KL by default).
+    jsd_beta: the divergence ce is (distil/divergences.py; forward KL by default).
     """
     vocab = s_logits.size(-1)
     t_flat = None
@@ -246,7 +247,7 @@ def distillation_losses(s_logits, t_logits, s_hidden, t_hidden, attn_mask, lm_la
     attn_mask: (bs, seq) bool; lm_labels: (bs, seq) MLM labels (IGNORE_INDEX where nothing is predicted), or
     for CLM the token ids themselves (IGNORE_INDEX on padding): position i predicts token i + 1.
     With restrict_ce_to_mask (MLM), ce and mse cover only the rows that carry a label. kd_loss, jsd_beta: the
-    divergence ce is (divergences.py). s_layers, t_layers: the paired block outputs for 'hidden'
+    divergence ce is (distil/divergences.py). s_layers, t_layers: the paired block outputs for 'hidden'
     (hidden_layer_loss of kind hidden_loss).
     """
     losses = {}
@@ -279,8 +280,8 @@ def distillation_losses(s_logits, t_logits, s_hidden, t_hidden, attn_mask, lm_la
 #     loss = alpha_task * task loss + alpha_ce * distillation term
 # where the distillation term is T^2 * KL(teacher_T || student_T) of the temperature-softened output
 # distributions (classes for classification, start and end positions for SQuAD), or the divergence --kd_loss
-# names (divergences.py), or the squared error to the teacher's prediction for regression. Without a teacher
-# the loss is the task loss alone, unweighted, as in the original run_squad_w_distillation.py.
+# names (distil/divergences.py), or the squared error to the teacher's prediction for regression. Without a
+# teacher the loss is the task loss alone, unweighted, as in the original run_squad_w_distillation.py.
 
 
 # A masked-out entry's logit: exp() of it is exactly 0 next to any real logit, yet it stays finite, so the
@@ -291,7 +292,7 @@ _MASKED_LOGIT = torch.finfo(torch.float32).min / 4
 def soft_target_divergence(s_logits, t_logits, temperature, mask=None, kd_loss=DEFAULT_KD_LOSS,
                            jsd_beta=DEFAULT_JSD_BETA):
     """T^2 * D(softmax(t / T), softmax(s / T)) over the last dimension, averaged over rows; D is KL(p_t || p_s)
-    by default, or the divergence kd_loss names (divergences.py).
+    by default, or the divergence kd_loss names (distil/divergences.py).
 
     s_logits, t_logits: (..., n) with the same shape; mask: (..., n) bool, True where the distribution may
     put mass (e.g. non-padding positions). Masked-out entries are excluded from both softmaxes, so they

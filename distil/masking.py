@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from losses import IGNORE_INDEX
+from distil.losses import IGNORE_INDEX
 
 
 # ------------------------------------------------------------------------------------- training masking
@@ -147,7 +147,7 @@ def prepare_batch_clm(token_ids, lengths, device):
 
 def seeded_mlm_draw(ids, token_probs, *, mask_prop, split, mask_id, vocab_size, seed, epoch, index):
     """The MLM corruption of one sequence in one epoch, fixed by (seed, epoch, index): what a teacher cache
-    stores (teacher_cache.py) and training with it replays. Returns (corrupted ids, predicted: bool), numpy.
+    stores (distil/teacher_cache.py) and training with it replays. Returns (corrupted ids, predicted: bool), numpy.
 
     The same recipe as `mask_tokens` (count-smoothed weights token_probs (vocab,) numpy, zero for specials;
     the split between mask, keep and random), drawn per sequence instead of per batch: ceil(mask_prop * length)

@@ -1,4 +1,4 @@
-"""Measuring helpers shared by the benchmarks (scripts/benchmark.py, scripts/bench_preprocessing.py) and the
+"""Measuring helpers shared by the benchmarks (scripts/benchmark.py, experiments/bench_preprocessing.py) and the
 CUDA tests: peak memory while something runs, CPU tensor allocations, host synchronisations on a GPU.
 """
 import ctypes

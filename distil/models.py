@@ -189,7 +189,7 @@ def load_teacher(teacher_type, name, mlm=True, flag="--teacher_name", dtype=None
 def _teacher_on_meta(teacher_type, config_class, model_class, name, flag, dtype):
     """The teacher built on the meta device with its StreamedWeights, or None (not a safetensors folder, or its
     tensor names do not match the model's: the caller loads it whole)."""
-    from streamed_weights import StreamedWeights, build_on_meta
+    from distil.distributed.streamed_weights import StreamedWeights, build_on_meta
 
     if not os.path.isdir(name):
         return None
@@ -273,7 +273,7 @@ class RowLogitsLM(torch.nn.Module):
         the wrapper was given some; logits are None for a bare encoder. Without rows, the wrapped model's own
         forward and output.
 
-        The second form is how the held-out evaluation runs a model sharded with FSDP (sharding.py): the
+        The second form is how the held-out evaluation runs a model sharded with FSDP (distributed/sharding.py): the
         wrapper is the root of the sharded model, so the model must be called through it.
         """
         if rows is None:

@@ -7,7 +7,7 @@
 A cache covers the positions the distillation loss reads: every real token for a causal LM; for MLM every
 real token, or only the predicted ones with --restrict_ce_to_mask. At each it stores the teacher's k likeliest
 ids and their log-probabilities at temperature T, and the log of the mass left to the other ids (the tail: the
-divergence is then taken over those k + 1 outcomes, see divergences.py). For MLM the teacher's prediction
+divergence is then taken over those k + 1 outcomes, see distil/divergences.py). For MLM the teacher's prediction
 depends on the corruption of its input, so the cache fixes the corruption of every sequence for every epoch
 it covers (masking.seeded_mlm_draw, seeded by (seed, epoch, index)) and training replays exactly that.
 
@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from divergences import TopKTeacher
-from losses import IGNORE_INDEX
-from masking import Batch, attention_mask_from_lengths, clm_labels, non_padding_positions, seeded_mlm_draw
+from distil.divergences import TopKTeacher
+from distil.losses import IGNORE_INDEX
+from distil.masking import Batch, attention_mask_from_lengths, clm_labels, non_padding_positions, seeded_mlm_draw
 from utils import UserError, logger, write_json_atomic
 
 FORMAT = "distil-teacher-cache-1"

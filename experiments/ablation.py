@@ -2,7 +2,7 @@
 """What distillation buys with a real pretrained teacher: the paper's ablation in miniature, rerunnable.
 
     pip install gguf accelerate          # only to read a .gguf teacher
-    python scripts/ablation.py --teacher SmolLM2-135M-Instruct.Q4_1.gguf \
+    python experiments/ablation.py --teacher SmolLM2-135M-Instruct.Q4_1.gguf \
         --train_text ../shared/data/wikitext-2/valid.txt --eval_text ../shared/data/wikitext-2/test.txt \
         --workdir runs/ablation
 
@@ -30,7 +30,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from demo_pipeline import Pipeline, StepFailed  # noqa: E402
+from demo.pipeline import Pipeline, StepFailed  # noqa: E402
 from utils import UserError, fail, write_json_atomic  # noqa: E402
 
 ARMS = {

@@ -1,6 +1,6 @@
 """Speed of the data preparation: tokenizing/binarizing, counting tokens, building the training index.
 
-    python scripts/bench_preprocessing.py --text ../shared/data/wikitext-2/valid.txt \
+    python experiments/bench_preprocessing.py --text ../shared/data/wikitext-2/valid.txt \
         --tokenizer ../shared/tokenizers/bert-base-uncased --repeat 20 --synthetic_tokens 1e9 --json prep.json
 
 Figures (lines/s count the non-empty lines, which are the sequences written):
@@ -104,7 +104,7 @@ def without_padding_or_truncation(tokenizer_type, folder, workdir):
     and the timings would compare different work. The one-line loops go through transformers, which
     ignores those settings.
     """
-    from preprocessing import load_framing_tokenizer
+    from distil.preprocessing import load_framing_tokenizer
 
     tokenizer = load_framing_tokenizer(tokenizer_type, folder, "--tokenizer")[0]
     backend = tokenizer.backend_tokenizer
@@ -119,7 +119,7 @@ def without_padding_or_truncation(tokenizer_type, folder, workdir):
 
 
 def bench_tokenization(args, workdir):
-    from preprocessing import binarize, load_framing_tokenizer
+    from distil.preprocessing import binarize, load_framing_tokenizer
 
     text = os.path.join(workdir, "text.txt")
     repeat_text(args.text, text, args.repeat)
@@ -175,7 +175,7 @@ def bench_tokenization(args, workdir):
     res["ratio_binarize_vs_original_fast"] = res["binarize"]["lines_per_s"] / res["original_fast"]["lines_per_s"]
 
     # (iv) token counts
-    from preprocessing import count_tokens
+    from distil.preprocessing import count_tokens
 
     vocab = len(tokenizer)
     runs = []
@@ -233,7 +233,7 @@ def write_synthetic_corpus(path, n_tokens, seed):
 
 def child_build_dataset(path, out_json):
     """Runs in a fresh interpreter: open the corpus and build the training index, sampling its own USS."""
-    from benchmarking import PeakSampler  # the same sampler as the step benchmark
+    from distil.measuring import PeakSampler  # the same sampler as the step benchmark
     from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset
 
     logging.getLogger("distil").setLevel(logging.WARNING)
@@ -340,7 +340,7 @@ def parse_args(argv=None):
         if args.text is not None and not os.path.isfile(args.text):
             parser.error(f"--text {args.text}: no such file")
         if args.text is not None:
-            from preprocessing import check_text_file, load_framing_tokenizer
+            from distil.preprocessing import check_text_file, load_framing_tokenizer
             from utils import fail
 
             try:

@@ -1,8 +1,8 @@
 """What a teacher cache costs and saves: building it, its size per token for several k, and the training step
 with the cache against the same step with the live teacher (same student, batches and seed), in one run.
 
-    python scripts/bench_teacher_cache.py --size tiny --k 8,64,512          # CPU, about a minute on 2 cores
-    python scripts/bench_teacher_cache.py --size base --k 64 --steps 3
+    python experiments/bench_teacher_cache.py --size tiny --k 8,64,512          # CPU, about a minute on 2 cores
+    python experiments/bench_teacher_cache.py --size base --k 64 --steps 3
 
 Models are benchmark_models' presets with random weights (GPT-2 shapes, the real 50,257-token vocabulary, a
 causal LM so every position is cached); sequences as scripts/benchmark.py makes them. Printed per k: build
@@ -23,11 +23,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmark_models import PRESETS, build_models, special_ids  # noqa: E402
-from benchmark_step import make_config, make_distiller, make_sequences  # noqa: E402
-from benchmarking import cpu_alloc_peak, sync  # noqa: E402
-from models import TeacherLM  # noqa: E402
-from teacher_cache import TeacherCache, build_cache, cache_size_bytes  # noqa: E402
+from bench.models import PRESETS, build_models, special_ids  # noqa: E402
+from bench.step import make_config, make_distiller, make_sequences  # noqa: E402
+from distil.measuring import cpu_alloc_peak, sync  # noqa: E402
+from distil.models import TeacherLM  # noqa: E402
+from distil.teacher_cache import TeacherCache, build_cache, cache_size_bytes  # noqa: E402
 from utils import UserError, fail, set_seed  # noqa: E402
 
 CONFIG = "gpt2_clm"

@@ -1,7 +1,7 @@
 """How much of a real teacher's signal a top-k cache keeps: the distillation loss and its gradient from the top k
 (plus the tail, as train.py --teacher_cache computes them) against the full distribution, for several k.
 
-    python scripts/bench_topk_gap.py --teacher /path/to/model_folder [--gguf_file model.gguf] \
+    python experiments/bench_topk_gap.py --teacher /path/to/model_folder [--gguf_file model.gguf] \
         --text ../shared/data/wikitext-2/wiki.valid.tokens --k 1,8,64,512
 
 The teacher is any causal LM folder (a GGUF file inside it is loaded through transformers' gguf_file=,
@@ -19,9 +19,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from divergences import KD_LOSSES, TopKTeacher  # noqa: E402
-from losses import weighted_logit_loss  # noqa: E402
-from teacher_cache import _topk_rows  # noqa: E402
+from distil.divergences import KD_LOSSES, TopKTeacher  # noqa: E402
+from distil.losses import weighted_logit_loss  # noqa: E402
+from distil.teacher_cache import _topk_rows  # noqa: E402
 from utils import UserError, fail, load_pretrained  # noqa: E402
 
 

@@ -1,9 +1,10 @@
 """Host memory per rank while --fsdp sets up: the teacher loaded whole on every rank vs built on the meta device
-and read shard by shard from its memory-mapped safetensors (streamed_weights.py): the peak anonymous memory
+and read shard by shard from its memory-mapped safetensors (distil/distributed/streamed_weights.py):
+the peak anonymous memory
 (what a rank owns; RSS also counts the file pages it maps, which the page cache shares between ranks) and RSS.
 
-    python scripts/fsdp_host_memory.py                        # BERT-base teacher, DistilBERT student, 2 ranks
-    python scripts/fsdp_host_memory.py --nproc 4 --teacher_layers 24 --hidden_size 1024 --heads 16
+    python experiments/fsdp_host_memory.py                        # BERT-base teacher, DistilBERT student, 2 ranks
+    python experiments/fsdp_host_memory.py --nproc 4 --teacher_layers 24 --hidden_size 1024 --heads 16
 
 A teacher of the given shape with random weights is saved once (safetensors) in a temporary folder; then, for
 each way of loading it, torchrun starts --nproc CPU (gloo) processes that each do what train.py --fsdp does
@@ -25,7 +26,7 @@ sys.path.insert(0, REPO)
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarking import PeakSampler  # noqa: E402
+from distil.measuring import PeakSampler  # noqa: E402
 
 MODES = ("whole", "meta")
 
@@ -38,8 +39,8 @@ def worker(args):
     """One rank: load, build and shard as train.py --fsdp does; rank 0 gathers every rank's figures."""
     from transformers import DistilBertConfig, DistilBertForMaskedLM
 
-    from models import RowLogitsLM, TeacherLM, load_teacher
-    from sharding import Fsdp
+    from distil.models import RowLogitsLM, TeacherLM, load_teacher
+    from distil.distributed.sharding import Fsdp
     from utils import init_distributed
 
     ctx = init_distributed(n_gpu=0)

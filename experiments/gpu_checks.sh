@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The first GPU hour: one ~10-minute run that settles the most, in this order (each step under its own `timeout`,
 # its log kept in $OUT/<step>.log, a summary at the end; exits non-zero if any step failed):
-#   probe        scripts/gpu_probe.py: device name and the bf16 peak MFU uses, pageable vs pinned copy stall,
+#   probe        experiments/gpu_probe.py: device name and the bf16 peak MFU uses, pageable vs pinned copy stall,
 #                eager vs per-block vs whole-model compiled causal attention kernel, evaluation cost
 #   cuda_tests   tests/test_cuda.py: bf16/fp16 training end to end, host syncs, device-side step skipping
 #   ddp_fp16_*   train.py --fp16 under DDP over a real one-rank NCCL group (torchrun --nproc_per_node=1), with
@@ -14,8 +14,8 @@
 #   compile      scripts/benchmark.py --compile, only if time is left
 # Left to the CPU tests: DDP = FSDP numerics on 2 ranks, exact resume, the loss maths, the all-reduce count.
 #
-#   bash scripts/gpu_checks.sh                 # on the GPU machine; BUDGET=540 seconds by default
-#   DRY=1 bash scripts/gpu_checks.sh           # the same steps on the CPU (gloo, tiny sizes): proves the script
+#   bash experiments/gpu_checks.sh                 # on the GPU machine; BUDGET=540 seconds by default
+#   DRY=1 bash experiments/gpu_checks.sh           # the same steps on the CPU (gloo, tiny sizes): proves the script
 #
 # On a machine that has torch and transformers but not this project's smaller dependencies, put their wheels
 # in .whl/ first (e.g. pip download --no-deps -d .whl tensorboardX gitpython gitdb smmap); they are installed
@@ -75,11 +75,11 @@ step() {  # step NAME SECONDS COMMAND...: under timeout (capped by what is left 
 }
 port() { $PY -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
 
-TAIL=12 step probe 180 $PY scripts/gpu_probe.py "${PROBE[@]}" --json "$OUT/probe.json"
+TAIL=12 step probe 180 $PY experiments/gpu_probe.py "${PROBE[@]}" --json "$OUT/probe.json"
 step cuda_tests 150 $PY -m pytest -q -rs tests/test_cuda.py
 
 INPUTS=$OUT/inputs
-step setup 90 $PY scripts/gpu_checks_setup.py --out "$INPUTS" --size $SETUP_SIZE
+step setup 90 $PY experiments/gpu_checks_setup.py --out "$INPUTS" --size $SETUP_SIZE
 TRAIN=(train.py --student_type distilbert --student_config "$INPUTS/student.json" --teacher_type bert
        --teacher_name "$INPUTS/teacher" --mlm --alpha_ce 5 --alpha_mlm 2 --alpha_clm 0 --alpha_cos 1
        --data_file "$INPUTS/train.teacher.bin" --token_counts "$INPUTS/counts.pickle"

@@ -1,9 +1,9 @@
-"""Inputs for scripts/gpu_checks.sh's train.py runs, made here without network: a corpus (the standard library's
-prose, demo_data.py), a WordPiece tokenizer learnt from it, a BERT teacher with random weights saved as
+"""Inputs for experiments/gpu_checks.sh's train.py runs, made here without network: a corpus (the standard library's
+prose, demo/data.py), a WordPiece tokenizer learnt from it, a BERT teacher with random weights saved as
 safetensors, and a DistilBERT student config; then binarized_data.py and token_counts.py as a user runs them
 (train.teacher.bin, heldout.teacher.bin, counts.pickle: binarized_data.py names its output after the tokenizer).
 
-    python scripts/gpu_checks_setup.py --out /tmp/gpu_checks/inputs --size small
+    python experiments/gpu_checks_setup.py --out /tmp/gpu_checks/inputs --size small
 """
 import argparse
 import os
@@ -22,8 +22,8 @@ def main(argv=None):
     import torch
     from transformers import BertConfig, BertForMaskedLM, DistilBertConfig
 
-    from demo_data import split_heldout, stdlib_corpus
-    from demo_models import train_tokenizer
+    from demo.data import split_heldout, stdlib_corpus
+    from demo.models import train_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="Folder to write the inputs to.")

@@ -1,9 +1,9 @@
-"""The first minute on a GPU: what the device is and the facts the rest of scripts/gpu_checks.sh depends on.
+"""The first minute on a GPU: what the device is and the facts the rest of experiments/gpu_checks.sh depends on.
 
-    python scripts/gpu_probe.py --json probe.json                  # on a CUDA machine
-    python scripts/gpu_probe.py --device cpu --size tiny            # the dry run (scripts/gpu_checks.sh DRY=1)
+    python experiments/gpu_probe.py --json probe.json                  # on a CUDA machine
+    python experiments/gpu_probe.py --device cpu --size tiny            # the dry run (experiments/gpu_checks.sh DRY=1)
 
-1. device: its name, the dense bf16 peak the benchmark's MFU uses for that name (benchmark_models), and a
+1. device: its name, the dense bf16 peak the benchmark's MFU uses for that name (bench.models), and a
    measured bf16 matmul rate against it;
 2. copy stall: how long the host waits in a non_blocking host-to-device copy of a batch-sized tensor while the
    GPU is busy, from pageable and from pinned memory (a pageable copy waits for the GPU: that is why the
@@ -24,8 +24,8 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
-from benchmarking import sync  # noqa: E402
-from benchmark_models import peak_flops_of  # noqa: E402
+from distil.measuring import sync  # noqa: E402
+from bench.models import peak_flops_of  # noqa: E402
 
 SIZES = {  # (hidden, layers, heads, vocab, eval batch, eval length, matmul size)
     "tiny": dict(hidden=64, layers=2, heads=2, vocab=1000, eval_batch=4, eval_len=32, matmul=256),
@@ -88,8 +88,8 @@ def probe_attention(device, size, backend):
     """SDPA kernels of a causal LM's forward (no padding: no mask), eager and compiled two ways."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from blocks import compile_blocks
-    from models import RowLogitsLM
+    from distil.distributed.blocks import compile_blocks
+    from distil.models import RowLogitsLM
 
     # One block is enough to see the kernel, and keeps three compilations short.
     config = GPT2Config(vocab_size=size["vocab"], n_embd=size["hidden"], n_layer=1, n_head=size["heads"],
@@ -121,7 +121,7 @@ def _compile_blocks_with(model, backend):
     """compile_blocks with another backend (the dry run: inductor's code generation is slow on a CPU)."""
     from unittest import mock
 
-    from blocks import compile_blocks
+    from distil.distributed.blocks import compile_blocks
 
     original = torch.compile
     with mock.patch.object(torch, "compile", lambda fn, **kw: original(fn, **dict(kw, backend=backend))):
@@ -132,7 +132,7 @@ def probe_eval(device, size):
     """evaluation.evaluate of a BERT-shaped masked LM (random weights and tokens), fp32 and bf16 autocast."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from evaluation import evaluate
+    from distil.evaluation import evaluate
 
     config = BertConfig(vocab_size=size["vocab"], hidden_size=size["hidden"], num_hidden_layers=size["layers"],
                         num_attention_heads=size["heads"], intermediate_size=4 * size["hidden"],

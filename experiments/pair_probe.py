@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Linear probe of a frozen encoder on sentence pairs: what its pair representation knows before fine-tuning.
 
-    python scripts/pair_probe.py --train_file ../shared/data/glue/STS-B/train.tsv \\
+    python experiments/pair_probe.py --train_file ../shared/data/glue/STS-B/train.tsv \\
         --dev_file ../shared/data/glue/STS-B/dev.tsv --max_train_samples 1200 \\
         --model "all-MiniLM-L6-v2" MINILM_DIR --model "3 layers" runs/minilm-3l
 
@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from glue import read_scored_pairs  # noqa: E402
+from tasks.glue import read_scored_pairs  # noqa: E402
 from utils import UserError, fail, load_pretrained, write_report  # noqa: E402
 
 FEATURES = ("cls", "pooler", "mean")

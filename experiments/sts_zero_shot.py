@@ -2,7 +2,7 @@
 """Zero-shot sentence similarity: how well an encoder's mean-pooled embeddings rank sentence pairs, untrained
 on the task (what a sentence-embedding model such as all-MiniLM-L6-v2 is for).
 
-    python scripts/sts_zero_shot.py --sts_file ../shared/data/glue/STS-B/dev.tsv --output results/sts \\
+    python experiments/sts_zero_shot.py --sts_file ../shared/data/glue/STS-B/dev.tsv --output results/sts \\
         --model "all-MiniLM-L6-v2" MINILM_DIR --model "3 layers" runs/minilm-3l
 
 Each model folder is loaded with AutoModel and its own tokenizer; a sentence's embedding is the mean of its
@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from glue import read_scored_pairs  # noqa: E402
+from tasks.glue import read_scored_pairs  # noqa: E402
 from utils import UserError, fail, load_pretrained, write_report  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 """Unlabelled English text for general distillation, one passage per line, from plain text files, SQuAD
 contexts and GLUE sentences (labels and questions dropped), for scripts/binarized_data.py.
 
-    python scripts/unlabelled_text.py --output data/unlabelled.txt \\
+    python experiments/unlabelled_text.py --output data/unlabelled.txt \\
         --text ../shared/data/wikitext-2/valid.txt ../shared/data/wikitext-2/test.txt \\
         --squad ../shared/data/squad/train-from-dev-v1.1.json --glue ../shared/data/glue/SST-2/train.tsv
 
@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from glue import load_file  # noqa: E402
+from tasks.glue import load_file  # noqa: E402
 from utils import UserError, fail, user_input  # noqa: E402
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")

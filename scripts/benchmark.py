@@ -12,7 +12,7 @@
 Both sides run in this one process on the same randomly initialised models (the student starts from the
 same weights), the same pre-generated batches with the same MLM masking (made once, before any timing,
 with our `prepare_batch_mlm`/`prepare_batch_clm`) and the same seed, so only the step differs. The
-REFERENCE step (reference_step.py) is written the way the original research scripts worked: full logits from both
+REFERENCE step (bench/reference_step.py) is written the way the original research scripts worked: full logits from both
 models, `masked_select` of the positions, KLDivLoss on softmaxes, CrossEntropyLoss on the full logits,
 MSE and CosineEmbeddingLoss on `masked_select`ed tensors, backward, clip, AdamW, scheduler.
 
@@ -24,7 +24,7 @@ Per configuration and side: sequences/s, real (non-padding) tokens/s, the step's
 losses + backward on fixed logits. On CUDA also MFU. Ratios are ours / reference: > 1 is faster for
 throughput, < 1 is less memory.
 
---fsdp_ranks N1,N2,...: instead, for one configuration, the Distiller with --fsdp (sharding.py) under torchrun on
+--fsdp_ranks N1,N2,...: instead, for one configuration, the Distiller with --fsdp (distil/distributed) under torchrun on
 N1, then N2, ... processes of this machine (gloo on the CPU, NCCL on GPUs), and per rank: the bytes it holds of
 the student's weights, gradients and optimizer state and of the teacher's weights (the sharded parts, which
 fall as 1/ranks), the process memory after setup and at its peak over the steps (RSS on the CPU, the CUDA
@@ -42,9 +42,9 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from benchmark_fsdp import bench_fsdp_ranks, fsdp_worker  # noqa: E402
-from benchmark_models import BERT_SPECIAL, CONFIGS, PRESETS  # noqa: E402
-from benchmark_step import bench_config  # noqa: E402
+from bench.fsdp import bench_fsdp_ranks, fsdp_worker  # noqa: E402
+from bench.models import BERT_SPECIAL, CONFIGS, PRESETS  # noqa: E402
+from bench.step import bench_config  # noqa: E402
 
 
 def print_fsdp_table(results):

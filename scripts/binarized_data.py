@@ -15,7 +15,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from preprocessing import TOKENIZER_TYPES, binarize  # noqa: E402
+from distil.preprocessing import TOKENIZER_TYPES, binarize  # noqa: E402
 from utils import fail  # noqa: E402
 
 

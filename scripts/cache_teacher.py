@@ -10,7 +10,7 @@
     python train.py <student and data flags, no --teacher_*> --teacher_cache cache/bert-k64
 
 Interrupted, the same command resumes where it stopped; the folder becomes usable (cache.json "complete")
-only once every row is written. Format and semantics: teacher_cache.py.
+only once every row is written. Format and semantics: distil/teacher_cache.py.
 """
 import argparse
 import logging
@@ -23,12 +23,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset, load_token_counts  # noqa: E402
-from masking import smoothed_token_probs  # noqa: E402
-from models import (AUTO, TeacherLM, framing_token_ids, load_teacher, load_tokenizer, max_input_size,  # noqa: E402
-                    model_classes)
-from teacher_cache import build_cache, cache_size_bytes  # noqa: E402
+from distil.masking import smoothed_token_probs  # noqa: E402
+from distil.models import (AUTO, TeacherLM, framing_token_ids, load_teacher, load_tokenizer,  # noqa: E402
+                           max_input_size, model_classes)
+from distil.teacher_cache import build_cache, cache_size_bytes  # noqa: E402
 from utils import UserError, fail, load_pretrained, logger, set_seed, special_token_ids, user_input  # noqa: E402
-from vocabularies import check_teacher_vocabulary  # noqa: E402
+from distil.vocabularies import check_teacher_vocabulary  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -25,12 +25,12 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the library modules; every step after the tokenizer runs a repository script
-from demo_data import (STDLIB_TASK, docstring_or_comment_rows, find_glue_tasks, read_corpus,  # noqa: E402
+from demo.data import (STDLIB_TASK, docstring_or_comment_rows, find_glue_tasks, read_corpus,  # noqa: E402
                        split_heldout, stdlib_corpus, stdlib_paragraphs, write_task_tsv)
-from demo_models import train_tokenizer, write_model_configs  # noqa: E402
-from demo_pipeline import Pipeline, StepFailed, optimizer_steps  # noqa: E402
-from demo_results import COLUMNS, build_rows, downstream_column, measure_speed, results_markdown  # noqa: E402
-from preprocessing import check_text_file  # noqa: E402
+from demo.models import train_tokenizer, write_model_configs  # noqa: E402
+from demo.pipeline import Pipeline, StepFailed, optimizer_steps  # noqa: E402
+from demo.results import COLUMNS, build_rows, downstream_column, measure_speed, results_markdown  # noqa: E402
+from distil.preprocessing import check_text_file  # noqa: E402
 from utils import UserError  # noqa: E402
 
 # Two sizes of the same pipeline. The full one is sized for ~8-10 minutes on 2 CPU cores; the quick one only
@@ -279,7 +279,7 @@ class Demo:
             with open(out_json) as f:
                 self.evals[name] = json.load(f)
         print(f"    inference speed: batches of {preset['eval_batch_size']} held-out sequences, "
-              f"{preset['speed_rounds']} interleaved rounds (evaluation.py's inference_speed)", flush=True)
+              f"{preset['speed_rounds']} interleaved rounds (distil/evaluation.py's inference_speed)", flush=True)
         speeds = measure_speed({name: (folder, model_type) for name, folder, model_type in models}, self.heldout_bin,
                                preset["eval_batch_size"], preset["speed_batches"], preset["speed_rounds"])
         for name, speed in speeds.items():

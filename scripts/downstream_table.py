@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from glue import GLUE_ORDER, get_task  # noqa: E402
+from tasks.glue import GLUE_ORDER, get_task  # noqa: E402
 from utils import UserError, fail, write_report  # noqa: E402
 
 SQUAD_TASKS = ("squad", "squad_v2")
@@ -92,7 +92,7 @@ def encoder_size_and_speed(models, args):
     import torch
     from transformers import AutoModel, logging as hf_logging
 
-    from evaluation import count_parameters
+    from distil.evaluation import count_parameters
 
     hf_logging.set_verbosity_error()  # the load report lists the task heads AutoModel leaves out: expected
     encoders = {}

@@ -4,7 +4,7 @@
         --teacher bert-base-uncased-folder --teacher_type bert \
         --data_file data/binarized_text.valid.bert-base-uncased.bin --output eval.json
 
-The metrics are defined in evaluation.py (MLM pseudo-perplexity over a fixed seeded masking, or CLM
+The metrics are defined in distil/evaluation.py (MLM pseudo-perplexity over a fixed seeded masking, or CLM
 perplexity; with a teacher, KL and top-1 agreement).
 """
 import argparse
@@ -14,9 +14,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from evaluation import count_parameters, evaluate, inference_speed  # noqa: E402
+from distil.evaluation import count_parameters, evaluate, inference_speed  # noqa: E402
 from lm_seqs_dataset import MIN_SEQ_LEN, BinarizedCorpus, LmSeqsDataset  # noqa: E402
-from models import framing_token_ids, max_input_size, model_classes  # noqa: E402
+from distil.models import framing_token_ids, max_input_size, model_classes  # noqa: E402
 from utils import (UserError, fail, first_line, load_pretrained, logger, refuse_gguf, special_token_ids,  # noqa: E402
                    write_json_atomic)
 

@@ -9,15 +9,15 @@
 The student is the teacher's own class with fewer layers. The output is a state dict (torch.save of name ->
 tensor) whose keys are exactly those of the student class's `state_dict()`, ready for
 `train.py --student_pretrained_weights`; `--model_type auto` writes a complete model folder. The extraction
-itself lives in extraction.py and extraction_auto.py.
+itself lives in distil/extraction.py and distil/extraction_auto.py.
 """
 import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from extraction import add_common_arguments, recipe_for, run_extraction  # noqa: E402
-from extraction_auto import run_auto_extraction  # noqa: E402
+from distil.extraction import add_common_arguments, recipe_for, run_extraction  # noqa: E402
+from distil.extraction_auto import run_auto_extraction  # noqa: E402
 from utils import UserError, fail, logger, refuse_gguf  # noqa: E402
 
 

@@ -8,7 +8,7 @@ The output is a state dict (torch.save of name -> tensor) whose keys are exactly
     python scripts/extract_distilbert.py --model_type bert --model_name bert-base-uncased \
         --dump_checkpoint serialization_dir/tf_bert-base-uncased_0247911.pth --vocab_transform
 
-What is not transferred (the mapping lives in extraction.py):
+What is not transferred (the mapping lives in distil/extraction.py):
 - `bert.embeddings.token_type_embeddings`: DistilBERT has no segment embeddings. As in the original, they
   are dropped, not folded into the word embeddings, so a student's embedding of a token differs from the
   teacher's by the teacher's segment-0 vector.
@@ -20,7 +20,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from extraction import add_common_arguments, recipe_for, run_extraction  # noqa: E402
+from distil.extraction import add_common_arguments, recipe_for, run_extraction  # noqa: E402
 from utils import UserError, fail  # noqa: E402
 
 

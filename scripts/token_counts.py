@@ -14,7 +14,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lm_seqs_dataset import BinarizedCorpus, save_token_counts  # noqa: E402
-from preprocessing import count_tokens  # noqa: E402
+from distil.preprocessing import count_tokens  # noqa: E402
 from utils import UserError, fail, logger, user_input  # noqa: E402
 
 

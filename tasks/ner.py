@@ -24,7 +24,7 @@ import dataclasses
 import os
 from typing import List
 
-from losses import IGNORE_INDEX
+from distil.losses import IGNORE_INDEX
 from utils import UserError
 
 DOCSTART = "-DOCSTART-"

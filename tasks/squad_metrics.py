@@ -1,6 +1,6 @@
 """SQuAD's official scores: exact match and token F1, for v1.1 and v2.0.
 
-    from squad_metrics import squad_scores
+    from tasks.squad_metrics import squad_scores
     squad_scores({"q1": ["Denver Broncos"]}, {"q1": "the Denver Broncos"})  # {'exact': 100.0, 'f1': 100.0, ...}
 
 Both are computed on normalised text (lower case, punctuation and the articles a/an/the removed, runs of

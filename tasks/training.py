@@ -25,11 +25,11 @@ import tempfile
 import torch
 from torch.utils.data import DataLoader
 
-from checkpointing import rng_state, save_atomic, set_rng_state
-from divergences import add_kd_loss_arguments, check_kd_loss_args
+from distil.checkpointing import rng_state, save_atomic, set_rng_state
+from distil.divergences import add_kd_loss_arguments, check_kd_loss_args
 from grouped_batch_sampler import training_batch_sampler
-from losses import IGNORE_INDEX
-from task_models import load_student
+from distil.losses import IGNORE_INDEX
+from tasks.models import load_student
 from utils import (UserError, amp_dtype, append_jsonl, cleanup_distributed, fail, init_distributed, logger, set_seed,
                    unwrap, write_json_atomic)
 

@@ -61,11 +61,12 @@ def run_script(*args, expect_ok=True, timeout=300, env=None):
 
 
 def load_script(name):
-    """scripts/<name>.py as a module, to call its main() in-process (a test may; project modules never import
-    a script)."""
+    """scripts/<name>.py (or `experiments/<name>` named with its folder) as a module, to call its main()
+    in-process (a test may; project modules never import a script)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", os.path.join(REPO, "scripts", f"{name}.py"))
+    path = os.path.join(REPO, f"{name}.py" if "/" in name else os.path.join("scripts", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(f"_script_{name.replace('/', '_')}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -176,7 +177,7 @@ def tiny_distiller(config_name, dump_path, extra=None, device="cpu", bf16=False,
 
     from distiller import DistillationConfig, Distiller
     from lm_seqs_dataset import LmSeqsDataset
-    from masking import MlmMasking, smoothed_token_probs
+    from distil.masking import MlmMasking, smoothed_token_probs
     from utils import RunContext
 
     extra = dict(extra or {})

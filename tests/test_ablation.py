@@ -1,4 +1,4 @@
-"""scripts/ablation.py without its two-hour run: the commands its dry run prints are ones the scripts accept,
+"""experiments/ablation.py without its two-hour run: the commands its dry run prints are ones the scripts accept,
 the default layer choice, and the table's statistics against hand computations. (The end-to-end run on tiny
 local models is cheap to try by hand: docs/real-teacher.md; CI never needs the GGUF teacher.)"""
 import shlex
@@ -14,8 +14,9 @@ def test_dry_run_commands_parse_with_each_scripts_own_parser(tmp_path, capsys):
     gguf.write_bytes(b"GGUF" + bytes(16))
     text = tmp_path / "lines.txt"
     text.write_text("one line of text\n")
-    load_script("ablation").main(["--teacher", str(gguf), "--train_text", str(text), "--eval_text", str(text),
-                                  "--workdir", str(tmp_path / "work"), "--seeds", "0,1", "--dry_run"])
+    ablation = load_script("experiments/ablation")
+    ablation.main(["--teacher", str(gguf), "--train_text", str(text), "--eval_text", str(text),
+                   "--workdir", str(tmp_path / "work"), "--seeds", "0,1", "--dry_run"])
     commands = [shlex.split(line.strip())[1:] for line in capsys.readouterr().out.splitlines()
                 if line.strip().startswith("python ")]
     scripts = [c[0] for c in commands]
@@ -37,13 +38,13 @@ def test_arms_choose_which_runs_train_and_an_unknown_arm_is_refused(tmp_path, ca
     text.write_text("one line of text\n")
     base = ["--teacher", str(gguf), "--train_text", str(text), "--eval_text", str(text),
             "--workdir", str(tmp_path / "work"), "--seeds", "0,1,2", "--dry_run"]
-    load_script("ablation").main(base + ["--arms", "distilled,no_teacher"])
+    load_script("experiments/ablation").main(base + ["--arms", "distilled,no_teacher"])
     dumps = [line.split("--dump_path ")[1].split()[0] for line in capsys.readouterr().out.splitlines()
              if line.strip().startswith("python train.py")]
     assert [d.rsplit("/", 1)[1] for d in dumps] == [f"{arm}_seed{s}" for s in (0, 1, 2)
                                                     for arm in ("distilled", "no_teacher")]
     with pytest.raises(SystemExit) as exit_info:
-        load_script("ablation").main(base + ["--arms", "distilled,teacherless"])
+        load_script("experiments/ablation").main(base + ["--arms", "distilled,teacherless"])
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
     assert "--arms" in err and "teacherless" in err and len(err.strip().splitlines()) == 1
@@ -54,8 +55,9 @@ def test_seeds_that_are_not_integers_are_refused_in_one_line(tmp_path, capsys, s
     text = tmp_path / "lines.txt"
     text.write_text("one line of text\n")
     with pytest.raises(SystemExit) as exit_info:
-        load_script("ablation").main(["--teacher", str(text), "--train_text", str(text), "--eval_text", str(text),
-                                      "--workdir", str(tmp_path / "work"), "--seeds", seeds, "--dry_run"])
+        load_script("experiments/ablation").main(["--teacher", str(text), "--train_text", str(text),
+                                                  "--eval_text", str(text), "--workdir", str(tmp_path / "work"),
+                                                  "--seeds", seeds, "--dry_run"])
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
     assert "--seeds" in err and len(err.strip().splitlines()) == 1
@@ -63,13 +65,13 @@ def test_seeds_that_are_not_integers_are_refused_in_one_line(tmp_path, capsys, s
 
 
 def test_default_layers_keep_a_first_and_a_last_block():
-    default_layers = load_script("ablation").default_layers
+    default_layers = load_script("experiments/ablation").default_layers
     assert default_layers(30) == [0, 1, 2, 3, 4, 5, 6, 7, 23, 24, 25, 26, 27, 28, 29]
     assert default_layers(4) == [0, 3]
 
 
 def test_table_means_spreads_and_paired_gain():
-    ablation = load_script("ablation")
+    ablation = load_script("experiments/ablation")
 
     def record(ppl, kl=0.5, top1=0.4):
         return {"perplexity": ppl, "kl_teacher_student": kl, "top1_agreement": top1, "train_seconds": 60.0}

@@ -1,4 +1,4 @@
-"""The benchmark scripts and their library (reference_step.py, benchmark_step.py, benchmark_models.py): the
+"""The benchmark scripts and their library (bench/reference_step.py, bench/step.py, bench/models.py): the
 measuring helpers, and smoke runs of both scripts on tiny settings."""
 import json
 import os
@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark_models import BERT_SPECIAL
-from benchmark_step import loss_rows, make_sequences, our_losses
+from bench.models import BERT_SPECIAL
+from bench.step import loss_rows, make_sequences, our_losses
 from conftest import expect_error, load_script, run_script
-from reference_step import reference_losses, weighted_total
+from bench.reference_step import reference_losses, weighted_total
 
-bench_preprocessing = load_script("bench_preprocessing")
+bench_preprocessing = load_script("experiments/bench_preprocessing")
 
 SMOKE_MODEL = ["--steps", "2", "--warmup", "1", "--loss_steps", "1", "--loss_warmup", "0", "--vocab_size", "300",
                "--hidden_size", "32", "--heads", "2", "--ffn", "37", "--teacher_layers", "2", "--student_layers", "1",
@@ -23,7 +23,7 @@ SMOKE_MODEL = ["--steps", "2", "--warmup", "1", "--loss_steps", "1", "--loss_war
 
 
 def test_cpu_alloc_peak_sees_torch_allocations():
-    from benchmarking import cpu_alloc_peak
+    from distil.measuring import cpu_alloc_peak
 
     def two_live_then_one():
         a = torch.empty(1 << 20)  # 4 MiB
@@ -154,7 +154,7 @@ def test_fsdp_memory_per_rank_smoke(tmp_path):
 def test_bench_preprocessing_smoke(tiny, tmp_path):
     out, work = tmp_path / "prep.json", tmp_path / "work"
     work.mkdir()
-    proc = run_script("scripts/bench_preprocessing.py", "--text", tiny["corpus"], "--tokenizer", tiny["bert"],
+    proc = run_script("experiments/bench_preprocessing.py", "--text", tiny["corpus"], "--tokenizer", tiny["bert"],
                       "--repeat", "3", "--synthetic_tokens", "200000", "--tmp_dir", work, "--json", out)
     text = proc.stdout
     for tag in ("(i) ", "(ii) ", "(iii) ", "(iv) ", "(v) ", "ratio (ii)/(i)", "ratio (ii)/(iii)"):
@@ -179,7 +179,7 @@ def test_bench_preprocessing_smoke(tiny, tmp_path):
 
 
 def test_bench_preprocessing_needs_work_to_do():
-    proc = run_script("scripts/bench_preprocessing.py", expect_ok=False)
+    proc = run_script("experiments/bench_preprocessing.py", expect_ok=False)
     assert "nothing to do" in proc.stderr
 
 
@@ -197,7 +197,7 @@ def test_bench_preprocessing_refuses_inputs_of_the_wrong_kind(tiny, tmp_path, ca
 
 def test_peak_flops_by_device_name():
     """Each device name gets its own peak: an H200 NVL (PCIe card) is not an SXM H200, nor an H100 NVL an H100."""
-    from benchmark_models import peak_flops_of
+    from bench.models import peak_flops_of
 
     assert peak_flops_of("NVIDIA H200") == peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops_of("NVIDIA H200 NVL") == peak_flops_of("NVIDIA H100 NVL") == 835e12
@@ -211,7 +211,7 @@ def test_step_flops_count_the_heads_at_the_rows_they_run():
     themselves) times 2 (teacher forward) and 6 (student forward and backward) per row left out."""
     from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
 
-    from benchmark_models import step_flops
+    from bench.models import step_flops
 
     teacher = BertForMaskedLM(BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                          intermediate_size=64, max_position_embeddings=24))

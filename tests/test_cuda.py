@@ -1,6 +1,6 @@
 """CUDA paths: bf16/fp16 training, the step without host synchronisations, device-side step skipping.
 
-These need a GPU and are skipped (and reported as skipped) without one; scripts/gpu_checks.sh runs them
+These need a GPU and are skipped (and reported as skipped) without one; experiments/gpu_checks.sh runs them
 together with the GPU benchmark.
 """
 import json
@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from benchmarking import cuda_sync_warnings
+from distil.measuring import cuda_sync_warnings
 from conftest import run_loop, run_script, tiny_distiller
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

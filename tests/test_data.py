@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lm_seqs_dataset
-import preprocessing
+from distil import preprocessing
 from conftest import expect_error, load_script, run_script
 from lm_seqs_dataset import (BinarizedCorpus, BinarizedWriter, LmSeqsDataset, load_legacy_pickle, load_token_counts,
                              resolve_data_file, save_token_counts)
@@ -585,7 +585,7 @@ def test_binarization_ignores_padding_and_truncation_in_tokenizer_json(tiny, tmp
     from transformers import BertTokenizer
 
     from lm_seqs_dataset import BinarizedCorpus
-    from preprocessing import binarize
+    from distil.preprocessing import binarize
 
     folder = tmp_path / "padded-tok"
     shutil.copytree(tiny["bert"], folder)

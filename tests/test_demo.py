@@ -1,4 +1,4 @@
-"""scripts/demo.py and its library (demo_data.py, demo_results.py): the stdlib corpus, and the whole pipeline in
+"""scripts/demo.py and its library (demo/data.py, demo/results.py): the stdlib corpus, and the whole pipeline in
 its --quick size."""
 import json
 import math
@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-import demo_data
+from demo import data as demo_data
 from conftest import load_script, run_script
-from demo_results import COLUMNS
+from demo.results import COLUMNS
 
 demo = load_script("demo")
 

@@ -68,9 +68,9 @@ def test_two_process_gloo_run_keeps_ranks_identical(tiny, binarized, tmp_path):
 
 def test_torchrun_with_one_process_gets_a_one_rank_group(monkeypatch):
     """torchrun --nproc_per_node=1 (a one-GPU machine): a one-rank process group, so DDP and --fsdp run their
-    collectives over it (scripts/gpu_checks.sh checks the NCCL path that way); a plain process gets none."""
+    collectives over it (experiments/gpu_checks.sh checks the NCCL path that way); a plain process gets none."""
     from conftest import free_port
-    from sharding import use_fsdp
+    from distil.distributed.sharding import use_fsdp
     from utils import cleanup_distributed, init_distributed
 
     plain = init_distributed(n_gpu=0)

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-import losses
-from divergences import KD_LOSSES
-from losses import classification_kd_loss, soft_target_divergence, span_kd_loss, weighted_logit_loss
+from distil import losses
+from distil.divergences import KD_LOSSES
+from distil.losses import classification_kd_loss, soft_target_divergence, span_kd_loss, weighted_logit_loss
 
 BETA = 0.3  # a generalized JSD weight other than the symmetric 0.5, so a swapped beta / (1 - beta) shows
 
@@ -131,7 +131,7 @@ def test_flags_refuse_a_bad_choice():
     UserError takes is tested in test_bad_input.py)."""
     import argparse
 
-    import task_training
+    from tasks import training as task_training
     import train
     from utils import UserError
 

@@ -71,8 +71,10 @@ def _words(line):
 
 
 def _resolve(name, inline):
-    """A script path as written (commands run from the repository root); prose may also say `extract.py`."""
-    candidates = [name] + ([os.path.join("scripts", name)] if inline and "/" not in name else [])
+    """A script path as written (commands run from the repository root); prose may also say `extract.py` (a
+    command of scripts/ or experiments/)."""
+    candidates = [name] + ([os.path.join(folder, name) for folder in ("scripts", "experiments")]
+                           if inline and "/" not in name else [])
     return next((c for c in candidates if os.path.isfile(os.path.join(REPO, c))), None)
 
 

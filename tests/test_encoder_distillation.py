@@ -12,7 +12,7 @@ from conftest import run_script, tiny_distiller
 
 
 def test_hidden_layer_loss_equals_direct_computation():
-    from losses import hidden_layer_loss
+    from distil.losses import hidden_layer_loss
 
     g = torch.Generator().manual_seed(0)
     s = [torch.randn(2, 5, 8, generator=g) for _ in range(2)]
@@ -31,7 +31,7 @@ def test_hidden_layer_loss_equals_direct_computation():
 def test_layer_loss_on_the_lm_head_path_leaves_the_other_losses_bit_exact(tmp_path):
     """A DistilBERT student and a BERT teacher (LM heads): adding --alpha_hidden changes no other loss, and the
     hidden term is the cosine loss between the student block and the teacher block the map names."""
-    from losses import cosine_loss
+    from distil.losses import cosine_loss
 
     def first_step_losses(extra):
         distiller, prepare, batches = tiny_distiller("bert_mlm", tmp_path / str(len(extra)), extra=extra, dropout=0.0)
@@ -60,10 +60,10 @@ def test_layer_loss_on_the_lm_head_path_leaves_the_other_losses_bit_exact(tmp_pa
 @pytest.fixture(scope="module")
 def encoders(tiny, tmp_path_factory):
     """A random 4-layer BertModel teacher (no LM head, as a sentence-embedding model ships) with the tiny
-    WordPiece tokenizer, and a student of its blocks 0 and 3 built as scripts/minilm_figures.sh builds one."""
+    WordPiece tokenizer, and a student of its blocks 0 and 3 built as experiments/minilm_figures.sh builds one."""
     from transformers import AutoModel, BertConfig, BertModel, BertTokenizer
 
-    from extraction_auto import build_auto_student
+    from distil.extraction_auto import build_auto_student
 
     root = tmp_path_factory.mktemp("encoders")
     tok = BertTokenizer.from_pretrained(tiny["bert"])
@@ -171,7 +171,7 @@ def test_unlabelled_text_cuts_passages_and_drops_headings_labels_and_repeats(tmp
     (tmp_path / "pairs.tsv").write_text("sentence1\tsentence2\tlabel\nFirst one.\tSecond one.\t1\n"
                                         "A context here.\tFirst one.\t0\n")
     out = tmp_path / "out.txt"
-    script = load_script("unlabelled_text")
+    script = load_script("experiments/unlabelled_text")
     script.main(["--output", str(out), "--max_words", "5", "--text", str(tmp_path / "wiki.txt"), "--squad",
                  str(tmp_path / "squad.json"), "--glue", str(tmp_path / "pairs.tsv")])
     assert out.read_text().splitlines() == [
@@ -195,7 +195,7 @@ def test_sts_zero_shot_is_the_correlation_of_mean_pooled_cosines(encoders, tmp_p
     gold = [4.0, 0.5, 3.2, 2.0, 3.9, 1.0]
     (tmp_path / "sts.tsv").write_text("sentence1\tsentence2\tlabel\n" +
                                       "".join(f"{a}\t{b}\t{g}\n" for (a, b), g in zip(pairs, gold)))
-    rows = load_script("sts_zero_shot").main(["--sts_file", str(tmp_path / "sts.tsv"), "--model", "T",
+    rows = load_script("experiments/sts_zero_shot").main(["--sts_file", str(tmp_path / "sts.tsv"), "--model", "T",
                                               str(encoders["teacher"]), "--batch_size", "4",
                                               "--output", str(tmp_path / "sts")])
     # Each sentence alone (no padding at all), mean over its tokens.
@@ -223,7 +223,7 @@ def test_pair_probe_fits_a_ridge_on_frozen_pair_encodings(encoders, tmp_path):
     for name, part in (("train", rows[:20]), ("dev", rows[20:])):
         (tmp_path / f"{name}.tsv").write_text("sentence1\tsentence2\tlabel\n" +
                                               "".join(f"{a}\t{b}\t{g}\n" for a, b, g in part))
-    result = load_script("pair_probe").main([
+    result = load_script("experiments/pair_probe").main([
         "--train_file", str(tmp_path / "train.tsv"), "--dev_file", str(tmp_path / "dev.tsv"), "--max_train_samples",
         "16", "--ridge", "0.5", "--batch_size", "7", "--model", "T", str(encoders["teacher"]),
         "--output", str(tmp_path / "probe")])[0]["features"]
@@ -248,7 +248,7 @@ def test_pair_probe_names_the_bad_file(encoders, tmp_path):
     from conftest import run_script
 
     (tmp_path / "bad.tsv").write_text("sentence1\tsentence2\tscore\na\tb\t1\n")
-    proc = run_script("scripts/pair_probe.py", "--train_file", tmp_path / "bad.tsv", "--dev_file",
+    proc = run_script("experiments/pair_probe.py", "--train_file", tmp_path / "bad.tsv", "--dev_file",
                       tmp_path / "bad.tsv", "--model", "T", encoders["teacher"], expect_ok=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-1000:]

@@ -116,7 +116,7 @@ def test_extraction_then_training_recipe(tiny, binarized, tmp_path):
     """README recipe on tiny models: extract_distilbert -> train.py --student_pretrained_weights -> reload."""
     from transformers import BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
 
-    from models import build_student
+    from distil.models import build_student
 
     teacher = BertForMaskedLM.from_pretrained(tiny["bert"])
     cfg = teacher.config

@@ -1,4 +1,5 @@
-"""evaluation.py and scripts/evaluate.py: fixed masking, metrics against hand computations, sharding, the command line."""
+"""distil/evaluation.py and scripts/evaluate.py: fixed masking, metrics against hand computations, sharding, the
+command line."""
 import json
 import math
 import shutil
@@ -7,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import evaluation as ev
+from distil import evaluation as ev
 from conftest import REPO, load_script, run_script, run_torchrun
 from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset
-from masking import fixed_mlm_mask
-from models import max_input_size, model_classes
+from distil.masking import fixed_mlm_mask
+from distil.models import max_input_size, model_classes
 from utils import UserError, special_token_ids
 
 evaluate_cli = load_script("evaluate")
@@ -264,9 +265,9 @@ GLOO_WRAPPER = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
 import torch, torch.distributed as dist
-import evaluation as ev
+from distil import evaluation as ev
 from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset
-from models import model_classes
+from distil.models import model_classes
 from utils import special_token_ids
 dist.init_process_group("gloo")
 _, model_class, tok_class = model_classes("bert")

@@ -1,4 +1,4 @@
-"""Tests for scripts/extract_distilbert.py, scripts/extract.py and extraction.py on tiny teachers built here."""
+"""Tests for scripts/extract_distilbert.py, scripts/extract.py and distil/extraction.py on tiny teachers built here."""
 import json
 import os
 import re
@@ -20,7 +20,7 @@ from transformers import (
     RobertaForMaskedLM,
 )
 
-import extraction
+from distil import extraction
 from conftest import REPO, expect_error, load_script, randomise
 from utils import UserError
 

@@ -25,8 +25,8 @@ from transformers import (
     RobertaConfig,
 )
 
-import extraction
-import extraction_auto
+from distil import extraction
+from distil import extraction_auto
 from conftest import REPO, expect_error, load_script, randomise
 from utils import UserError
 

@@ -46,7 +46,7 @@ def test_auto_frames_with_bos_eos_and_the_user_can_choose(tiny, chat_tokenizer, 
 
 def test_chunks_of_long_sequences_get_the_corpus_framing(tiny, chat_tokenizer, tmp_path):
     from lm_seqs_dataset import LmSeqsDataset
-    from models import framing_token_ids
+    from distil.models import framing_token_ids
     from utils import special_token_ids
 
     folder, tok = chat_tokenizer
@@ -76,7 +76,7 @@ def test_the_teacher_cache_frames_chunks_as_training_does(tiny, chat_tokenizer, 
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from lm_seqs_dataset import LmSeqsDataset
-    from models import framing_token_ids
+    from distil.models import framing_token_ids
     from utils import special_token_ids
 
     folder, tok = chat_tokenizer

@@ -32,7 +32,7 @@ import distiller as distiller_module
 import fault_injection  # with FAULT=kill in the environment, a rank kills itself at FAULT_ITER
 import train
 from host_syncs import HostSyncRecorder
-from models import RowLogitsLM, load_teacher
+from distil.models import RowLogitsLM, load_teacher
 
 out = os.environ["OUT"]
 syncs, recorded = [], []
@@ -62,7 +62,7 @@ try:
         report["teacher_logits"] = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         report["whole_logits"] = whole(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     if os.environ.get("THEN_RESUME"):  # what --resume THEN_RESUME would do next, on these ranks
-        import checkpointing
+        from distil import checkpointing
         try:
             distiller.load_training_state(checkpointing.load_checkpoint_file(os.environ["THEN_RESUME"]),
                                           os.environ["THEN_RESUME"])

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from glue import (binary_f1, get_task, glue_metrics, infer_custom_task, label_ids, load_file, matthews_correlation,
-                  task_score)
+from tasks.glue import (binary_f1, get_task, glue_metrics, infer_custom_task, label_ids, load_file,
+                         matthews_correlation, task_score)
 from utils import UserError
 
 
@@ -80,7 +80,7 @@ def test_tsv_with_quotes_and_na_text(tmp_path):
 def test_text_pair_column_alone_names_the_second_sentence(tmp_path):
     import argparse
 
-    from glue import text_columns
+    from tasks.glue import text_columns
 
     path = tmp_path / "pairs.tsv"
     path.write_text("sentence\tother\tlabel\nfirst words\tsecond words\t1\n")

@@ -29,9 +29,9 @@ def llama_with_gpt2_tokenizer(tiny, tmp_path_factory):
 def test_extraction_reports_teacher_and_student_losses(llama_with_gpt2_tokenizer, binarized, tmp_path, caplog):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evaluation import evaluate
+    from distil.evaluation import evaluate
     from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset
-    from models import framing_token_ids
+    from distil.models import framing_token_ids
     from utils import special_token_ids
 
     data, _ = binarized["gpt2"]

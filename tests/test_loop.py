@@ -89,7 +89,7 @@ def test_teacher_is_stored_in_the_compute_dtype(tiny):
 def test_hidden_projection_does_not_depend_on_the_rank_generator():
     """Each rank's global generator is seeded apart (train.py: seed + rank); the projection must be identical
     on every rank, since FSDP shards each rank's own initial tensor."""
-    from models import hidden_projection
+    from distil.models import hidden_projection
 
     draws = []
     for rank_seed in (56, 57):

@@ -1,4 +1,4 @@
-"""losses.py, the functions training and evaluation call, against the plain computations of the original scripts.
+"""distil/losses.py, the functions training and evaluation call, against the plain computations of the original scripts.
 
 Every reference below is written out here with stock torch modules (masked_select + KLDivLoss, MSELoss,
 CosineEmbeddingLoss, cross_entropy), the way the DistilBERT research scripts computed the losses; nothing
@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import losses
-from losses import IGNORE_INDEX, cosine_loss, distillation_losses, logit_loss_sums, rows_per_chunk, weighted_logit_loss
+from distil import losses
+from distil.losses import (IGNORE_INDEX, cosine_loss, distillation_losses, logit_loss_sums, rows_per_chunk,
+                           weighted_logit_loss)
 
 VOCAB = 50
 ALPHA_KD = {"ce": 1.0, "mse": 0.0, "mlm": 0.0, "clm": 0.0, "cos": 0.0}

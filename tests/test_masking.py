@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from losses import IGNORE_INDEX
-from masking import attention_mask_from_lengths, clm_labels, mask_tokens, smoothed_token_probs
+from distil.losses import IGNORE_INDEX
+from distil.masking import attention_mask_from_lengths, clm_labels, mask_tokens, smoothed_token_probs
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 SPECIALS = (PAD, CLS, SEP, MASK)  # as train.py passes special_tok_ids.values() (UNK is an ordinary token)
@@ -291,7 +291,7 @@ def test_only_the_dataloaders_tensors_cross_to_the_device(mlm):
     """The DataLoader pins token_ids and lengths (pin_memory on a GPU); the attention mask and the loss rows
     are built on the device from the lengths, not on the host: a non-blocking copy from pageable host memory
     may wait for the GPU. The rows are the real tokens' flat positions, in order, as on the host."""
-    from masking import MlmMasking, prepare_batch_clm, prepare_batch_mlm
+    from distil.masking import MlmMasking, prepare_batch_clm, prepare_batch_mlm
 
     ids, lengths = make_batch(torch.Generator().manual_seed(0), bs=5, max_len=9)
     masking = MlmMasking(token_probs=uniform_probs(), mask_prop=0.15, split=SPLIT, mask_id=MASK, vocab_size=VOCAB)

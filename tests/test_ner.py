@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import expect_error, load_script, run_script, run_torchrun
-from losses import IGNORE_INDEX as IGNORE, soft_target_divergence, token_ce_loss, token_kd_loss
-from ner import (check_tags, label_list, read_column_file, sentence_windows, word_predictions,
-                 write_predictions)
-from ner_metrics import entity_spans, ner_scores
+from distil.losses import IGNORE_INDEX as IGNORE, soft_target_divergence, token_ce_loss, token_kd_loss
+from tasks.ner import check_tags, label_list, read_column_file, sentence_windows, word_predictions, write_predictions
+from tasks.ner_metrics import entity_spans, ner_scores
 from utils import UserError
 
 SCRIPT_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models import RowLogitsLM, split_lm_head
+from distil.models import RowLogitsLM, split_lm_head
 
 
 def _models():

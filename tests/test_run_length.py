@@ -7,7 +7,7 @@ import re
 import pytest
 
 from conftest import load_script, run_script
-from schedule import FEW_STEPS, plan_steps, short_run_warnings
+from distil.schedule import FEW_STEPS, plan_steps, short_run_warnings
 
 
 def test_a_few_dozen_batches_at_the_default_accumulation_is_flagged():

@@ -4,8 +4,8 @@ import random
 import numpy as np
 import pytest
 
-from squad import best_spans, examples_from_records, postprocess_predictions, read_squad_examples, squad_features
-from squad_metrics import exact_match, f1, normalize_answer, squad_scores
+from tasks.squad import best_spans, examples_from_records, postprocess_predictions, read_squad_examples, squad_features
+from tasks.squad_metrics import exact_match, f1, normalize_answer, squad_scores
 from utils import UserError
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from task_models import label_permutation
+from tasks.models import label_permutation
 from utils import UserError
 
 TASK = ("entailment", "neutral", "contradiction")
@@ -41,7 +41,7 @@ def test_clamp_takes_a_negative_position_limit_as_none():
 
     from transformers import BertConfig, BertForQuestionAnswering, XLNetConfig, XLNetForQuestionAnsweringSimple
 
-    from task_models import clamp_max_seq_length
+    from tasks.models import clamp_max_seq_length
 
     class Tokenizer:
         model_max_length = int(1e30)  # a tokenizer saved without a limit

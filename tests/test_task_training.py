@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, expect_error, load_script, run_script, run_torchrun
-from losses import (classification_kd_loss, classification_loss, soft_target_kl, span_ce_loss, span_kd_loss,
-                    task_distillation_loss)
+from distil.losses import (classification_kd_loss, classification_loss, soft_target_kl, span_ce_loss, span_kd_loss,
+                           task_distillation_loss)
 from test_squad import make_records
 
 SCRIPT_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -364,7 +364,7 @@ def test_malformed_model_and_data_files_name_their_flag(task_data, tmp_path, cap
 def test_forward_inputs_give_segment_ids_to_the_models_that_take_them():
     from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel
 
-    from task_training import forward_inputs
+    from tasks.training import forward_inputs
 
     ids = torch.randint(5, 50, (2, 6))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": (ids > 20).long(),
@@ -389,7 +389,7 @@ def test_the_seed_recipe_feeds_the_bert_teacher_its_segment_ids(task_data, squad
     from transformers import AutoTokenizer, BertForQuestionAnswering
 
     import run_squad_w_distillation as squad_script
-    from squad import read_squad_examples, squad_features
+    from tasks.squad import read_squad_examples, squad_features
 
     seen = []
     original = BertForQuestionAnswering.forward

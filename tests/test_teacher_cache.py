@@ -79,9 +79,9 @@ def test_small_k_is_the_divergence_over_the_k_ids_and_the_tail(kd_loss):
     """The fused loss on a TopKTeacher equals the divergence between the two distributions coarsened to the k
     cached ids plus one 'any other id' outcome (autograd reference: values and gradients), rows dropped by
     kd_rows, T = 2; and the cache's own rows (_topk_rows) are those k values and that tail."""
-    from divergences import TopKTeacher
-    from losses import weighted_logit_loss
-    from teacher_cache import _topk_rows
+    from distil.divergences import TopKTeacher
+    from distil.losses import weighted_logit_loss
+    from distil.teacher_cache import _topk_rows
     from test_divergences import BETA, reference
 
     g = torch.Generator().manual_seed(0)
@@ -113,8 +113,8 @@ def test_small_k_is_the_divergence_over_the_k_ids_and_the_tail(kd_loss):
 
 def _open_bert(tiny, small, cache_dir):
     from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset
-    from models import framing_token_ids, load_tokenizer
-    from teacher_cache import TeacherCache
+    from distil.models import framing_token_ids, load_tokenizer
+    from distil.teacher_cache import TeacherCache
     from utils import special_token_ids
 
     cache = TeacherCache(str(cache_dir))
@@ -130,8 +130,8 @@ def test_mlm_cache_fixes_each_epochs_masking_and_holds_the_live_teacher(tiny, sm
     live teacher's log_softmax(t / T) on those very inputs, at the predicted rows (--restrict_ce_to_mask)."""
     from transformers import BertForMaskedLM
 
-    from divergences import complete_teacher_log_probs
-    from models import TeacherLM
+    from distil.divergences import complete_teacher_log_probs
+    from distil.models import TeacherLM
 
     teacher = BertForMaskedLM.from_pretrained(tiny["bert"]).eval()
     vocab = teacher.config.vocab_size
@@ -165,8 +165,8 @@ def test_mlm_cache_fixes_each_epochs_masking_and_holds_the_live_teacher(tiny, sm
 def test_interrupted_build_resumes_to_the_same_files(tiny, small, tmp_path, monkeypatch):
     """A build stopped after its first batch is not usable; the same command finishes it, and every file equals
     an uninterrupted build's. Also the refusals of scripts/cache_teacher.py and of an unfinished cache."""
-    import models
-    from teacher_cache import TeacherCache
+    from distil import models
+    from distil.teacher_cache import TeacherCache
     from utils import UserError
 
     script = load_script("cache_teacher")
@@ -212,7 +212,7 @@ def test_train_refuses_a_run_the_cache_was_not_built_for(tiny, small, tmp_path):
     base = ["--student_type", "distilbert", "--student_config", str(tiny["distilbert_config"]), "--teacher_type",
             "bert", "--mlm", "--alpha_ce", "1", "--alpha_mlm", "1", "--alpha_clm", "0", "--dump_path",
             str(tmp_path / "run"), "--teacher_cache", str(tmp_path / "c"), "--n_gpu", "0", "--n_epoch", "1"]
-    from models import load_tokenizer
+    from distil.models import load_tokenizer
 
     other = subset_corpus(data, tmp_path / "other.bin", 30, start=5)  # the same tokenizer, other sequences
     tokenizer = load_tokenizer("bert", str(tiny["bert"]), "-")

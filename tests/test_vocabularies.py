@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from utils import UserError
-from vocabularies import check_teacher_vocabulary
+from distil.vocabularies import check_teacher_vocabulary
 
 
 def _padded_teacher(tiny, extra, folder=None):

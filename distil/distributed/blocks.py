@@ -8,7 +8,7 @@ from utils import UserError, logger
 def transformer_blocks(model, purpose):
     """The model's transformer blocks (the modules of its layer list), or [] with a warning naming `purpose`
     (e.g. "FSDP", "--compile") when there is none to find: the caller then treats the model as one unit."""
-    from extraction_auto import find_layer_stack  # the same rule `extract.py --model_type auto` slices by
+    from distil.extraction_auto import find_layer_stack  # the same rule `extract.py --model_type auto` slices by
 
     try:
         stack = find_layer_stack(model)

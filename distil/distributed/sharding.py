@@ -15,7 +15,7 @@ This module makes every sharding decision; the loop (distiller.py) only calls it
     teacher_lm = plan.shard_teacher(teacher_lm)      # models.TeacherLM
     norm = plan.clip_grad_norm_(params, max_norm)    # the global norm, the same on every rank
     state = plan.gather_state_dict(student_lm)       # full weights on the master's CPU (collective)
-The resumable checkpoint (torch.distributed.checkpoint, one file per rank) is in checkpointing.py.
+The resumable checkpoint (torch.distributed.checkpoint, one file per rank) is in distil/checkpointing.py.
 
 Units: `fully_shard` on each block of the model's layer list (extraction_auto.find_layer_stack), then on the
 RowLogitsLM / TeacherLM wrapper as the root, which holds the rest (embeddings, final norm, LM head, the
@@ -27,7 +27,7 @@ import warnings
 
 import torch
 
-from blocks import transformer_blocks
+from distil.distributed.blocks import transformer_blocks
 from utils import UserError, logger
 
 # torch.distributed.fsdp and torch.distributed.tensor are imported where a sharded run uses them, so that DDP and
@@ -100,7 +100,7 @@ class Fsdp:
         policy = self._policy()
         # Some models' last hidden states are a view (GPT-2 reshapes them), which FSDP2 warns about in every run:
         # an in-place change of the output would bypass its backward hook. The losses never change their inputs
-        # in place (losses.py), so the warning says nothing here.
+        # in place (distil/losses.py), so the warning says nothing here.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(RowLogitsLM|TeacherLM)\) returned a "
                                 r"view tensor")
         for block in transformer_blocks(student_lm.model, "FSDP"):
@@ -125,7 +125,7 @@ class Fsdp:
         for block in transformer_blocks(teacher_lm.model, "FSDP"):
             self._fully_shard(block, mesh=self.mesh, reshard_after_forward=True)
         self._fully_shard(teacher_lm, mesh=self.mesh, reshard_after_forward=True)
-        streamed = getattr(teacher_lm.model, "streamed_weights", None)  # built on the meta device (models.py)
+        streamed = getattr(teacher_lm.model, "streamed_weights", None)  # built on the meta device (distil/models.py)
         if streamed is not None:
             streamed.load_shards(teacher_lm, self.device, prefix="model.")
             del teacher_lm.model.streamed_weights
