@@ -71,8 +71,8 @@ def teacher_identity(name, config, own_tokenizer):
     """What names a teacher in cache.json: its name (a local folder as its real path), a sha256 of its config
     (before any vocabulary cut; paths and library versions left out) and tokenizer_identity of its own
     tokenizer (None when its folder has none: --assume_same_token_ids)."""
-    fields = {k: v for k, v in config.to_dict().items()
-              if k not in ("_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype")}
+    fields = {k: v for k, v in config.to_dict().items()  # private keys hold paths and loading details
+              if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
     return {"name": os.path.realpath(name) if os.path.isdir(name) else name, "config_sha256": digest,
             "vocabulary": tokenizer_identity(own_tokenizer) if own_tokenizer is not None else None}

@@ -380,8 +380,10 @@ def test_prepare_batch_builds_mask_labels_and_rows_on_the_device(tiny, small, tm
     from utils import special_token_ids
 
     mlm = kind == "bert"
-    extra = ("--mlm", "--restrict_ce_to_mask", "--n_epoch", "1") if mlm else ()
-    _cache(tiny, small, tmp_path / "c", kind, "--k", "4", *extra)
+    data, counts = small[kind]
+    extra = ["--mlm", "--restrict_ce_to_mask", "--n_epoch", "1", "--token_counts", str(counts)] if mlm else []
+    load_script("cache_teacher").main(["--teacher_type", kind, "--teacher_name", str(tiny[kind]), "--data_file", data,
+                                       "--k", "4", "--n_gpu", "0", "--cache_dir", str(tmp_path / "c"), *extra])
     cache = TeacherCache(str(tmp_path / "c"))
     special = framing_token_ids(special_token_ids(load_tokenizer(kind, str(tiny[kind]), "-")), mlm)
     dataset = LmSeqsDataset(BinarizedCorpus.open(small[kind][0]), special_tok_ids=special, mlm=mlm,
