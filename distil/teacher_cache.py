@@ -311,7 +311,7 @@ def _identity(meta):
 
 
 def _describe(teacher):
-    """A teacher_identity in a message: --teacher_name, and its config digest's start."""
+    """A teacher_identity in a message: --teacher_name, and the start of its config and vocabulary digests."""
     if not teacher:
         return "no recorded teacher"
     vocabulary = (teacher.get("vocabulary") or {}).get("sha256", "unchecked")
