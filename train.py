@@ -29,14 +29,16 @@ from distil.checkpointing import find_resumable_checkpoint, is_sharded, load_che
 from distiller import DistillationConfig, Distiller, TrainingError
 from distil.divergences import add_kd_loss_arguments, check_kd_loss_args
 from distil.evaluation import evaluate
+from grouped_batch_sampler import training_batch_sampler
 from lm_seqs_dataset import MIN_SEQ_LEN, BinarizedCorpus, LmSeqsDataset, load_token_counts
 from distil.masking import MlmMasking, smoothed_token_probs
 from distil.models import AUTO, ENCODER, build_student, framing_token_ids, load_teacher, load_tokenizer, max_input_size
 from distil.distributed.sharding import use_fsdp
+from distil.schedule import plan_steps
 from distil.teacher_cache import TeacherCache
 from utils import (UserError, amp_dtype, cleanup_distributed, fail, git_info, init_distributed, logger, refuse_gguf,
                    set_seed, special_token_ids, user_input, write_json_atomic)
-from distil.vocabularies import check_teacher_vocabulary
+from distil.vocabularies import check_teacher_vocabulary, teacher_tokenizer_to_compare
 
 
 # ------------------------------------------------------------------------------------------------ flags
@@ -67,6 +69,11 @@ def parse_args(argv=None):
     parser.add_argument("--tokenizer_name", type=str, default=None,
                         help="Tokenizer folder or hub name (default: the teacher's, or the --teacher_cache's). "
                              "Needed without a teacher.")
+    parser.add_argument("--assume_same_token_ids", action="store_true",
+                        help="Only read with --tokenizer_name and a --teacher_name folder that holds no tokenizer: "
+                             "take --tokenizer_name's token -> id table to be the teacher's, unchecked (the two "
+                             "tables are compared whenever the teacher has a tokenizer; a table that differs makes "
+                             "the teacher read the data as other tokens). Without it such a run is refused.")
     parser.add_argument("--teacher_cache", type=str, default=None,
                         help="A folder written by scripts/cache_teacher.py: train on the teacher's cached top-k "
                              "predictions (and, for MLM, its fixed masking) instead of loading the teacher. Not "
@@ -388,19 +395,21 @@ def build_teacher(args):
     return load_teacher(args.teacher_type, args.teacher_name, args.mlm, dtype=dtype, on_meta=on_meta)
 
 
+def check_vocabularies(args, student, teacher, tokenizer):
+    """The teacher's vocabulary against the student's and the run's tokenizer (distil/vocabularies.py): a
+    --tokenizer_name is compared token by token with the teacher's own tokenizer, and a teacher vocabulary that
+    extends the student's is cut to it. Once per run, before check_compatibility."""
+    if teacher is None:
+        return
+    teacher_tokenizer = teacher_tokenizer_to_compare(args.teacher_type, args.teacher_name, args.tokenizer_name,
+                                                     args.mlm, args.assume_same_token_ids)
+    check_teacher_vocabulary(teacher, student.config.vocab_size, tokenizer, "--student_config", args.student_config,
+                             args.teacher_name, teacher_tokenizer, args.tokenizer_name)
+
+
 def check_compatibility(args, student, teacher, tokenizer, corpus, counts, special_tok_ids):
-    """Cross-object checks: vocabularies (a teacher's that extends the student's is cut to it), hidden sizes,
-    data ids, token counts."""
-    s_vocab = student.config.vocab_size
-    if teacher is not None and teacher.config.vocab_size > s_vocab and args.tokenizer_name:
-        # The run's tokenizer is not the teacher's: the ids they share are compared token by token.
-        teacher_tokenizer = load_tokenizer(args.teacher_type, args.teacher_name, "--teacher_name", args.mlm)
-    else:
-        teacher_tokenizer = None
-    if teacher is not None:
-        check_teacher_vocabulary(teacher, s_vocab, tokenizer, "--student_config", args.student_config,
-                                 args.teacher_name, teacher_tokenizer)
-    t_vocab = teacher.config.vocab_size if teacher is not None else s_vocab
+    """Cross-object checks after check_vocabularies: hidden sizes, data ids, token counts."""
+    t_vocab = teacher.config.vocab_size if teacher is not None else student.config.vocab_size
     if args.alpha_cos > 0 or args.alpha_hidden > 0:
         s_dim, t_dim = student.config.hidden_size, teacher.config.hidden_size
         if s_dim != t_dim and not args.hidden_projection:
@@ -446,6 +455,15 @@ def check_layer_map(text, s_config, t_config):
 
 
 # ------------------------------------------------------------------------------------------------ main
+
+
+def planned_epochs(args, ctx, dataset, max_len):
+    """Passes over the data the run will start: --n_epoch, or as many as --max_steps needs. The plan
+    Distiller makes (schedule.plan_steps), from the length of the same batch sampler, known before training."""
+    sampler = training_batch_sampler(dataset, batch_size=args.batch_size, group_by_size=args.group_by_size,
+                                     max_len=max_len, world_size=ctx.world_size, rank=ctx.global_rank, seed=args.seed)
+    return plan_steps(len(sampler), args.n_epoch, args.gradient_accumulation_steps, args.warmup_prop,
+                      args.max_steps).n_epochs
 
 
 def find_checkpoint(args):
@@ -522,8 +540,6 @@ def main(argv=None):
     tokenizer = build_tokenizer(args)
     teacher = build_teacher(args)
     max_len = max_input_size(teacher.config if teacher is not None else None, tokenizer)
-    if cache is not None:  # the teacher's limit, as the cache recorded it
-        max_len = min(max_len, cache.meta["max_len"])
 
     logger.info("Loading data from %s", args.data_file)
     with user_input("--data_file"):
@@ -547,6 +563,9 @@ def main(argv=None):
             raise UserError(f"--max_seq_length {args.max_seq_length} is longer than the models accept ({max_len} "
                             "tokens)")
         max_len = args.max_seq_length
+    elif cache is not None:  # the length the cache cut at: its teacher's limit, or its own --max_seq_length
+        max_len = min(max_len, cache.meta["max_len"])
+    check_vocabularies(args, student, teacher, tokenizer)
     check_compatibility(args, student, teacher, tokenizer, corpus, counts, special_tok_ids)
 
     dataset = LmSeqsDataset(corpus, special_tok_ids=special_tok_ids, mlm=bidirectional(args), max_len=max_len)
@@ -555,7 +574,10 @@ def main(argv=None):
                         "at least 12 tokens)")
     if cache is not None:
         cache.check_run(corpus=corpus, tokenizer=tokenizer, max_len=max_len, vocab_size=student.config.vocab_size,
-                        n_epoch=args.n_epoch, dataset=dataset, settings=vars(args))
+                        n_epochs=planned_epochs(args, ctx, dataset, max_len), max_steps=args.max_steps,
+                        dataset=dataset, settings=vars(args))
+        logger.info("Training from the cache %s of --teacher_name %s.", args.teacher_cache,
+                    cache.meta["teacher"]["name"])
     evaluator = build_evaluator(args, ctx, student, teacher, tokenizer, special_tok_ids, max_len)
     masking = None
     if masked and cache is None:
@@ -566,7 +588,10 @@ def main(argv=None):
                              mask_id=special_tok_ids["mask_token"], vocab_size=student.config.vocab_size,
                              restrict_to_mask=args.restrict_ce_to_mask)
 
-    prepare_dump_path(args, ctx, {"special_tok_ids": special_tok_ids, "max_model_input_size": max_len})
+    resolved = {"special_tok_ids": special_tok_ids, "max_model_input_size": max_len}
+    if cache is not None:  # the teacher this run learns from, as the cache recorded it
+        resolved["cached_teacher"] = cache.meta["teacher"]
+    prepare_dump_path(args, ctx, resolved)
     if ctx.is_master:
         student.config.save_pretrained(args.dump_path)
     if not args.fsdp:  # under FSDP the sharding moves each unit to the device as it shards it

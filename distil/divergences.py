@@ -36,16 +36,29 @@ def add_kd_loss_arguments(add):
              "original's; reverse_kl KL(student || teacher); jsd, generalized Jensen-Shannon with --jsd_beta; "
              "tvd, total variation. Every one is multiplied by T^2.")
     add("--jsd_beta", default=DEFAULT_JSD_BETA, type=float,
-        help="With --kd_loss jsd: weight beta in (0, 1) of the teacher in the mixture m = beta p_t + (1 - beta) "
-             "p_s and of KL(p_t || m) in beta KL(p_t || m) + (1 - beta) KL(p_s || m).")
+        help="With --kd_loss jsd (ignored otherwise): weight beta in (0, 1) of the teacher in the mixture m = beta "
+             "p_t + (1 - beta) p_s and of KL(p_t || m) in beta KL(p_t || m) + (1 - beta) KL(p_s || m). TRL's "
+             "beta 0 and 1 are --kd_loss forward_kl and reverse_kl here.")
+
+
+# TRL's GKD `beta` switches to a plain KL at its ends (0: forward, 1: reverse), where this mixture vanishes; a
+# TRL user's beta 0 or 1 is refused with the --kd_loss that means it, rather than given a second meaning here.
+_TRL_ENDPOINTS = {0.0: ("forward", "forward_kl"), 1.0: ("reverse", "reverse_kl")}
 
 
 def check_kd_loss_args(kd_loss, beta):
-    """A message naming the flag when --kd_loss / --jsd_beta cannot be used, else None."""
+    """A message naming the flag when --kd_loss / --jsd_beta cannot be used, else None. --jsd_beta is only read
+    by --kd_loss jsd: with another divergence its value does not matter."""
     if kd_loss not in KD_LOSSES:
         return f"--kd_loss must be one of {', '.join(KD_LOSSES)}, got {kd_loss!r}"
+    if kd_loss != "jsd":
+        return None
+    if beta in _TRL_ENDPOINTS:
+        direction, flag = _TRL_ENDPOINTS[beta]
+        return (f"--jsd_beta {beta:g} makes the mixture divergence vanish; for TRL's {direction} KL: use "
+                f"--kd_loss {flag}")
     if not 0 < beta < 1:
-        return f"--jsd_beta must be in (0, 1) (0 and 1 make the divergence vanish), got {beta}"
+        return f"--jsd_beta must be in (0, 1), got {beta}"
     return None
 
 

@@ -80,7 +80,7 @@ def non_padding_positions(lengths, max_len, n_real=None):
     return row * max_len + column
 
 
-def _on_device(lengths, max_len, device):
+def mask_and_rows_on_device(lengths, max_len, device):
     """(attention mask, non-padding rows) on the device, built there from the CPU lengths alone.
 
     Only the lengths cross from the host: the DataLoader pinned them with the batch (pin_memory on a GPU), so
@@ -126,7 +126,7 @@ def prepare_batch_mlm(token_ids, lengths, device, masking):
     Every size is known on the host, so the step that follows makes no device synchronisation.
     """
     max_len = token_ids.size(1)
-    attn_mask, real_rows = _on_device(lengths, max_len, device)
+    attn_mask, real_rows = mask_and_rows_on_device(lengths, max_len, device)
     token_ids = token_ids.to(device, non_blocking=True)
     restrict = masking.restrict_to_mask
     token_ids, labels, *drawn = mask_tokens(token_ids, lengths, masking.token_probs, masking.mask_prop,
@@ -140,7 +140,7 @@ def prepare_batch_clm(token_ids, lengths, device):
     """(bs, seq) ids and CPU lengths -> a Batch on the device; labels are the ids themselves (the step shifts
     them: position i predicts token i + 1), IGNORE_INDEX on padding."""
     max_len = token_ids.size(1)
-    attn_mask, rows = _on_device(lengths, max_len, device)
+    attn_mask, rows = mask_and_rows_on_device(lengths, max_len, device)
     token_ids = token_ids.to(device, non_blocking=True)
     return Batch(token_ids, attn_mask, clm_labels(token_ids, attn_mask), rows, _padded(lengths, max_len))
 

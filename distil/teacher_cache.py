@@ -12,8 +12,8 @@ depends on the corruption of its input, so the cache fixes the corruption of eve
 it covers (masking.seeded_mlm_draw, seeded by (seed, epoch, index)) and training replays exactly that.
 
 A cache folder:
-    cache.json         identity (corpus, tokenizer, maximum length, mlm, temperature, k, masking) and shapes;
-                       "complete" once every row is written (written atomically, last)
+    cache.json         identity (teacher, corpus, tokenizer, maximum length, mlm, temperature, k, masking) and
+                       shapes; "complete" once every row is written (written atomically, last)
     progress.json      units ((epoch, sequence) pairs, in order) written so far: an interrupted build resumes
     tokenizer/         the tokenizer (train.py takes it when --tokenizer_name is not given)
     row_offsets.npy    (n_epochs * n_items + 1,) int64: first cached row of each (epoch, item)
@@ -33,10 +33,13 @@ import torch.nn.functional as F
 
 from distil.divergences import TopKTeacher
 from distil.losses import IGNORE_INDEX
-from distil.masking import Batch, attention_mask_from_lengths, clm_labels, non_padding_positions, seeded_mlm_draw
+from distil.masking import (Batch, attention_mask_from_lengths, clm_labels, mask_and_rows_on_device,
+                            non_padding_positions, seeded_mlm_draw)
 from utils import UserError, logger, write_json_atomic
 
-FORMAT = "distil-teacher-cache-1"
+# Version 2 records the teacher (teacher_identity): a version-1 cache may hold a teacher whose token ids were
+# never compared with its tokenizer's, so it is refused rather than trusted.
+FORMAT = "distil-teacher-cache-2"
 META = "cache.json"
 PROGRESS = "progress.json"
 # Settings of a training run that must equal the cache's, by train.py flag name (checked in check_run).
@@ -64,6 +67,17 @@ def tokenizer_identity(tokenizer):
     return {"sha256": hashlib.sha256(payload.encode()).hexdigest(), "size": len(tokenizer)}
 
 
+def teacher_identity(name, config, own_tokenizer):
+    """What names a teacher in cache.json: its name (a local folder as its real path), a sha256 of its config
+    (before any vocabulary cut; paths and library versions left out) and tokenizer_identity of its own
+    tokenizer (None when its folder has none: --assume_same_token_ids)."""
+    fields = {k: v for k, v in config.to_dict().items()  # private keys hold paths and loading details
+              if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+    return {"name": os.path.realpath(name) if os.path.isdir(name) else name, "config_sha256": digest,
+            "vocabulary": tokenizer_identity(own_tokenizer) if own_tokenizer is not None else None}
+
+
 def _ids_dtype(vocab_size):
     return np.uint16 if vocab_size <= 1 << 16 else np.int32
 
@@ -83,7 +97,8 @@ class TeacherCache:
         except (OSError, ValueError) as exc:
             raise UserError(f"--teacher_cache {path}: unreadable {META} ({exc})") from None
         if self.meta.get("format") != FORMAT:
-            raise UserError(f"--teacher_cache {path}: not a teacher cache of this version ({self.meta.get('format')})")
+            raise UserError(f"--teacher_cache {path}: not a teacher cache of this version ({self.meta.get('format')}, "
+                            f"this one reads {FORMAT}); build it again with scripts/cache_teacher.py")
         if not self.meta.get("complete"):
             raise UserError(f"--teacher_cache {path}: the build was interrupted; run scripts/cache_teacher.py again "
                             "with the same flags to finish it")
@@ -91,6 +106,7 @@ class TeacherCache:
         self.k, self.vocab_size, self.n_epochs, self.mlm = m["k"], m["vocab_size"], m["n_epochs"], m["mlm"]
         self.row_offsets = np.load(os.path.join(path, "row_offsets.npy"))
         self.item_offsets = np.load(os.path.join(path, "item_offsets.npy"))
+        self.n_items = len(self.item_offsets) - 1
         n_rows = int(self.row_offsets[-1])
         self.ids = np.memmap(os.path.join(path, "ids.bin"), dtype=m["ids_dtype"], mode="r", shape=(n_rows, self.k))
         self.log_probs = np.memmap(os.path.join(path, "log_probs.bin"), dtype=m["log_probs_dtype"], mode="r",
@@ -100,18 +116,24 @@ class TeacherCache:
             self.mlm_inputs = np.memmap(os.path.join(path, "mlm_inputs.bin"), dtype=np.int32, mode="r", shape=shape)
             self.mlm_predicted = np.memmap(os.path.join(path, "mlm_predicted.bin"), dtype=bool, mode="r", shape=shape)
 
-    def check_run(self, *, corpus, tokenizer, max_len, vocab_size, n_epoch, dataset, settings):
-        """Refuse (UserError, one line naming the flag) a training run the cache was not built for."""
+    def check_run(self, *, corpus, tokenizer, max_len, vocab_size, n_epochs, max_steps, dataset, settings):
+        """Refuse (UserError, one line naming the flag) a training run the cache was not built for. n_epochs: the
+        passes over the data the run's plan starts (--n_epoch, or what --max_steps needs)."""
         m, where = self.meta, f"--teacher_cache {self.path}"
+        if not m.get("teacher"):
+            raise UserError(f"{where} records no teacher (a benchmark's cache); build it with "
+                            "scripts/cache_teacher.py")
         if corpus_identity(corpus) != m["corpus"]:
             raise UserError(f"{where} was built from another corpus ({m['data_file']}, {m['corpus']['n_sequences']} "
                             f"sequences) than --data_file {corpus.path}")
         if tokenizer_identity(tokenizer) != m["tokenizer"]:
             raise UserError(f"{where} was built with another tokenizer ({m['tokenizer']['size']} tokens) than this "
                             f"run's ({len(tokenizer)} tokens)")
-        if max_len != m["max_len"] or len(dataset) != len(self.item_offsets) - 1:
+        if max_len != m["max_len"] or len(dataset) != self.n_items:
             raise UserError(f"{where} was built for sequences of at most {m['max_len']} tokens, this run cuts them "
-                            f"at {max_len} (the smaller of the tokenizer's and the student's maximum input size)")
+                            f"at {max_len} (its --max_seq_length, or the student's and tokenizer's limit): run with "
+                            f"--max_seq_length {m['max_len']} or build the cache with scripts/cache_teacher.py "
+                            f"--max_seq_length {max_len}")
         if vocab_size != self.vocab_size:
             raise UserError(f"{where} holds distributions over {self.vocab_size} ids, the student's vocabulary has "
                             f"{vocab_size}")
@@ -119,9 +141,10 @@ class TeacherCache:
             if name in m["settings"] and settings[name] != m["settings"][name]:
                 raise UserError(f"{where} was built with --{name} {m['settings'][name]}, this run has "
                                 f"--{name} {settings[name]}")
-        if self.mlm and n_epoch > self.n_epochs:
-            raise UserError(f"{where} fixes the masking of {self.n_epochs} epochs, --n_epoch is {n_epoch}; build it "
-                            f"with --n_epoch {n_epoch}")
+        if self.mlm and n_epochs > self.n_epochs:
+            cause = f"--max_steps {max_steps} needs {n_epochs} epochs" if max_steps else f"--n_epoch is {n_epochs}"
+            raise UserError(f"{where} fixes the masking of {self.n_epochs} epochs, {cause}; build it with "
+                            f"scripts/cache_teacher.py --n_epoch {n_epochs}")
 
     def epoch_slot(self, epoch):
         """Which stored epoch serves training epoch `epoch` (a causal LM's cache holds one, valid for all)."""
@@ -129,37 +152,50 @@ class TeacherCache:
 
     def prepare_batch(self, token_ids, lengths, indices, epoch, device):
         """A DataLoader batch of dataset items `indices` -> (masking.Batch, TopKTeacher) on the device, in the
-        row order the step uses (row-major over (bs, seq)): the cached masking (MLM) and teacher rows."""
+        row order the step uses (row-major over (bs, seq)): the cached masking (MLM) and teacher rows.
+
+        As the live path (masking.prepare_batch_*): the attention mask, labels and loss rows are built on the
+        device from the lengths; what crosses from the host is the ids, the lengths and the cached values
+        (each sequence's real tokens only), and nothing waits for the device."""
         bs, max_len = token_ids.shape
         slot = self.epoch_slot(epoch)
-        attn_mask = attention_mask_from_lengths(lengths, max_len)
+        if slot >= self.n_epochs:  # check_run refuses such a run before training
+            raise ValueError(f"{self.path}: the cache fixes the masking of {self.n_epochs} epochs, not epoch {epoch}")
+        attn_mask, real_rows = mask_and_rows_on_device(lengths, max_len, device)
+        token_ids = token_ids.to(device, non_blocking=True)
         if self.mlm:
-            inputs, labels = token_ids.clone(), torch.full_like(token_ids, IGNORE_INDEX)
-            for row, (index, n) in enumerate(zip(indices.tolist(), lengths.tolist())):
-                lo = int(self.item_offsets[index])
-                inputs[row, :n] = torch.from_numpy(self.mlm_inputs[slot, lo: lo + n].astype(np.int64))
-                predicted = torch.from_numpy(np.array(self.mlm_predicted[slot, lo: lo + n]))
-                labels[row, :n] = torch.where(predicted, token_ids[row, :n], IGNORE_INDEX)
-            if self.meta["settings"].get("restrict_ce_to_mask"):
-                rows = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(-1)
-            else:
-                rows = non_padding_positions(lengths, max_len)
+            spans = [(int(self.item_offsets[i]), n) for i, n in zip(indices.tolist(), lengths.tolist())]
+            # the batch's real tokens, in row-major order: their cached corruption and which ones are predicted
+            corrupted = np.concatenate([self.mlm_inputs[slot, lo: lo + n] for lo, n in spans])
+            predicted = np.flatnonzero(np.concatenate([self.mlm_predicted[slot, lo: lo + n] for lo, n in spans]))
+            inputs = token_ids.clone()
+            inputs.view(-1)[real_rows] = _to_device(corrupted, device).long()
+            predicted_rows = real_rows[_to_device(predicted, device)]
+            labels = torch.full_like(token_ids, IGNORE_INDEX)
+            labels.view(-1)[predicted_rows] = token_ids.view(-1)[predicted_rows]
+            rows = predicted_rows if self.meta["settings"].get("restrict_ce_to_mask") else real_rows
         else:
-            inputs, labels = token_ids, clm_labels(token_ids, attn_mask)
-            rows = non_padding_positions(lengths, max_len)
-        row_ids = self.row_offsets[slot * (len(self.item_offsets) - 1) + indices.numpy()]  # (bs,)
-        row_ends = self.row_offsets[slot * (len(self.item_offsets) - 1) + indices.numpy() + 1]
-        ids = np.concatenate([self.ids[a:b] for a, b in zip(row_ids, row_ends)])
-        log_probs = np.concatenate([self.log_probs[a:b] for a, b in zip(row_ids, row_ends)])
-        if len(ids) != len(rows):
-            raise ValueError(f"{self.path}: {len(ids)} cached rows for a batch that reads {len(rows)}; the cache does "
-                             "not match this data")
-        teacher = TopKTeacher(torch.from_numpy(ids.astype(np.int64)).to(device, non_blocking=True),
-                              torch.from_numpy(log_probs).to(device, non_blocking=True))
+            inputs, labels, rows = token_ids, clm_labels(token_ids, attn_mask), real_rows
+        units = slot * self.n_items + indices.numpy()
+        spans = list(zip(self.row_offsets[units], self.row_offsets[units + 1]))
+        ids = np.concatenate([self.ids[a:b] for a, b in spans])
+        log_probs = np.concatenate([self.log_probs[a:b] for a, b in spans])
+        if len(ids) != rows.numel():
+            raise ValueError(f"{self.path}: {len(ids)} cached rows for a batch that reads {rows.numel()}; the cache "
+                             "does not match this data")
+        teacher = TopKTeacher(_to_device(ids.astype(np.int32, copy=False), device).long(),
+                              _to_device(log_probs, device))
         padded = bool((lengths.numpy() < max_len).any())
-        batch = Batch(inputs.to(device, non_blocking=True), attn_mask.to(device, non_blocking=True),
-                      labels.to(device, non_blocking=True), rows.to(device, non_blocking=True), padded)
-        return batch, teacher
+        return Batch(inputs, attn_mask, labels, rows, padded), teacher
+
+
+def _to_device(array, device):
+    """A host array on the device: through pinned memory to a GPU, so the copy does not wait (a non-blocking
+    copy from pageable memory may)."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -189,16 +225,17 @@ def _topk_rows(t_logits, k, temperature):
 
 def build_cache(path, *, teacher_lm, dataset, corpus, tokenizer, data_file, max_len, vocab_size, mlm, k,
                 temperature, n_epochs, settings, batch_size, device, log_probs_dtype="float16", token_probs=None,
-                masking=None, force=False):
+                masking=None, force=False, teacher=None):
     """Write (or finish) the cache folder `path`; see the module docstring. teacher_lm: a models.TeacherLM on
-    `device`; masking: masking.seeded_mlm_draw's keyword arguments but epoch and index (MLM). tokenizer may be
-    None (benchmarks: nothing then identifies the tokenizer, and train.py cannot take the cache)."""
+    `device`; teacher: its teacher_identity (a resumed build must have the same); masking:
+    masking.seeded_mlm_draw's keyword arguments but epoch and index (MLM). tokenizer and teacher may be None
+    (benchmarks: nothing then identifies them, and train.py refuses the cache)."""
     n_epochs = n_epochs if mlm else 1  # a causal LM's teacher sees the same input every epoch
     lengths = np.asarray(dataset.lengths, dtype=np.int64)
     item_offsets = np.concatenate([[0], np.cumsum(lengths)])
     meta = {"format": FORMAT, "complete": False, "k": int(k), "vocab_size": int(vocab_size), "mlm": bool(mlm),
             "n_epochs": int(n_epochs), "max_len": int(max_len), "temperature": float(temperature),
-            "data_file": data_file, "corpus": corpus_identity(corpus),
+            "teacher": teacher, "data_file": data_file, "corpus": corpus_identity(corpus),
             "tokenizer": tokenizer_identity(tokenizer) if tokenizer is not None else None,
             "settings": settings, "ids_dtype": np.dtype(_ids_dtype(vocab_size)).name,
             "log_probs_dtype": log_probs_dtype}
@@ -273,6 +310,14 @@ def _identity(meta):
     return {k: v for k, v in meta.items() if k not in ("complete", "n_rows", "bytes_per_row")}
 
 
+def _describe(teacher):
+    """A teacher_identity in a message: --teacher_name, and the start of its config and vocabulary digests."""
+    if not teacher:
+        return "no recorded teacher"
+    vocabulary = (teacher.get("vocabulary") or {}).get("sha256", "unchecked")
+    return f"--teacher_name {teacher['name']} (config {teacher['config_sha256'][:12]}, vocabulary {vocabulary[:12]})"
+
+
 def _start_or_resume(path, meta, force):
     """Units already written (0 for a fresh build). A folder holding another build is refused unless force."""
     meta_path = os.path.join(path, META)
@@ -282,6 +327,10 @@ def _start_or_resume(path, meta, force):
         with open(meta_path) as f:
             old = json.load(f)
         same = _identity(old) == _identity(meta)
+        if old.get("teacher") != meta["teacher"] and old.get("format") == FORMAT and not force:
+            raise UserError(f"--cache_dir {path} was begun with {_describe(old.get('teacher'))}, this build has "
+                            f"{_describe(meta['teacher'])}: run it with the first teacher, or use --force to replace "
+                            "it")
         if old.get("complete") and same and not force:
             raise UserError(f"--cache_dir {path} already holds this complete cache; use --force to build it again")
         if not same and not force:

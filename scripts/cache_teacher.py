@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset, load_token_counts  # noqa: E402
+from lm_seqs_dataset import MIN_SEQ_LEN, BinarizedCorpus, LmSeqsDataset, load_token_counts  # noqa: E402
 from distil.masking import smoothed_token_probs  # noqa: E402
 from distil.models import (AUTO, TeacherLM, framing_token_ids, load_teacher, load_tokenizer,  # noqa: E402
                            max_input_size, model_classes)
-from distil.teacher_cache import build_cache, cache_size_bytes  # noqa: E402
+from distil.teacher_cache import build_cache, cache_size_bytes, teacher_identity  # noqa: E402
 from utils import UserError, fail, load_pretrained, logger, set_seed, special_token_ids, user_input  # noqa: E402
-from distil.vocabularies import check_teacher_vocabulary  # noqa: E402
+from distil.vocabularies import check_teacher_vocabulary, teacher_tokenizer_to_compare  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -39,12 +39,20 @@ def parse_args(argv=None):
     add("--data_file", required=True, help="The binarized corpus train.py will read (--data_file).")
     add("--teacher_type", choices=["bert", "roberta", "gpt2", AUTO], required=True, help="As train.py's.")
     add("--teacher_name", required=True, help="The teacher: a hub name or a local folder.")
-    add("--tokenizer_name", default=None, help="Tokenizer folder or hub name (default: the teacher's).")
+    add("--tokenizer_name", default=None,
+        help="Tokenizer folder or hub name (default: the teacher's); its token -> id table is compared with the "
+             "teacher's own tokenizer's, as train.py does.")
+    add("--assume_same_token_ids", action="store_true",
+        help="As train.py's: with --tokenizer_name and a --teacher_name folder that holds no tokenizer, take "
+             "--tokenizer_name's token ids to be the teacher's, unchecked (refused without it).")
     add("--student_type", choices=["distilbert", "roberta", "gpt2", "bert", AUTO], default=None,
         help="With --student_config: the student's type, to read its config.")
     add("--student_config", default=None,
         help="The student's config: its maximum input size and vocabulary bound the cache as they bound "
              "train.py (default: the teacher's).")
+    add("--max_seq_length", type=int, default=None,
+        help="Cut sequences into chunks of at most this many tokens, as train.py --max_seq_length will (default: "
+             "the longest the teacher, the --student_config and the tokenizer accept).")
     add("--k", type=int, default=64, help="Teacher ids kept per position (the vocabulary size: all of them).")
     add("--log_probs_dtype", choices=["float16", "float32"], default="float16",
         help="Storage of the log-probabilities: float16 (compact) or float32 (a k = vocabulary cache then "
@@ -78,6 +86,8 @@ def sanity_checks(args):
         raise UserError("--mlm needs --token_counts (the output of scripts/token_counts.py)")
     if args.restrict_ce_to_mask and not args.mlm:
         raise UserError("--restrict_ce_to_mask only applies with --mlm")
+    if args.max_seq_length is not None and args.max_seq_length < MIN_SEQ_LEN:
+        raise UserError(f"--max_seq_length must be at least {MIN_SEQ_LEN} (shorter sequences are not trained on)")
     if (args.student_config is None) != (args.student_type is None):
         raise UserError("--student_config and --student_type go together")
     split = (args.word_mask, args.word_keep, args.word_rand)
@@ -103,6 +113,11 @@ def main(argv=None):
     tokenizer = load_tokenizer(args.teacher_type, args.tokenizer_name or args.teacher_name,
                                "--tokenizer_name" if args.tokenizer_name else "--teacher_name", args.mlm)
     teacher = load_teacher(args.teacher_type, args.teacher_name, args.mlm)
+    # The same vocabulary check as a live run (train.py check_vocabularies), with or without --student_config.
+    teacher_tokenizer = teacher_tokenizer_to_compare(args.teacher_type, args.teacher_name, args.tokenizer_name,
+                                                     args.mlm, args.assume_same_token_ids)
+    own = tokenizer if args.tokenizer_name is None else teacher_tokenizer  # None: no tokenizer to record
+    identity = teacher_identity(args.teacher_name, teacher.config, own)  # before any cut of its vocabulary
     max_len = max_input_size(teacher.config, tokenizer)
     vocab_size = teacher.config.vocab_size
     if args.student_config is not None:
@@ -111,8 +126,13 @@ def main(argv=None):
                                    args.student_config, f"a {args.student_type} config")
         max_len = min(max_len, max_input_size(s_config))
         vocab_size = s_config.vocab_size
-        check_teacher_vocabulary(teacher, vocab_size, tokenizer, "--student_config", args.student_config,
-                                 args.teacher_name)
+    check_teacher_vocabulary(teacher, vocab_size, tokenizer, "--student_config", args.student_config,
+                             args.teacher_name, teacher_tokenizer, args.tokenizer_name)
+    if args.max_seq_length is not None:
+        if args.max_seq_length > max_len:
+            raise UserError(f"--max_seq_length {args.max_seq_length} is longer than the models accept ({max_len} "
+                            "tokens)")
+        max_len = args.max_seq_length
     with user_input("--data_file"):
         corpus = BinarizedCorpus.open(args.data_file)
     if corpus.max_token_id >= vocab_size:
@@ -138,7 +158,7 @@ def main(argv=None):
                        mlm=args.mlm, k=min(args.k, vocab_size), temperature=args.temperature, n_epochs=args.n_epoch,
                        settings=run_settings(args), batch_size=args.batch_size, device=device,
                        log_probs_dtype=args.log_probs_dtype, token_probs=token_probs, masking=masking,
-                       force=args.force)
+                       force=args.force, teacher=identity)
     size = cache_size_bytes(args.cache_dir)
     logger.info("Cached %d rows (top-%d, %s) in %.1fs: %d bytes, %.1f bytes per cached position -> %s",
                 meta["n_rows"], meta["k"], args.log_probs_dtype, time.time() - start, size,

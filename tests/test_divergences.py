@@ -138,11 +138,29 @@ def test_flags_refuse_a_bad_choice():
     args = train.parse_args(["--dump_path", "unused", "--data_file", "unused", "--student_type", "gpt2",
                              "--student_config", __file__, "--teacher_type", "gpt2", "--teacher_name", "unused",
                              "--kd_loss", "jsd", "--jsd_beta", "1"])
-    with pytest.raises(UserError, match=r"--jsd_beta must be in \(0, 1\)"):
+    with pytest.raises(UserError, match=r"--jsd_beta 1 .*TRL's reverse KL: use --kd_loss reverse_kl"):
         train.sanity_checks(args)
     parser = argparse.ArgumentParser()
     task_training.add_training_arguments(parser, 128)
-    args = parser.parse_args(["--output_dir", "o", "--model_name_or_path", "m", "--do_train", "--jsd_beta", "0"])
-    with pytest.raises(UserError, match="--jsd_beta"):
+    args = parser.parse_args(["--output_dir", "o", "--model_name_or_path", "m", "--do_train", "--kd_loss", "jsd",
+                              "--jsd_beta", "0"])
+    with pytest.raises(UserError, match="--jsd_beta 0 .*TRL's forward KL: use --kd_loss forward_kl"):
+        task_training.check_training_args(args)
+    args = parser.parse_args(["--output_dir", "o", "--model_name_or_path", "m", "--do_train", "--kd_loss", "jsd",
+                              "--jsd_beta", "1.5"])
+    with pytest.raises(UserError, match=r"--jsd_beta must be in \(0, 1\)"):
         task_training.check_training_args(args)
     assert parser.parse_args(["--output_dir", "o", "--model_name_or_path", "m"]).kd_loss == "forward_kl"
+
+
+def test_jsd_beta_is_only_checked_for_jsd():
+    """--jsd_beta only weighs --kd_loss jsd: with another divergence any value is ignored, as its help says (a
+    --kd_loss tvd --jsd_beta 1 run was refused). Within jsd, TRL's endpoints are refused with the equivalent flag."""
+    from distil.divergences import check_kd_loss_args
+
+    for kd_loss in ("forward_kl", "reverse_kl", "tvd"):
+        for beta in (0.0, 1.0, 7.0):
+            assert check_kd_loss_args(kd_loss, beta) is None, (kd_loss, beta)
+    assert check_kd_loss_args("jsd", 0.25) is None
+    assert "--kd_loss forward_kl" in check_kd_loss_args("jsd", 0.0)
+    assert "--kd_loss reverse_kl" in check_kd_loss_args("jsd", 1.0)

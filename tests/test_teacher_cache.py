@@ -227,6 +227,8 @@ def test_train_refuses_a_run_the_cache_was_not_built_for(tiny, small, tmp_path):
         (["--data_file", data, "--student_config", str(short)], "at most 64 tokens"),
         (["--data_file", data, "--temperature", "3"], "--temperature"),
         (["--data_file", data, "--n_epoch", "2"], "masking of 1 epochs"),
+        # 40 sequences, batches of 5, 50 batches per step: one step per epoch, so 3 steps need 3 epochs
+        (["--data_file", data, "--max_steps", "3"], r"--max_steps 3 needs 3 epochs.*cache_teacher.py --n_epoch 3"),
         (["--data_file", data, "--alpha_cos", "1"], "--alpha_mse, --alpha_cos and --alpha_hidden"),
     ]
     for extra, needle in cases:
@@ -241,6 +243,158 @@ def test_train_refuses_a_run_the_cache_was_not_built_for(tiny, small, tmp_path):
     proc = run_script("train.py", *base, "--data_file", data, "--temperature", "3", expect_ok=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "--teacher_cache" in errors[0], proc.stderr[-2000:]
-    # and the run it was built for trains (MLM, from the cached masking)
+    # and the run it was built for trains (MLM, from the cached masking), recording which teacher it learnt from
     run_script("train.py", *base, "--data_file", data, "--batch_size", "8", "--gradient_accumulation_steps", "2")
     assert (tmp_path / "run" / "model.safetensors").is_file()
+    params = json.loads((tmp_path / "run" / "parameters.json").read_text())
+    assert params["cached_teacher"]["name"] == str(tiny["bert"])
+
+
+def _crash_on_second_batch(monkeypatch):
+    """TeacherLM.forward raises KeyboardInterrupt at its second call (a build stopped after one batch)."""
+    from distil import models
+
+    calls, forward = [], models.TeacherLM.forward
+
+    def crash(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return forward(self, *args)
+
+    monkeypatch.setattr(models.TeacherLM, "forward", crash)
+    return lambda: monkeypatch.setattr(models.TeacherLM, "forward", forward)
+
+
+def test_the_cache_checks_the_vocabulary_and_records_the_teacher(tiny, small, tmp_path):
+    """cache_teacher.py gives a build the vocabulary check of a live run (a same-size --tokenizer_name with two
+    ids swapped was cached, then trained from), and cache.json names the teacher: its name, a digest of its
+    config and one of its own tokenizer's token table."""
+    from transformers import GPT2Config
+
+    from test_vocabularies import swapped_tokenizer
+    from utils import UserError
+
+    script = load_script("cache_teacher")
+    argv = ["--teacher_type", "gpt2", "--teacher_name", str(tiny["gpt2"]), "--data_file", small["gpt2"][0], "--k",
+            "4", "--n_gpu", "0", "--batch_size", "64"]
+    swapped = swapped_tokenizer(tiny, tmp_path / "swapped")
+    with pytest.raises(UserError, match=f"--tokenizer_name {swapped}: id 40 is"):
+        script.main(argv + ["--tokenizer_name", str(swapped), "--cache_dir", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
+    script.main(argv + ["--cache_dir", str(tmp_path / "c")])
+    teacher = json.loads((tmp_path / "c" / "cache.json").read_text())["teacher"]
+    assert teacher["name"] == str(tiny["gpt2"])
+    # the run's tokenizer is the teacher's own here: the two records agree
+    assert teacher["vocabulary"] == json.loads((tmp_path / "c" / "cache.json").read_text())["tokenizer"]
+    # another architecture (the 1-layer student's config as a teacher) has another config digest
+    from transformers import GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config.from_json_file(tiny["gpt2_config"])).save_pretrained(tmp_path / "small_teacher")
+    script.main(argv[:3] + [str(tmp_path / "small_teacher"), "--tokenizer_name", str(tiny["gpt2"])] + argv[4:]
+                + ["--cache_dir", str(tmp_path / "c2"), "--assume_same_token_ids"])
+    other = json.loads((tmp_path / "c2" / "cache.json").read_text())["teacher"]
+    assert len(other["config_sha256"]) == 64 and other["config_sha256"] != teacher["config_sha256"]
+    assert other["vocabulary"] is None  # that folder has no tokenizer: nothing to record
+
+
+def test_a_resumed_build_refuses_another_teacher(tiny, small, tmp_path, monkeypatch):
+    """A build interrupted with one teacher and resumed with another of the same shape finished 'complete' with
+    rows from both; now one line naming --teacher_name, and the original teacher still finishes it."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from conftest import randomise
+    from distil.teacher_cache import TeacherCache
+    from utils import UserError
+
+    other = GPT2LMHeadModel.from_pretrained(tiny["gpt2"])
+    randomise(other, 1, 0.1)
+    other.save_pretrained(tmp_path / "other")
+    AutoTokenizer.from_pretrained(tiny["gpt2"]).save_pretrained(tmp_path / "other")
+    script = load_script("cache_teacher")
+    argv = ["--teacher_type", "gpt2", "--data_file", small["gpt2"][0], "--k", "4", "--n_gpu", "0", "--batch_size",
+            "8", "--cache_dir", str(tmp_path / "c"), "--teacher_name"]
+    restore = _crash_on_second_batch(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(argv + [str(tiny["gpt2"])])
+    restore()
+    with pytest.raises(UserError, match=f"--cache_dir {tmp_path / 'c'} was begun with --teacher_name "
+                                        f"{tiny['gpt2']}.*--teacher_name {tmp_path / 'other'}"):
+        script.main(argv + [str(tmp_path / "other")])
+    script.main(argv + [str(tiny["gpt2"])])
+    assert TeacherCache(str(tmp_path / "c")).meta["teacher"]["name"] == str(tiny["gpt2"])
+
+
+def test_cache_and_run_cut_sequences_at_the_same_max_seq_length(tiny, small, tmp_path):
+    """cache_teacher.py --max_seq_length: a train.py --max_seq_length run takes the cache built with the same
+    value; another length is refused naming --max_seq_length (not the tokenizer's and student's sizes)."""
+    import train
+    from utils import UserError
+
+    load_script("cache_teacher").main(["--teacher_type", "gpt2", "--teacher_name", str(tiny["gpt2"]), "--data_file",
+                                       small["gpt2"][0], "--k", "4", "--n_gpu", "0", "--max_seq_length", "24",
+                                       "--cache_dir", str(tmp_path / "c")])
+    argv = ["--student_type", "gpt2", "--student_config", str(tiny["gpt2_config"]), "--teacher_type", "gpt2",
+            "--data_file", small["gpt2"][0], "--teacher_cache", str(tmp_path / "c"), "--alpha_ce", "1",
+            "--alpha_clm", "1", "--dump_path", str(tmp_path / "run"), *COMMON, "--max_steps", "1"]
+    with pytest.raises(UserError, match=r"at most 24 tokens, this run cuts them at 32 .*--max_seq_length"):
+        train.main(argv + ["--max_seq_length", "32"])
+    assert not (tmp_path / "run").exists()
+    train.main(argv + ["--max_seq_length", "24"])
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+class _HostToDevice:
+    """Shapes of the tensors copied from the host to the meta device (the stand-in for a GPU here) inside."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        shapes = self.shapes = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if func.overloadpacket is torch.ops.aten._to_copy and args[0].device.type == "cpu" \
+                        and out.device.type == "meta":
+                    shapes.append(tuple(args[0].shape))
+                return out
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_prepare_batch_builds_mask_labels_and_rows_on_the_device(tiny, small, tmp_path, kind):
+    """As the live path (masking.prepare_batch_*): only the token ids, the lengths and the cached values cross
+    from the host; the attention mask, labels and loss rows are built on the device, and nothing in it would
+    make the host wait for a GPU (the recorder of test_host_syncs.py)."""
+    from host_syncs import HostSyncRecorder
+    from lm_seqs_dataset import BinarizedCorpus, LmSeqsDataset
+    from distil.models import framing_token_ids, load_tokenizer
+    from distil.teacher_cache import TeacherCache
+    from utils import special_token_ids
+
+    mlm = kind == "bert"
+    data, counts = small[kind]
+    extra = ["--mlm", "--restrict_ce_to_mask", "--n_epoch", "1", "--token_counts", str(counts)] if mlm else []
+    load_script("cache_teacher").main(["--teacher_type", kind, "--teacher_name", str(tiny[kind]), "--data_file", data,
+                                       "--k", "4", "--n_gpu", "0", "--cache_dir", str(tmp_path / "c"), *extra])
+    cache = TeacherCache(str(tmp_path / "c"))
+    special = framing_token_ids(special_token_ids(load_tokenizer(kind, str(tiny[kind]), "-")), mlm)
+    dataset = LmSeqsDataset(BinarizedCorpus.open(small[kind][0]), special_tok_ids=special, mlm=mlm,
+                            max_len=cache.meta["max_len"])
+    indices = torch.tensor([3, 11, 0, 25])
+    token_ids, lengths = dataset.batch_sequences([dataset[int(i)] for i in indices])
+    assert (lengths < token_ids.shape[1]).any()  # padded: the mask matters
+    with _HostToDevice() as copies:
+        batch, topk = cache.prepare_batch(token_ids, lengths, indices, 0, torch.device("meta"))
+    assert all(t.device.type == "meta" for t in (*batch[:4], *topk))
+    assert copies.shapes.count(tuple(token_ids.shape)) == 1, copies.shapes  # the ids; no mask, no labels
+    with HostSyncRecorder() as recorder:
+        cache.prepare_batch(token_ids, lengths, indices, 0, torch.device("cpu"))
+    assert recorder.events == [], [op for op, _ in recorder.events]

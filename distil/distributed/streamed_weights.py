@@ -87,6 +87,19 @@ class StreamedWeights:
     def __init__(self, sources, origin):
         self.sources = sources
         self.origin = origin  # the folder or file, for messages
+        self.vocabulary_cut = None  # (checkpoint's vocabulary size, kept size) once cut_vocabulary is called
+
+    def cut_vocabulary(self, full, kept):
+        """The model was cut from `full` to its first `kept` vocabulary ids after it was matched (a teacher whose
+        vocabulary extends the student's: distil/vocabularies.py): a tensor whose first dimension is `full` in
+        the checkpoint and `kept` in the model is read for its first `kept` rows, the ones the model keeps."""
+        self.vocabulary_cut = (full, kept)
+
+    def _rows_kept(self, stored, expected):
+        """Whether a checkpoint tensor of shape `stored` is one the vocabulary cut shortened to `expected`."""
+        if self.vocabulary_cut is None or len(stored) != len(expected) or not stored:
+            return False
+        return (stored[0], expected[0]) == self.vocabulary_cut and stored[1:] == expected[1:]
 
     @classmethod
     def match(cls, model, path):
@@ -136,9 +149,10 @@ class StreamedWeights:
                 if path not in opened:
                     opened[path] = stack.enter_context(safe_open(path, framework="pt"))
                 stored = opened[path].get_slice(key)
-                if tuple(stored.get_shape()) != tuple(tensor.shape):
-                    raise ValueError(f"{path}: {key} has shape {tuple(stored.get_shape())}, the model expects "
-                                     f"{tuple(tensor.shape)}")
+                shape, expected = tuple(stored.get_shape()), tuple(tensor.shape)
+                if shape != expected and not self._rows_kept(shape, expected):
+                    raise ValueError(f"{path}: {key} has shape {shape}, the model expects {expected}")
+                # A cut tensor's shard rows are rows of the kept part, which is the checkpoint's first rows.
                 target, first = _shard_rows(tensor)
                 if target.dim() == 0:
                     target.copy_(opened[path].get_tensor(key))
