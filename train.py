@@ -448,6 +448,19 @@ def check_layer_map(text, s_config, t_config):
 # ------------------------------------------------------------------------------------------------ main
 
 
+def check_loss_mask(args, corpus):
+    """A corpus with a loss mask (scripts/binarized_chat.py: conversations, the assistant's tokens as targets) is
+    for causal students; the teacher cache does not yet store only the masked rows, so it is refused."""
+    if corpus.loss_mask is None:
+        return
+    if bidirectional(args):
+        raise UserError(f"--data_file {corpus.path} carries a loss mask (conversations), which only a causal "
+                        "student (--student_type gpt2/auto with --alpha_clm, no --mlm) trains on")
+    if args.teacher_cache is not None:
+        raise UserError(f"--teacher_cache cannot serve --data_file {corpus.path}: the corpus carries a loss mask "
+                        "and the cache does not store masked rows yet; give --teacher_name instead")
+
+
 def find_checkpoint(args):
     """(path, state) to resume from, or (None, None) when not resuming. Corrupted files are named.
 
@@ -548,6 +561,7 @@ def main(argv=None):
                             "tokens)")
         max_len = args.max_seq_length
     check_compatibility(args, student, teacher, tokenizer, corpus, counts, special_tok_ids)
+    check_loss_mask(args, corpus)
 
     dataset = LmSeqsDataset(corpus, special_tok_ids=special_tok_ids, mlm=bidirectional(args), max_len=max_len)
     if len(dataset) == 0:
