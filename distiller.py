@@ -336,7 +336,7 @@ class Distiller:
                 for token_ids, lengths, *extra in bar:  # extra: the indices (teacher cache) or the loss mask
                     if self.teacher_cache is not None:
                         batch, cached = self.teacher_cache.prepare_batch(token_ids, lengths, extra[0], self.epoch,
-                                                                         self.device)
+                                                                         self.device, *extra[1:])
                         self.step(*batch, teacher_rows=cached)
                     else:
                         self.step(*self.prepare_batch(token_ids, lengths, *extra))

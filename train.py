@@ -450,15 +450,10 @@ def check_layer_map(text, s_config, t_config):
 
 def check_loss_mask(args, corpus):
     """A corpus with a loss mask (scripts/binarized_chat.py: conversations, the assistant's tokens as targets) is
-    for causal students; the teacher cache does not yet store only the masked rows, so it is refused."""
-    if corpus.loss_mask is None:
-        return
-    if bidirectional(args):
+    for causal students."""
+    if corpus.loss_mask is not None and bidirectional(args):
         raise UserError(f"--data_file {corpus.path} carries a loss mask (conversations), which only a causal "
-                        "student (--student_type gpt2/auto with --alpha_clm, no --mlm) trains on")
-    if args.teacher_cache is not None:
-        raise UserError(f"--teacher_cache cannot serve --data_file {corpus.path}: the corpus carries a loss mask "
-                        "and the cache does not store masked rows yet; give --teacher_name instead")
+                        "student (--student_type gpt2/auto, no --mlm) trains on")
 
 
 def find_checkpoint(args):

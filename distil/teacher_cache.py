@@ -4,8 +4,9 @@
         --cache_dir cache/gpt2-k64 --k 64
     python train.py <the same data and student flags> --teacher_cache cache/gpt2-k64
 
-A cache covers the positions the distillation loss reads: every real token for a causal LM; for MLM every
-real token, or only the predicted ones with --restrict_ce_to_mask. At each it stores the teacher's k likeliest
+A cache covers the positions the distillation loss reads: every real token for a causal LM (with a corpus that
+carries a loss mask, conversations, only the positions predicting a masked token); for MLM every real token, or
+only the predicted ones with --restrict_ce_to_mask. At each it stores the teacher's k likeliest
 ids and their log-probabilities at temperature T, and the log of the mass left to the other ids (the tail: the
 divergence is then taken over those k + 1 outcomes, see distil/divergences.py). For MLM the teacher's prediction
 depends on the corruption of its input, so the cache fixes the corruption of every sequence for every epoch
@@ -33,7 +34,8 @@ import torch.nn.functional as F
 
 from distil.divergences import TopKTeacher
 from distil.losses import IGNORE_INDEX
-from distil.masking import Batch, attention_mask_from_lengths, clm_labels, non_padding_positions, seeded_mlm_draw
+from distil.masking import (Batch, attention_mask_from_lengths, clm_labels, loss_positions_of, non_padding_positions,
+                            prepare_batch_clm, seeded_mlm_draw)
 from utils import UserError, logger, write_json_atomic
 
 FORMAT = "distil-teacher-cache-1"
@@ -45,7 +47,8 @@ RUN_SETTINGS = ("mlm", "temperature", "restrict_ce_to_mask", "mlm_mask_prop", "w
 
 
 def corpus_identity(corpus):
-    """sha256 of a BinarizedCorpus's offsets and tokens (read a block at a time), and its sizes."""
+    """sha256 of a BinarizedCorpus's offsets and tokens (read a block at a time), and of its loss mask when it
+    has one (the mask decides which rows are cached), and its sizes."""
     h = hashlib.sha256()
     block = 1 << 24
     for lo in range(0, corpus.n_sequences + 1, block):
@@ -54,6 +57,9 @@ def corpus_identity(corpus):
     for lo in range(0, corpus.n_tokens, block):
         h.update(np.ascontiguousarray(corpus.iter_blocks(lo, min(lo + block, corpus.n_tokens)), dtype=np.int64)
                  .tobytes())
+    if corpus.loss_mask is not None:  # after the rest: an unmasked corpus keeps the identity it always had
+        for lo in range(0, corpus.n_tokens, block):
+            h.update(np.ascontiguousarray(corpus.loss_mask[lo: lo + block], dtype=np.uint8).tobytes())
     return {"sha256": h.hexdigest(), "n_sequences": corpus.n_sequences, "n_tokens": corpus.n_tokens}
 
 
@@ -127,10 +133,14 @@ class TeacherCache:
         """Which stored epoch serves training epoch `epoch` (a causal LM's cache holds one, valid for all)."""
         return epoch if self.mlm else 0
 
-    def prepare_batch(self, token_ids, lengths, indices, epoch, device):
+    def prepare_batch(self, token_ids, lengths, indices, epoch, device, loss_mask=None):
         """A DataLoader batch of dataset items `indices` -> (masking.Batch, TopKTeacher) on the device, in the
-        row order the step uses (row-major over (bs, seq)): the cached masking (MLM) and teacher rows."""
+        row order the step uses (row-major over (bs, seq)): the cached masking (MLM) and teacher rows. loss_mask:
+        the batch's (a loss-masked corpus): the rows are then those masking.prepare_batch_clm reads."""
         bs, max_len = token_ids.shape
+        if loss_mask is not None:
+            batch = prepare_batch_clm(token_ids, lengths, torch.device("cpu"), loss_mask)
+            return self._with_rows(batch, indices, 0, device)
         slot = self.epoch_slot(epoch)
         attn_mask = attention_mask_from_lengths(lengths, max_len)
         if self.mlm:
@@ -147,6 +157,12 @@ class TeacherCache:
         else:
             inputs, labels = token_ids, clm_labels(token_ids, attn_mask)
             rows = non_padding_positions(lengths, max_len)
+        padded = bool((lengths.numpy() < max_len).any())
+        return self._with_rows(Batch(inputs, attn_mask, labels, rows, padded), indices, slot, device)
+
+    def _with_rows(self, batch, indices, slot, device):
+        """(the CPU batch on the device, its items' cached rows as a TopKTeacher), checked to match its rows."""
+        rows = batch.rows
         row_ids = self.row_offsets[slot * (len(self.item_offsets) - 1) + indices.numpy()]  # (bs,)
         row_ends = self.row_offsets[slot * (len(self.item_offsets) - 1) + indices.numpy() + 1]
         ids = np.concatenate([self.ids[a:b] for a, b in zip(row_ids, row_ends)])
@@ -156,10 +172,8 @@ class TeacherCache:
                              "not match this data")
         teacher = TopKTeacher(torch.from_numpy(ids.astype(np.int64)).to(device, non_blocking=True),
                               torch.from_numpy(log_probs).to(device, non_blocking=True))
-        padded = bool((lengths.numpy() < max_len).any())
-        batch = Batch(inputs.to(device, non_blocking=True), attn_mask.to(device, non_blocking=True),
-                      labels.to(device, non_blocking=True), rows.to(device, non_blocking=True), padded)
-        return batch, teacher
+        moved = [t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in batch]
+        return Batch(*moved), teacher
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -195,6 +209,9 @@ def build_cache(path, *, teacher_lm, dataset, corpus, tokenizer, data_file, max_
     None (benchmarks: nothing then identifies the tokenizer, and train.py cannot take the cache)."""
     n_epochs = n_epochs if mlm else 1  # a causal LM's teacher sees the same input every epoch
     lengths = np.asarray(dataset.lengths, dtype=np.int64)
+    masked = getattr(dataset, "has_loss_mask", False)
+    if masked and mlm:
+        raise UserError("a corpus with a loss mask (conversations) is for causal LMs: drop --mlm")
     item_offsets = np.concatenate([[0], np.cumsum(lengths)])
     meta = {"format": FORMAT, "complete": False, "k": int(k), "vocab_size": int(vocab_size), "mlm": bool(mlm),
             "n_epochs": int(n_epochs), "max_len": int(max_len), "temperature": float(temperature),
@@ -210,6 +227,9 @@ def build_cache(path, *, teacher_lm, dataset, corpus, tokenizer, data_file, max_
         rows_per_unit = np.add.reduceat(counts, item_offsets[:-1], axis=1).reshape(-1)  # (n_epochs * n_items,)
         for name, array in (("mlm_inputs.bin", inputs), ("mlm_predicted.bin", predicted)):
             array.tofile(os.path.join(path, name))  # deterministic: rewritten identically on resume
+    elif masked:  # the positions predicting a masked token: masking.loss_positions_of, per item
+        rows_per_unit = np.array([int(np.count_nonzero(dataset[i][2][1:])) for i in range(len(dataset))],
+                                 dtype=np.int64)
     else:
         rows_per_unit = lengths
     row_offsets = np.concatenate([[0], np.cumsum(rows_per_unit)]).astype(np.int64)
@@ -229,7 +249,7 @@ def build_cache(path, *, teacher_lm, dataset, corpus, tokenizer, data_file, max_
         epoch, first = divmod(unit, n_items)
         last = min(first + batch_size, n_items)
         items = [dataset[i] for i in range(first, last)]
-        token_ids, lens = dataset.batch_sequences(items)
+        token_ids, lens, *item_mask = dataset.batch_sequences(items)
         bs, width = token_ids.shape
         attn = attention_mask_from_lengths(lens, width)
         if mlm:
@@ -244,6 +264,8 @@ def build_cache(path, *, teacher_lm, dataset, corpus, tokenizer, data_file, max_
                 rows = torch.from_numpy(np.flatnonzero(keep))
             else:
                 rows = non_padding_positions(lens, width)
+        elif masked:
+            rows = loss_positions_of(item_mask[0]).flatten().nonzero().squeeze(-1)
         else:
             rows = non_padding_positions(lens, width)
         padded = bool((lens.numpy() < width).any())
@@ -319,6 +341,7 @@ class WithIndices(torch.utils.data.Dataset):
         return index, self.dataset[index]
 
     def collate(self, batch):
-        """(token_ids, lengths) as the dataset collates them, then the indices (bs,)."""
-        token_ids, lengths = self.dataset.batch_sequences([item for _, item in batch])
-        return token_ids, lengths, torch.tensor([index for index, _ in batch], dtype=torch.int64)
+        """(token_ids, lengths) as the dataset collates them, then the indices (bs,), then the loss mask when the
+        dataset has one."""
+        token_ids, lengths, *loss_mask = self.dataset.batch_sequences([item for _, item in batch])
+        return token_ids, lengths, torch.tensor([index for index, _ in batch], dtype=torch.int64), *loss_mask

@@ -115,9 +115,6 @@ def main(argv=None):
                                  args.teacher_name)
     with user_input("--data_file"):
         corpus = BinarizedCorpus.open(args.data_file)
-    if corpus.loss_mask is not None:
-        raise UserError(f"--data_file {corpus.path} carries a loss mask (conversations): a cache of only the masked "
-                        "rows is not built yet; train with --teacher_name instead")
     if corpus.max_token_id >= vocab_size:
         raise UserError(f"--data_file {corpus.path}: token id {corpus.max_token_id} is outside the vocabulary of "
                         f"{vocab_size}; was it binarized with another tokenizer?")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load_script, make_chat_model, run_script, tiny_distiller
+from conftest import load_script, make_chat_model, tiny_distiller
 from distil.evaluation import evaluate
 from distil.losses import IGNORE_INDEX
 from distil.masking import Batch, attention_mask_from_lengths, clm_labels, non_padding_positions
@@ -25,8 +25,12 @@ def _masked_batch(seed=0, bs=3, seq=20):
     return ids, lengths, mask
 
 
-def _grads_and_hidden_grad(tmp_path, ids, lengths, mask):
-    distiller, _, _ = tiny_distiller("gpt2_clm", tmp_path, extra={"gradient_accumulation_steps": 4}, dropout=0.0)
+@pytest.fixture(scope="module")
+def gradients(tmp_path_factory):
+    """grads(ids, lengths, mask) -> (student parameter gradients, gradient at its last hidden states) of one step
+    (accumulating: no optimizer step, so every call starts from the same weights)."""
+    distiller, _, _ = tiny_distiller("gpt2_clm", tmp_path_factory.mktemp("grad"),
+                                     extra={"gradient_accumulation_steps": 4}, dropout=0.0)
     distiller.student.train()
     captured = {}
 
@@ -35,14 +39,20 @@ def _grads_and_hidden_grad(tmp_path, ids, lengths, mask):
         captured["hidden"] = out
 
     distiller.student.transformer.ln_f.register_forward_hook(keep)
-    distiller.step(*distiller.prepare_batch(ids, lengths, mask))
-    grads = {n: p.grad.clone() for n, p in distiller.student.named_parameters() if p.grad is not None}
-    return grads, captured["hidden"].grad
+
+    def grads(ids, lengths, mask):
+        distiller.student.zero_grad(set_to_none=True)
+        distiller.step(*distiller.prepare_batch(ids, lengths, mask))
+        assert distiller.n_optimizer_steps == 0
+        return ({n: p.grad.clone() for n, p in distiller.student.named_parameters() if p.grad is not None},
+                captured["hidden"].grad)
+
+    return grads
 
 
-def test_no_loss_reads_a_position_outside_the_mask(tmp_path):
+def test_no_loss_reads_a_position_outside_the_mask(gradients):
     ids, lengths, mask = _masked_batch()
-    grads, hidden_grad = _grads_and_hidden_grad(tmp_path / "a", ids, lengths, mask)
+    grads, hidden_grad = gradients(ids, lengths, mask)
     read = torch.zeros_like(mask)
     read[:, :-1] = mask[:, 1:]  # position i is read when it predicts a masked token i + 1
     assert hidden_grad[read].abs().sum() > 0
@@ -50,12 +60,12 @@ def test_no_loss_reads_a_position_outside_the_mask(tmp_path):
     # a token after the last answer is neither a target nor context of one: the gradients are bit for bit the same
     changed = ids.clone()
     changed[:, 13:] = (changed[:, 13:] + 7) % 298
-    other, _ = _grads_and_hidden_grad(tmp_path / "b", changed, lengths, mask)
+    other, _ = gradients(changed, lengths, mask)
     assert grads.keys() == other.keys() and all(torch.equal(grads[n], other[n]) for n in grads)
     # ... while a prompt token is context: changing one changes the gradient (the test can fail)
     prompt_changed = ids.clone()
     prompt_changed[:, 2] = (prompt_changed[:, 2] + 7) % 298
-    third, _ = _grads_and_hidden_grad(tmp_path / "c", prompt_changed, lengths, mask)
+    third, _ = gradients(prompt_changed, lengths, mask)
     assert not all(torch.equal(grads[n], third[n]) for n in grads)
 
 
@@ -106,36 +116,48 @@ def chat_run(tmp_path_factory):
                for c, a in [("France", "Paris"), ("Italy", "Rome")] * 6]
     data = root / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    run_script("scripts/binarized_chat.py", "--file_path", data, "--tokenizer_name", teacher, "--dump_file",
-               root / "chat", "--max_seq_length", "128")
+    load_script("binarized_chat").main(["--file_path", str(data), "--tokenizer_name", teacher, "--dump_file",
+                                        str(root / "chat"), "--max_seq_length", "128"])
     return {"root": root, "teacher": teacher, "student": student, "data": root / "chat.teacher.bin"}
 
 
-def _train_args(chat_run, dump):
-    return [str(a) for a in ["--student_type", "auto", "--teacher_type", "auto", "--teacher_name", chat_run["teacher"],
-            "--student_config", f"{chat_run['student']}/config.json", "--student_pretrained_weights",
-            chat_run["student"], "--data_file", chat_run["data"], "--eval_data_file", chat_run["data"],
-            "--dump_path", dump, "--n_gpu", "0", "--batch_size", "4", "--gradient_accumulation_steps", "1",
-            "--max_steps", "3", "--alpha_ce", "1", "--alpha_clm", "1", "--alpha_cos", "1", "--warmup_prop", "0"]]
+def _train_args(chat_run, dump, *extra):
+    return [str(a) for a in ["--student_type", "auto", "--teacher_type", "auto", "--student_config",
+                             f"{chat_run['student']}/config.json", "--student_pretrained_weights", chat_run["student"],
+                             "--data_file", chat_run["data"], "--dump_path", dump, "--n_gpu", "0", "--batch_size", "4",
+                             "--gradient_accumulation_steps", "1", "--max_steps", "3", "--alpha_ce", "2",
+                             "--alpha_clm", "1", "--alpha_cos", "0", "--warmup_prop", "0", "--log_interval", "1",
+                             "--seed", "3", *extra]]
 
 
-def test_train_py_on_a_chat_corpus_and_its_refusals(chat_run, tmp_path):
-    dump = tmp_path / "run"
-    run_script("train.py", *_train_args(chat_run, dump))
-    records = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
-    evaluated = [r for r in records if "eval/perplexity" in r or "perplexity" in json.dumps(r)]
-    assert evaluated and (dump / "config.json").exists()
+def _train_losses(dump):
+    return [r for r in map(json.loads, (dump / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+
+
+def test_train_py_on_a_chat_corpus_live_and_from_a_cache_of_the_masked_rows(chat_run, tmp_path):
+    """The cache holds only the rows the losses read; with every id kept (float32) it reproduces the live run."""
     import train
     from utils import UserError
 
+    cache = tmp_path / "cache"
+    load_script("cache_teacher").main([str(a) for a in [
+        "--teacher_type", "auto", "--teacher_name", chat_run["teacher"], "--data_file", chat_run["data"],
+        "--cache_dir", cache, "--n_gpu", "0", "--k", "300", "--log_probs_dtype", "float32", "--temperature", "2.0"]])
     corpus = BinarizedCorpus.open(str(chat_run["data"]))
-    with pytest.raises(UserError, match="--teacher_cache .*loss mask"):
-        train.check_loss_mask(train.parse_args(_train_args(chat_run, tmp_path / "x") + ["--teacher_cache", "c"]),
-                              corpus)
+    n_loss_positions = sum(int(np.count_nonzero(corpus.loss_mask[corpus.offsets[i] + 1: corpus.offsets[i + 1]]))
+                           for i in range(corpus.n_sequences))
+    assert json.loads((cache / "cache.json").read_text())["n_rows"] == n_loss_positions < corpus.n_tokens / 2
+    # in this process (as the command line runs it, without starting Python twice more)
+    train.main(_train_args(chat_run, tmp_path / "live", "--teacher_name", chat_run["teacher"], "--eval_data_file",
+                           chat_run["data"]))
+    train.main(_train_args(chat_run, tmp_path / "cached", "--teacher_cache", cache))
+    live, cached = _train_losses(tmp_path / "live"), _train_losses(tmp_path / "cached")
+    assert len(live) == len(cached) == 3
+    for a, b in zip(live, cached):
+        for key in ("loss", "loss_ce", "loss_clm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    evaluated = [r for r in map(json.loads, (tmp_path / "live" / "metrics.jsonl").read_text().splitlines())
+                 if r["split"] == "eval"]
+    assert evaluated and all(r["n_tokens"] == n_loss_positions for r in evaluated)  # the masked positions only
     with pytest.raises(UserError, match="loss mask.*causal"):
-        train.check_loss_mask(train.parse_args(_train_args(chat_run, tmp_path / "x") + ["--mlm"]), corpus)
-    with pytest.raises(UserError, match="loss mask"):  # its __main__ prints this one line and exits 2
-        load_script("cache_teacher").main(["--cache_dir", str(tmp_path / "cache"), "--data_file",
-                                           str(chat_run["data"]), "--teacher_type", "auto", "--teacher_name",
-                                           chat_run["teacher"], "--n_gpu", "0"])
-    assert not (tmp_path / "cache").exists()
+        train.check_loss_mask(train.parse_args(_train_args(chat_run, tmp_path / "x", "--mlm")), corpus)
