@@ -75,7 +75,7 @@ def test_binarized_chat_writes_a_masked_corpus_and_cuts_at_turn_boundaries(chat_
         {"prompt": [{"role": "user", "content": " ".join(["hello"] * 40)}], "completion": "yes"},  # too long
     ])
     max_len = ends[0] + 2  # the first answer fits, the second does not
-    load_script("scripts/binarized_chat").main(["--file_path", str(data), "--tokenizer_name", chat_models["llama"],
+    load_script("binarized_chat").main(["--file_path", str(data), "--tokenizer_name", chat_models["llama"],
                                                 "--dump_file", str(tmp_path / "chat"), "--max_seq_length",
                                                 str(max_len)])
     corpus = BinarizedCorpus.open(str(tmp_path / "chat.llama.bin"))
@@ -105,7 +105,7 @@ def test_a_corpus_without_a_mask_is_still_format_version_1_byte_for_byte(tmp_pat
 
 
 def test_bad_input_is_one_line_naming_the_line(chat_models, tmp_path, capsys):
-    main = load_script("scripts/binarized_chat").main
+    main = load_script("binarized_chat").main
     base = ["--tokenizer_name", chat_models["llama"], "--dump_file", str(tmp_path / "out")]
     good = {"messages": TWO_TURNS}
     bad_json = _write_jsonl(tmp_path / "bad.jsonl", [good, "{not json"])
@@ -126,3 +126,20 @@ def test_bad_input_is_one_line_naming_the_line(chat_models, tmp_path, capsys):
     expect_error(capsys, main, ["--file_path", bad_json, "--tokenizer_name", no_template, "--dump_file",
                                 tmp_path / "out"], "no chat template")
     assert not list(tmp_path.glob("out*"))  # nothing written by a failed run
+
+
+def test_parquet_and_json_array_files_give_the_same_corpus_as_json_lines(chat_models, tmp_path):
+    import datasets
+
+    records = [{"conversation": TWO_TURNS}, {"conversation": TWO_TURNS[:2]}]
+    _write_jsonl(tmp_path / "a.jsonl", records)
+    datasets.Dataset.from_list(records).to_parquet(str(tmp_path / "b.parquet"))
+    (tmp_path / "c.json").write_text(json.dumps(records))
+    main = load_script("binarized_chat").main
+    corpora = []
+    for name in ("a.jsonl", "b.parquet", "c.json"):
+        main(["--file_path", str(tmp_path / name), "--tokenizer_name", chat_models["qwen2"], "--dump_file",
+              str(tmp_path / name.split(".")[0]), "--messages_column", "conversation"])
+        corpus = BinarizedCorpus.open(str(tmp_path / f"{name.split('.')[0]}.qwen2.bin"))
+        corpora.append((np.asarray(corpus.tokens).tolist(), np.asarray(corpus.loss_mask).tolist()))
+    assert corpora[0] == corpora[1] == corpora[2] and sum(corpora[0][1]) > 0
