@@ -131,8 +131,18 @@ def has_generation_markers(tokenizer):
     return bool(_GENERATION_MARKER.search(tokenizer.chat_template or ""))
 
 
-def _render(tokenizer, messages, add_generation_prompt=False):
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _apply(tokenizer, messages, where, **kwargs):
+    """tokenizer.apply_chat_template, its failures (a template that raises on a role or an order it does not
+    support, in jinja's own exception types) reported as this record's error."""
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except Exception as exc:
+        raise ConversationError(f"{where}: the chat template cannot render this conversation "
+                                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def _render(tokenizer, messages, where, add_generation_prompt=False):
+    return _apply(tokenizer, messages, where, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def assistant_char_spans(tokenizer, messages, where=""):
@@ -140,13 +150,16 @@ def assistant_char_spans(tokenizer, messages, where=""):
 
     A turn's span runs from the end of the prefix rendered with the generation prompt to the end of the prefix
     that includes the turn, less trailing whitespace (the template's separator between turns, not the answer)."""
-    text = _render(tokenizer, messages)
+    text = _render(tokenizer, messages, where)
     spans = []
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:k], add_generation_prompt=True) if k else ""
-        through = _render(tokenizer, messages[: k + 1])
+        if k == 0:  # transformers renders no empty conversation: where the template's preamble ends is unknown
+            raise ConversationError(f"{where}: the conversation opens with an assistant turn; put a system or user "
+                                    "turn first, or binarize with --train_on all")
+        before = _render(tokenizer, messages[:k], where, add_generation_prompt=True)
+        through = _render(tokenizer, messages[: k + 1], where)
         if not through.startswith(before) or not text.startswith(through):
             raise ConversationError(f"{where}: the chat template renders a conversation's beginning differently "
                                     f"from the whole (assistant turn {k}); its assistant spans cannot be derived. "
@@ -173,11 +186,10 @@ def render_with_mask(tokenizer, messages, where="", train_on="assistant"):
     if not any(m["role"] == "assistant" for m in messages):
         raise ConversationError(f"{where}: the conversation has no assistant turn (nothing to train on)")
     if train_on == "all":
-        ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+        ids = list(_apply(tokenizer, messages, where, tokenize=True, return_dict=True)["input_ids"])
         return ids, np.ones(len(ids), dtype=bool), [len(ids)]
     if has_generation_markers(tokenizer):
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
+        out = _apply(tokenizer, messages, where, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         ids, mask = list(out["input_ids"]), np.asarray(out["assistant_masks"], dtype=bool)
     else:
         text, spans = assistant_char_spans(tokenizer, messages, where)
@@ -218,5 +230,5 @@ def end_of_turn_ids(tokenizer):
 
 def prompt_ids(tokenizer, messages):
     """The prompt rendered for generation: the messages and the template's assistant header."""
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                              add_generation_prompt=True)["input_ids"])
+    return list(_apply(tokenizer, messages, "prompt", tokenize=True, return_dict=True,
+                       add_generation_prompt=True)["input_ids"])

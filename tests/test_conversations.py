@@ -114,6 +114,8 @@ def test_bad_input_is_one_line_naming_the_line(chat_models, tmp_path, capsys):
     expect_error(capsys, main, ["--file_path", no_answer] + base, f"{no_answer}:3", "no assistant turn")
     bad_role = _write_jsonl(tmp_path / "role.jsonl", [{"messages": [{"role": "bot", "content": "x"}]}])
     expect_error(capsys, main, ["--file_path", bad_role] + base, f"{bad_role}:1", "'bot'")
+    answer_first = _write_jsonl(tmp_path / "first.jsonl", [good, {"messages": TWO_TURNS[1:]}])
+    expect_error(capsys, main, ["--file_path", answer_first] + base, f"{answer_first}:2", "opens with an assistant")
     neither = _write_jsonl(tmp_path / "neither.jsonl", [{"text": "hello"}])
     expect_error(capsys, main, ["--file_path", neither] + base, f"{neither}:1", "'prompt'")
     no_template = tmp_path / "no_template"
