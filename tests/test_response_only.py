@@ -161,3 +161,5 @@ def test_train_py_on_a_chat_corpus_live_and_from_a_cache_of_the_masked_rows(chat
     assert evaluated and all(r["n_tokens"] == n_loss_positions for r in evaluated)  # the masked positions only
     with pytest.raises(UserError, match="loss mask.*causal"):
         train.check_loss_mask(train.parse_args(_train_args(chat_run, tmp_path / "x", "--mlm")), corpus)
+    with pytest.raises(UserError, match="binarize it with scripts/binarized_chat.py --max_seq_length 16"):
+        train.check_loss_mask(train.parse_args(_train_args(chat_run, tmp_path / "x")), corpus, max_len=16)
