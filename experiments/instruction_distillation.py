@@ -19,9 +19,9 @@ Every loss reads the assistant's tokens only (binarized_chat.py's mask). The tea
 and every run are scored by scripts/generate_eval.py on the same held-out prompts: exact match, token F1, the
 response perplexity and KL to the teacher; the table gives each arm's mean, spread and range over the seeds.
 
-Size: the defaults (240 training conversations seen once: 60 steps of 4, at most 384 tokens; 100 held-out prompts;
-answers of at most 32 tokens; 2 seeds x 4 arms) are estimated from the models' FLOPs at about two hours on 2 idle
-CPU cores; time one run first (--arms gold --seeds 0) and scale --max_steps / --n_train / --n_heldout to the machine.
+Size: the defaults (400 training conversations seen once: 100 steps of 4, at most 384 tokens; 100 held-out prompts;
+answers of at most 32 tokens; 2 seeds x 4 arms) are estimated at about two hours on 2 idle CPU cores from the
+real-teacher ablation's step time (docs/real-teacher.md: about 6 s a step of 1,000 tokens with the teacher); time one run first (--arms gold --seeds 0) and scale --max_steps / --n_train / --n_heldout to the machine.
 
 Each step is a repository script run as a subprocess (its command printed, its log under workdir/logs); a step
 whose output exists is skipped, so rerunning the same command resumes an interrupted measurement. --dry_run
@@ -60,14 +60,14 @@ def parse_args(argv=None):
     parser.add_argument("--squad_train", required=True, help="SQuAD v1.1 JSON the training prompts come from.")
     parser.add_argument("--squad_heldout", required=True, help="SQuAD v1.1 JSON of the held-out prompts.")
     parser.add_argument("--workdir", required=True, help="Where the data, models, logs and the table go.")
-    parser.add_argument("--n_train", type=int, default=240, help="Training questions (drawn once, seed 0).")
+    parser.add_argument("--n_train", type=int, default=400, help="Training questions (drawn once, seed 0).")
     parser.add_argument("--n_heldout", type=int, default=100, help="Held-out questions scored (drawn once, seed 0).")
     parser.add_argument("--layers", default=None,
                         help="Teacher layers the student keeps (default: the first ceil(n/2) and the last floor(n/2) "
                              "of n = half the teacher's depth).")
     parser.add_argument("--seeds", default="0,1", help="Comma-separated seeds, one run per arm and seed.")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"Arms to train (default all: {', '.join(ARMS)}).")
-    parser.add_argument("--max_steps", type=int, default=60, help="Optimizer steps of every training run.")
+    parser.add_argument("--max_steps", type=int, default=100, help="Optimizer steps of every training run.")
     parser.add_argument("--batch_size", type=int, default=4, help="Conversations per batch.")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
     parser.add_argument("--max_seq_length", type=int, default=384,
