@@ -144,7 +144,8 @@ class Measurement:
         self.workdir = os.path.abspath(args.workdir)
         self.seeds = parse_seeds(args.seeds)
         self.arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
-        n_steps = 8 + len(self.seeds) * len(self.arms) * 2
+        # SQuAD twice, answers, binarize twice, extract, score teacher and student; the GGUF conversion; 2 a run
+        n_steps = 8 + args.teacher.lower().endswith(".gguf") + len(self.seeds) * len(self.arms) * 2
         self.pipe = Pipeline(self.workdir, n_steps=n_steps, verbose=args.verbose)
         self.path = lambda *parts: os.path.join(self.workdir, *parts)
 
