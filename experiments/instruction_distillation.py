@@ -49,7 +49,10 @@ ARMS = {
     "teacher_kd": {"data": "teacher", "alpha": {"ce": 5, "clm": 1, "cos": 1}},
 }
 METRICS = (("f1", 1), ("exact", 1), ("response_perplexity", 2), ("kl_teacher_student", 3))
-INSTRUCTION = "Answer the question with a short span copied from the context."
+# SmolLM2-135M-Instruct answers in whole sentences; this wording got shorter answers than "Answer the question with
+# a short span copied from the context." in the smoke run (F1 30 against 22, EM 12.5 against 0, on 8 questions only)
+INSTRUCTION = ("Read the context and answer the question with only the exact words from the context (a few words, "
+               "not a sentence).")
 
 
 def parse_args(argv=None):
@@ -76,6 +79,8 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=2.0, help="Distillation temperature.")
     parser.add_argument("--max_new_tokens", type=int, default=32,
                         help="Longest generated answer (the teacher's training answers and every evaluation).")
+    parser.add_argument("--instruction", default=INSTRUCTION,
+                        help="The sentence that opens every user turn, before the context and the question.")
     parser.add_argument("--dry_run", action="store_true", help="Print the commands; run nothing.")
     parser.add_argument("--verbose", action="store_true", help="Show every step's output.")
     return parser.parse_args(argv)
@@ -88,7 +93,7 @@ def parse_seeds(text):
     return [int(item) for item in items]
 
 
-def squad_conversations(path, n, seed=0):
+def squad_conversations(path, n, seed=0, instruction=INSTRUCTION):
     """n questions of a SQuAD v1.1 file drawn at random (fixed by seed), as conversation records."""
     with open(path) as f:
         data = json.load(f)
@@ -97,7 +102,7 @@ def squad_conversations(path, n, seed=0):
         for paragraph in article["paragraphs"]:
             for qa in paragraph["qas"]:
                 answers = [a["text"] for a in qa["answers"]]
-                user = f"{INSTRUCTION}\n\nContext: {paragraph['context']}\n\nQuestion: {qa['question']}"
+                user = f"{instruction}\n\nContext: {paragraph['context']}\n\nQuestion: {qa['question']}"
                 records.append({"id": qa["id"], "answers": answers,
                                 "messages": [{"role": "user", "content": user},
                                              {"role": "assistant", "content": answers[0]}]})
@@ -182,7 +187,7 @@ class Measurement:
             print(f"    (in this process) {self.pipe.rel(source)} -> {self.pipe.rel(out)}", flush=True)
         else:
             os.makedirs(os.path.dirname(out), exist_ok=True)
-            records = squad_conversations(source, n)
+            records = squad_conversations(source, n, instruction=self.args.instruction)
             with open(out + ".tmp", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
             os.replace(out + ".tmp", out)
