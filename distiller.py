@@ -285,9 +285,10 @@ class Distiller:
         """A DataLoader batch -> a masking.Batch on the device, MLM-corrupted (see masking.prepare_batch_mlm)."""
         return prepare_batch_mlm(token_ids, lengths, self.device, self.masking)
 
-    def prepare_batch_clm(self, token_ids, lengths):
-        """A DataLoader batch -> a masking.Batch on the device for next-token prediction."""
-        return prepare_batch_clm(token_ids, lengths, self.device)
+    def prepare_batch_clm(self, token_ids, lengths, loss_mask=None):
+        """A DataLoader batch -> a masking.Batch on the device for next-token prediction (with a corpus's loss
+        mask: the losses read only the positions predicting a masked token)."""
+        return prepare_batch_clm(token_ids, lengths, self.device, loss_mask)
 
     def prepare_batch_plain(self, token_ids, lengths):
         """A DataLoader batch -> a masking.Batch on the device, the text as it is (bare encoders).
@@ -298,8 +299,11 @@ class Distiller:
         the attention mask."""
         return prepare_batch_clm(token_ids, lengths, self.device)
 
-    def prepare_batch(self, token_ids, lengths):
-        """The batch preparation of this run: plain (bare encoders), MLM or CLM."""
+    def prepare_batch(self, token_ids, lengths, loss_mask=None):
+        """The batch preparation of this run: plain (bare encoders), MLM or CLM; loss_mask (bs, seq) only from a
+        corpus that carries one (conversations: train.py allows it for CLM alone)."""
+        if loss_mask is not None:
+            return self.prepare_batch_clm(token_ids, lengths, loss_mask)
         if self.bare:
             return self.prepare_batch_plain(token_ids, lengths)
         if self.mlm:
@@ -329,13 +333,13 @@ class Distiller:
                 self.batch_sampler.skip = self.n_iter  # > 0 only when resuming mid-epoch
                 bar = tqdm(self.dataloader, desc=f"-Iter epoch {self.epoch}", disable=not self.is_master,
                            mininterval=5, initial=self.n_iter, total=len(self.dataloader))
-                for token_ids, lengths, *indices in bar:
+                for token_ids, lengths, *extra in bar:  # extra: the indices (teacher cache) or the loss mask
                     if self.teacher_cache is not None:
-                        batch, cached = self.teacher_cache.prepare_batch(token_ids, lengths, indices[0], self.epoch,
-                                                                         self.device)
+                        batch, cached = self.teacher_cache.prepare_batch(token_ids, lengths, extra[0], self.epoch,
+                                                                         self.device, *extra[1:])
                         self.step(*batch, teacher_rows=cached)
                     else:
-                        self.step(*self.prepare_batch(token_ids, lengths))
+                        self.step(*self.prepare_batch(token_ids, lengths, *extra))
                     self.n_sequences_epoch += token_ids.size(0)
                     self.iter(bar)
                     if self._at_boundary and self.after_optimizer_step():
@@ -396,10 +400,14 @@ class Distiller:
                                    s_layers=s_layers[0] if s_layers else None,
                                    t_layers=t_layers[0] if t_layers else None, hidden_loss=self.config.hidden_loss)
 
-    def step(self, input_ids, attention_mask, lm_labels, rows=None, padded=True, teacher_rows=None):
+    def step(self, input_ids, attention_mask, lm_labels, rows=None, padded=True, loss_positions=None,
+             teacher_rows=None):
         """One forward/backward on a batch; the optimizer steps every gradient_accumulation_steps batches.
 
         rows and padded come with a Batch from prepare_batch_mlm/clm; without rows they are found here.
+        loss_positions (bs, seq) bool, from a loss-masked corpus: the positions the hidden-state terms (cosine,
+        hidden) average over instead of every real one; rows then hold only those positions, so the logit terms
+        read them alone too.
         teacher_rows: the cached teacher at those rows (TeacherCache.prepare_batch), instead of a teacher forward.
         """
         if rows is None:
@@ -413,7 +421,8 @@ class Distiller:
         ddp = self.ctx.distributed and self.sharding is None  # self.model is the DDP module
         with self.model.no_sync() if (ddp and not self._at_boundary) else contextlib.nullcontext():
             s_out, t_out = self._forward(input_ids, attention_mask, rows, padded, teacher_rows)
-            losses = self.compute_losses(s_out, t_out, attention_mask, lm_labels, rows)
+            read = attention_mask if loss_positions is None else loss_positions
+            losses = self.compute_losses(s_out, t_out, read, lm_labels, rows)
             del s_out, t_out  # the logits are not needed by backward: free them before it runs
             # "logits" already holds alpha_ce * ce + alpha_mse * mse + alpha_lm * lm (and their gradient)
             loss = losses.pop("logits", 0.0) + self.alpha["cos"] * losses.get("cos", 0.0)

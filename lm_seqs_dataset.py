@@ -6,6 +6,11 @@ On disk (written by scripts/binarized_data.py) a corpus is one file:
     bytes [4096, ...)    all token ids of all sequences, back to back, in the smallest unsigned integer
                          type that holds the vocabulary (uint16 up to 65,536 tokens, else uint32)
     then, 8-aligned      int64 offsets, n_sequences + 1 of them: sequence i is tokens[offsets[i]:offsets[i+1]]
+    then (version 2)     uint8 loss mask, one byte a token: 1 where a loss reads the token as a target (a
+                         conversation's assistant turns, scripts/binarized_chat.py), 0 elsewhere
+
+Version 2 is version 1 plus the loss mask (header key `loss_mask_at`); a corpus written without a mask is still
+version 1, byte for byte what earlier releases wrote, and trains on every token as it always did.
 
 `train.py` memory-maps it, so a billion-token corpus opens in seconds and the pages are shared between
 the processes of a node instead of being copied into each. The original scripts' pickles (a list of
@@ -32,7 +37,8 @@ MAGIC = b"DSTLBIN\x01"
 NPY_MAGIC = b"\x93NUMPY"  # token counts (scripts/token_counts.py)
 PICKLE_PROTOCOL_2_PLUS = b"\x80"  # how every pickle the original scripts wrote (protocol 4) begins
 HEADER_BYTES = 4096
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # a corpus without a loss mask
+FORMAT_VERSION_LOSS_MASK = 2  # ... and with one (the mask after the offsets)
 MIN_SEQ_LEN = 12  # the original dropped sequences of 11 tokens or fewer
 MAX_UNK_RATIO = 0.5  # ... and sequences whose tokens are half or more unknown
 # The index is built a block of whole sequences at a time so that only its result grows with the corpus.
@@ -62,8 +68,9 @@ class BinarizedWriter:
         w.add_batch([ids, ids, ...])
     """
 
-    def __init__(self, path, vocab_size, metadata=None):
+    def __init__(self, path, vocab_size, metadata=None, loss_mask=False):
         self.path = path
+        self.loss_mask = bool(loss_mask)  # then every add_flat brings a mask; written after the offsets
         self.vocab_size = int(vocab_size)
         self.dtype = token_dtype_for_vocab(self.vocab_size)
         self.metadata = dict(metadata or {})
@@ -72,10 +79,14 @@ class BinarizedWriter:
         self.n_tokens = 0
         self.max_token_id = -1
         self._file = None
+        self._mask_file = None  # the mask streams into a side file, appended to the corpus when it is complete
+        self.n_loss_tokens = 0
 
     def __enter__(self):
         self._file = open(self.tmp_path, "wb")
         self._file.write(b"\0" * HEADER_BYTES)
+        if self.loss_mask:
+            self._mask_file = open(self.tmp_path + ".mask", "w+b")
         return self
 
     def add_batch(self, sequences):
@@ -86,9 +97,18 @@ class BinarizedWriter:
         flat = np.fromiter((t for s in sequences for t in s), dtype=np.int64, count=int(lengths.sum()))
         self.add_flat(flat, lengths)
 
-    def add_flat(self, flat_ids, lengths):
-        """Append sequences given as one flat id array plus their lengths (the fast path)."""
+    def add_flat(self, flat_ids, lengths, loss_mask=None):
+        """Append sequences given as one flat id array plus their lengths (the fast path); loss_mask: one bool a
+        token, given exactly when the writer was opened with loss_mask=True."""
         flat_ids = np.asarray(flat_ids)
+        if (loss_mask is None) == self.loss_mask:
+            raise ValueError("a loss mask must come with every batch of a masked corpus, and only then")
+        if loss_mask is not None:
+            loss_mask = np.asarray(loss_mask, dtype=bool)
+            if loss_mask.shape != flat_ids.shape:
+                raise ValueError(f"loss mask of {loss_mask.size} tokens for {flat_ids.size} token ids")
+            loss_mask.astype(np.uint8).tofile(self._mask_file)
+            self.n_loss_tokens += int(np.count_nonzero(loss_mask))
         if flat_ids.size:
             lo, hi = int(flat_ids.min()), int(flat_ids.max())
             if lo < 0 or hi >= self.vocab_size:
@@ -107,6 +127,9 @@ class BinarizedWriter:
                 finished = True
         finally:
             self._file.close()
+            if self._mask_file is not None:
+                self._mask_file.close()
+                os.remove(self._mask_file.name)
             if not finished and os.path.exists(self.tmp_path):  # also when _finish itself failed
                 os.remove(self.tmp_path)
         return False
@@ -123,6 +146,12 @@ class BinarizedWriter:
         header.update(format_version=FORMAT_VERSION, token_dtype=self.dtype.name, vocab_size=self.vocab_size,
                       n_sequences=int(len(lengths)), n_tokens=int(self.n_tokens),
                       max_token_id=int(self.max_token_id), offsets_at=int(offsets_at))
+        if self.loss_mask:
+            self._mask_file.seek(0)
+            while block := self._mask_file.read(1 << 24):
+                self._file.write(block)
+            header.update(format_version=FORMAT_VERSION_LOSS_MASK, loss_mask_at=int(offsets_at + offsets.nbytes),
+                          n_loss_tokens=int(self.n_loss_tokens))
         blob = json.dumps(header, sort_keys=True).encode()
         if len(MAGIC) + 4 + len(blob) > HEADER_BYTES:
             raise ValueError("corpus metadata too large for the header")
@@ -187,11 +216,12 @@ class BinarizedCorpus:
     Opened from a file, both are memory maps: nothing is read until used.
     """
 
-    def __init__(self, tokens, offsets, metadata, path):
+    def __init__(self, tokens, offsets, metadata, path, loss_mask=None):
         self.tokens = tokens
         self.offsets = offsets
         self.metadata = metadata
         self.path = path
+        self.loss_mask = loss_mask  # None, or one uint8 a token (1: a loss reads it), aligned with tokens
 
     @property
     def n_sequences(self):
@@ -303,18 +333,31 @@ class BinarizedCorpus:
             meta = json.loads(head[len(MAGIC) + 4: len(MAGIC) + 4 + n].decode())
             dtype = np.dtype(meta["token_dtype"])
             n_seq, n_tok, off_at = int(meta["n_sequences"]), int(meta["n_tokens"]), int(meta["offsets_at"])
+            version = int(meta.get("format_version", FORMAT_VERSION))
+            mask_at = int(meta["loss_mask_at"]) if version >= FORMAT_VERSION_LOSS_MASK else None
             if min(n_seq, n_tok, off_at) < 0:
                 raise ValueError("negative size")
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             raise ValueError(f"{path}: corrupted header ({exc})") from None
+        if version > FORMAT_VERSION_LOSS_MASK:
+            raise ValueError(f"{path}: corpus format version {version}, newer than this code reads "
+                             f"({FORMAT_VERSION_LOSS_MASK}); update the repository")
         expected = off_at + (n_seq + 1) * 8
+        if mask_at is not None:
+            if mask_at != expected:
+                raise ValueError(f"{path}: corrupted header (loss mask at byte {mask_at}, expected {expected})")
+            expected += n_tok
         if size != expected:
             raise ValueError(f"{path}: truncated or corrupted ({size} bytes, the header promises {expected})")
         tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(n_tok,)) if n_tok else \
             np.zeros(0, dtype=dtype)
         # Mapped, not read: an index over billions of tokens need not sit in every process's memory.
         offsets = np.memmap(path, dtype=np.int64, mode="r", offset=off_at, shape=(n_seq + 1,))
-        corpus = cls(tokens, offsets, meta, path)
+        loss_mask = None
+        if mask_at is not None:
+            loss_mask = np.memmap(path, dtype=np.uint8, mode="r", offset=mask_at, shape=(n_tok,)) if n_tok else \
+                np.zeros(0, dtype=np.uint8)
+        corpus = cls(tokens, offsets, meta, path, loss_mask)
         if not corpus._offsets_are_valid(n_tok):
             raise ValueError(f"{path}: corrupted sequence offsets")
         return corpus
@@ -381,7 +424,8 @@ def load_token_counts(path, vocab_size=None):
 
 
 class LmSeqsDataset(Dataset):
-    """The training sequences: item i is (token_ids: np.int64 array, length: int).
+    """The training sequences: item i is (token_ids: np.int64 array, length: int), plus (with a corpus that
+    carries a loss mask, `has_loss_mask`) its loss mask: a bool array, True at the tokens a loss reads as targets.
 
     data: a BinarizedCorpus, or a list of token-id arrays. special_tok_ids: {name: id} under the original's
     names ('cls_token', 'sep_token' for MLM; 'bos_token', 'eos_token' for CLM; 'pad_token', 'unk_token').
@@ -508,14 +552,25 @@ class LmSeqsDataset(Dataset):
     def __len__(self):
         return len(self.lengths)
 
+    @property
+    def has_loss_mask(self):
+        return self.corpus.loss_mask is not None
+
     def __getitem__(self, index):
         start, length = int(self.starts[index]), int(self.lengths[index])
         if self.wrapped[index]:
             out = np.empty(length, dtype=np.int64)
             out[0], out[-1] = self.bos_id, self.eos_id
             out[1:-1] = self.corpus.tokens[start: start + length - 2]
-            return out, length
-        return np.asarray(self.corpus.tokens[start: start + length], dtype=np.int64), length
+            if not self.has_loss_mask:
+                return out, length
+            mask = np.zeros(length, dtype=bool)  # the added framing tokens are no target
+            mask[1:-1] = self.corpus.loss_mask[start: start + length - 2]
+            return out, length, mask
+        ids = np.asarray(self.corpus.tokens[start: start + length], dtype=np.int64)
+        if not self.has_loss_mask:
+            return ids, length
+        return ids, length, self.corpus.loss_mask[start: start + length].astype(bool)
 
     def print_statistics(self):
         if len(self.lengths) == 0:
@@ -524,18 +579,27 @@ class LmSeqsDataset(Dataset):
         logger.info("%d sequences, %d tokens, length mean %.1f / median %d / max %d.", len(self.lengths),
                     int(self.lengths.sum()), float(self.lengths.mean()), int(np.median(self.lengths)),
                     int(self.lengths.max()))
+        if self.has_loss_mask:
+            logger.info("The corpus carries a loss mask: the losses read %d of its %d tokens as targets.",
+                        int(self.corpus.metadata.get("n_loss_tokens", -1)), self.corpus.n_tokens)
 
     def batch_sequences(self, batch):
-        """Collate [(ids, length), ...] into (token_ids (bs, max_len) long, lengths (bs,) long).
+        """Collate [(ids, length), ...] into (token_ids (bs, max_len) long, lengths (bs,) long); items with a
+        loss mask also give loss_mask (bs, max_len) bool, False on padding.
 
         Padding uses the pad token; for GPT-2, which has none, the unknown token as in the original
         (those positions are excluded from every loss by the attention mask and labels).
         """
         lengths = np.fromiter((b[1] for b in batch), dtype=np.int64, count=len(batch))
         out = np.full((len(batch), int(lengths.max())), self.pad_id, dtype=np.int64)
-        for row, (ids, n) in enumerate(batch):
+        for row, (ids, n, *_) in enumerate(batch):
             out[row, :n] = ids
-        return torch.from_numpy(out), torch.from_numpy(lengths)
+        if len(batch[0]) == 2:
+            return torch.from_numpy(out), torch.from_numpy(lengths)
+        mask = np.zeros(out.shape, dtype=bool)
+        for row, (_, n, item_mask) in enumerate(batch):
+            mask[row, :n] = item_mask
+        return torch.from_numpy(out), torch.from_numpy(lengths), torch.from_numpy(mask)
 
 
 def _count_in_slices(block, value, starts, lens, mask):

@@ -466,6 +466,22 @@ def planned_epochs(args, ctx, dataset, max_len):
                       args.max_steps).n_epochs
 
 
+def check_loss_mask(args, corpus, max_len=None):
+    """A corpus with a loss mask (scripts/binarized_chat.py: conversations, the assistant's tokens as targets) is
+    for causal students, and its conversations must fit max_len: the dataset would cut a longer one into chunks,
+    through its answers, where binarized_chat.py cuts at turn boundaries."""
+    if corpus.loss_mask is None:
+        return
+    if bidirectional(args):
+        raise UserError(f"--data_file {corpus.path} carries a loss mask (conversations), which only a causal "
+                        "student (--student_type gpt2/auto, no --mlm) trains on")
+    longest = int(np.diff(np.asarray(corpus.offsets)).max()) if corpus.n_sequences else 0
+    if max_len is not None and longest > max_len:
+        raise UserError(f"--data_file {corpus.path} holds conversations of up to {longest} tokens, longer than this "
+                        f"run's {max_len} (--max_seq_length or the models' limit); binarize it with "
+                        f"scripts/binarized_chat.py --max_seq_length {max_len}, which cuts them at turn boundaries")
+
+
 def find_checkpoint(args):
     """(path, state) to resume from, or (None, None) when not resuming. Corrupted files are named.
 
@@ -567,6 +583,7 @@ def main(argv=None):
         max_len = min(max_len, cache.meta["max_len"])
     check_vocabularies(args, student, teacher, tokenizer)
     check_compatibility(args, student, teacher, tokenizer, corpus, counts, special_tok_ids)
+    check_loss_mask(args, corpus, max_len)
 
     dataset = LmSeqsDataset(corpus, special_tok_ids=special_tok_ids, mlm=bidirectional(args), max_len=max_len)
     if len(dataset) == 0:

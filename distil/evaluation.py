@@ -1,6 +1,7 @@
 """Held-out evaluation of a student (and how closely it follows its teacher), its size and its speed.
 
-Metrics (all token means over the positions the LM loss covers):
+Metrics (all token means over the positions the LM loss covers; with a corpus that carries a loss mask, a
+conversation's assistant tokens only, the positions training reads):
     MLM  mlm_loss, pseudo_perplexity = exp(mlm_loss) over a fixed masking of 15% of the real tokens
     CLM  clm_loss, perplexity = exp(clm_loss) over every next-token prediction inside the sequences
     with a teacher: kl_teacher_student = KL(p_teacher || p_student) at temperature 1 and top1_agreement
@@ -68,13 +69,17 @@ def _position_sums(s_logits, t_logits, targets):
     return torch.stack([ce, ce.new_tensor(targets.numel()), kl, agree])
 
 
-def _targets(token_ids, lengths, indices, mlm, special, mask_id, seed, mask_prop):
+def _targets(token_ids, lengths, indices, mlm, special, mask_id, seed, mask_prop, loss_mask=None):
     """(inputs, targets) on the host, targets (bs, L) with IGNORE_INDEX where no metric reads the logits: the
-    fixed masking's positions (MLM), or each position followed by a real token (CLM: i predicts i + 1)."""
+    fixed masking's positions (MLM), or each position followed by a real token (CLM: i predicts i + 1), a token
+    of the corpus's loss mask when it has one (a conversation's assistant turns: what training read)."""
     if mlm:
+        if loss_mask is not None:
+            raise ValueError("a corpus with a loss mask (conversations) is for causal LMs; MLM evaluation "
+                             "has no use for it")
         return fixed_mlm_mask(token_ids, lengths, indices, special_ids=special, mask_id=mask_id, seed=seed,
                               mask_prop=mask_prop)
-    shifted = clm_eval_labels(token_ids, lengths)  # (bs, L - 1), aligned with positions 0 .. L - 2
+    shifted = clm_eval_labels(token_ids, lengths, loss_mask)  # (bs, L - 1), aligned with positions 0 .. L - 2
     return token_ids, torch.cat([shifted, shifted.new_full((shifted.size(0), 1), IGNORE_INDEX)], dim=1)
 
 
@@ -130,9 +135,9 @@ def evaluate(model, dataset, *, mlm, batch_size, device, special_tok_ids, vocab_
         for indices in _shard(dataset, batch_size, max_batches, world_size, rank):
             counted = indices is not None
             indices = indices if counted else np.zeros(1, dtype=np.int64)  # a forward to keep step with the others
-            token_ids, lengths = _collate(dataset, indices)
+            token_ids, lengths, *loss_mask = _collate(dataset, indices)
             inputs, targets = _targets(token_ids, lengths, indices, mlm, special, special_tok_ids.get("mask_token"),
-                                       seed, mask_prop)
+                                       seed, mask_prop, loss_mask[0] if loss_mask else None)
             targets = targets.flatten()
             rows = (targets != IGNORE_INDEX).nonzero().squeeze(-1)  # on the host: no device synchronisation
             # Same call as training: CLM pads on the right, where a causal model cannot look anyway.
@@ -192,7 +197,7 @@ def inference_speed(model, dataset, batch_size, device, n_batches, warmup=1):
     batches = []
     for b in range(warmup + n_batches):
         indices = [(b * batch_size + j) % n for j in range(batch_size)]  # wrap around a small dataset
-        token_ids, lengths = _collate(dataset, indices)
+        token_ids, lengths = _collate(dataset, indices)[:2]
         attn = attention_mask_from_lengths(lengths, token_ids.size(1))
         batches.append((token_ids.to(device), attn.to(device)))
     modes = _set_eval(model)

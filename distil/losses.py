@@ -244,8 +244,10 @@ def distillation_losses(s_logits, t_logits, s_hidden, t_hidden, attn_mask, lm_la
 
     s_logits, t_logits: (n, vocab) logits at the flat positions `rows` (n,) of the (bs, seq) batch, where a
     loss reads them (t_logits None without a teacher); s_hidden, t_hidden: (bs, seq, dim) last hidden states;
-    attn_mask: (bs, seq) bool; lm_labels: (bs, seq) MLM labels (IGNORE_INDEX where nothing is predicted), or
-    for CLM the token ids themselves (IGNORE_INDEX on padding): position i predicts token i + 1.
+    attn_mask: (bs, seq) bool, the positions the hidden-state terms average over (the real tokens; with a
+    loss-masked corpus, the positions predicting a masked token); lm_labels: (bs, seq) MLM labels (IGNORE_INDEX
+    where nothing is predicted), or for CLM the token ids themselves (IGNORE_INDEX on padding): position i
+    predicts token i + 1.
     With restrict_ce_to_mask (MLM), ce and mse cover only the rows that carry a label. kd_loss, jsd_beta: the
     divergence ce is (distil/divergences.py). s_layers, t_layers: the paired block outputs for 'hidden'
     (hidden_layer_loss of kind hidden_loss).

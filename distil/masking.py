@@ -99,6 +99,9 @@ class Batch(NamedTuple):
     lm_labels: torch.Tensor  # (bs, seq), IGNORE_INDEX where nothing is predicted
     rows: torch.Tensor  # flat positions whose logits a loss reads
     padded: bool  # whether any sequence is shorter than seq
+    # (bs, seq) bool, only with a loss-masked corpus: the positions every loss reads (those predicting a masked
+    # token), for the terms over hidden states; None: every real position, the attention mask
+    loss_positions: torch.Tensor = None
 
 
 def clm_labels(token_ids, attention_mask):
@@ -136,13 +139,33 @@ def prepare_batch_mlm(token_ids, lengths, device, masking):
     return Batch(token_ids, attn_mask, labels, rows, _padded(lengths, max_len))
 
 
-def prepare_batch_clm(token_ids, lengths, device):
+def loss_positions_of(loss_mask):
+    """(bs, seq) bool: position i is read by the losses when token i + 1 is a target (loss_mask (bs, seq), the
+    corpus's per-token mask; False on padding). The last position predicts nothing."""
+    positions = torch.zeros_like(loss_mask)
+    positions[:, :-1] = loss_mask[:, 1:]
+    return positions
+
+
+def prepare_batch_clm(token_ids, lengths, device, loss_mask=None):
     """(bs, seq) ids and CPU lengths -> a Batch on the device; labels are the ids themselves (the step shifts
-    them: position i predicts token i + 1), IGNORE_INDEX on padding."""
+    them: position i predicts token i + 1), IGNORE_INDEX on padding.
+
+    loss_mask (bs, seq) CPU bool, from a corpus that carries one (a conversation's assistant tokens): every loss
+    then reads only the positions that predict a masked token. The model still reads the whole sequence; a
+    token outside the mask is context, never a target. The rows are found on the host, where the mask is.
+    """
     max_len = token_ids.size(1)
-    attn_mask, rows = mask_and_rows_on_device(lengths, max_len, device)
-    token_ids = token_ids.to(device, non_blocking=True)
-    return Batch(token_ids, attn_mask, clm_labels(token_ids, attn_mask), rows, _padded(lengths, max_len))
+    if loss_mask is None:
+        attn_mask, rows = mask_and_rows_on_device(lengths, max_len, device)
+        token_ids = token_ids.to(device, non_blocking=True)
+        return Batch(token_ids, attn_mask, clm_labels(token_ids, attn_mask), rows, _padded(lengths, max_len))
+    positions = loss_positions_of(loss_mask)
+    rows = positions.flatten().nonzero().squeeze(-1)
+    labels = token_ids.masked_fill(~loss_mask, IGNORE_INDEX)
+    attn_mask = attention_mask_from_lengths(lengths, max_len)
+    return Batch(token_ids.to(device), attn_mask.to(device), labels.to(device), rows.to(device),
+                 _padded(lengths, max_len), positions.to(device))
 
 
 def seeded_mlm_draw(ids, token_probs, *, mask_prop, split, mask_id, vocab_size, seed, epoch, index):
@@ -201,7 +224,10 @@ def fixed_mlm_mask(token_ids, lengths, indices, *, special_ids, mask_id, seed=0,
     return inputs, labels
 
 
-def clm_eval_labels(token_ids, lengths):
-    """Targets of next-token prediction: row r, position i predicts token i + 1 while i + 1 < length."""
+def clm_eval_labels(token_ids, lengths, loss_mask=None):
+    """Targets of next-token prediction: row r, position i predicts token i + 1 while i + 1 < length (and, with
+    a corpus's loss mask (bs, L), only when token i + 1 is masked: the positions training reads)."""
     real = attention_mask_from_lengths(torch.as_tensor(lengths), token_ids.size(1))
+    if loss_mask is not None:
+        real = real & loss_mask
     return clm_labels(token_ids, real)[:, 1:]  # (bs, L - 1), aligned with logits[:, :-1]

@@ -211,3 +211,69 @@ def count_tokens(corpus, vocab_size):
                              f"(--vocab_size)")
         counts += block_counts
     return counts.numpy()
+
+
+# ------------------------------------------------------------------------------------------ conversations
+
+TRAIN_ON = ("assistant", "all")  # --train_on: the assistant's tokens (a loss mask in the corpus), or every token
+
+
+def binarize_conversations(file_path, tokenizer_name, dump_file, max_seq_length, train_on="assistant",
+                           messages_column="messages", text_column=None):
+    """Conversations (distil/conversations.py's formats) -> a corpus with a loss mask on the assistant's tokens.
+
+    Each conversation is rendered with the tokenizer's chat template; one longer than max_seq_length is cut after
+    its last assistant turn that fits, or dropped when none does (both counted). train_on='all', or a
+    text_column (plain text records, each followed by EOS), writes a corpus without a mask: every token trained,
+    as binarized_data.py's. Returns (path, {counts}).
+    """
+    import transformers
+    from tqdm import tqdm
+
+    from distil.conversations import check_chat_template, read_records, render_with_mask, fit_length, to_messages
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_name)
+    except Exception as exc:  # malformed tokenizer files fail in many ways, all the folder's fault
+        raise ValueError(f"--tokenizer_name {tokenizer_name}: cannot load a tokenizer ({first_line(exc)})") from None
+    if text_column is None:
+        check_chat_template(tokenizer, "--tokenizer_name", tokenizer_name)
+    elif tokenizer.eos_token_id is None:
+        raise ValueError(f"--tokenizer_name {tokenizer_name}: the tokenizer has no EOS token to end each text with")
+    masked = text_column is None and train_on == "assistant"
+    out_path = f"{dump_file}.{tokenizer_slug(tokenizer_name)}.bin"
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    metadata = {"tokenizer_type": "auto", "tokenizer_name": tokenizer_name, "source": os.path.basename(file_path),
+                "special_ids": special_token_ids(tokenizer), "framing": [None, None],
+                "conversations": {"train_on": "text" if text_column else train_on, "max_seq_length": max_seq_length}}
+    counts = {"conversations": 0, "cut": 0, "dropped": 0, "tokens": 0, "loss_tokens": 0}
+    with BinarizedWriter(out_path, vocab_size=len(tokenizer), metadata=metadata, loss_mask=masked) as writer:
+        for where, record in tqdm(read_records(file_path), desc="binarize", unit=" records", disable=None,
+                                  mininterval=2):
+            if text_column is not None:
+                text = record.get(text_column) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise ValueError(f"{where}: no string field {text_column!r} (--text_column)")
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_seq_length - 1]
+                ids, mask, turn_ends = ids + [tokenizer.eos_token_id], None, None
+            else:
+                messages = to_messages(record, where, messages_column)
+                ids, mask, turn_ends = render_with_mask(tokenizer, messages, where, train_on)
+                fitted = fit_length(ids, mask, turn_ends, max_seq_length)
+                if fitted is None:
+                    counts["dropped"] += 1
+                    continue
+                counts["cut"] += len(fitted[0]) < len(ids)
+                ids, mask = fitted
+            counts["conversations"] += 1
+            counts["tokens"] += len(ids)
+            counts["loss_tokens"] += int(mask.sum()) if mask is not None else len(ids)
+            writer.add_flat(np.asarray(ids, dtype=np.int64), [len(ids)], mask if masked else None)
+        if counts["conversations"] == 0:
+            raise ValueError(f"--file_path {file_path}: no conversation left to binarize "
+                             f"({counts['dropped']} longer than --max_seq_length {max_seq_length} at their first "
+                             "answer)")
+    logger.info("%d conversations, %d tokens, %d of them targets; %d cut at a turn boundary and %d dropped "
+                "(longer than --max_seq_length %d) -> %s", counts["conversations"], counts["tokens"],
+                counts["loss_tokens"], counts["cut"], counts["dropped"], max_seq_length, out_path)
+    return out_path, counts

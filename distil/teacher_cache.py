@@ -4,8 +4,9 @@
         --cache_dir cache/gpt2-k64 --k 64
     python train.py <the same data and student flags> --teacher_cache cache/gpt2-k64
 
-A cache covers the positions the distillation loss reads: every real token for a causal LM; for MLM every
-real token, or only the predicted ones with --restrict_ce_to_mask. At each it stores the teacher's k likeliest
+A cache covers the positions the distillation loss reads: every real token for a causal LM (with a corpus that
+carries a loss mask, conversations, only the positions predicting a masked token); for MLM every real token, or
+only the predicted ones with --restrict_ce_to_mask. At each it stores the teacher's k likeliest
 ids and their log-probabilities at temperature T, and the log of the mass left to the other ids (the tail: the
 divergence is then taken over those k + 1 outcomes, see distil/divergences.py). For MLM the teacher's prediction
 depends on the corruption of its input, so the cache fixes the corruption of every sequence for every epoch
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from distil.divergences import TopKTeacher
 from distil.losses import IGNORE_INDEX
 from distil.masking import (Batch, attention_mask_from_lengths, clm_labels, mask_and_rows_on_device,
-                            non_padding_positions, seeded_mlm_draw)
+                            loss_positions_of, non_padding_positions, prepare_batch_clm, seeded_mlm_draw)
 from utils import UserError, logger, write_json_atomic
 
 # Version 2 records the teacher (teacher_identity): a version-1 cache may hold a teacher whose token ids were
@@ -48,7 +49,8 @@ RUN_SETTINGS = ("mlm", "temperature", "restrict_ce_to_mask", "mlm_mask_prop", "w
 
 
 def corpus_identity(corpus):
-    """sha256 of a BinarizedCorpus's offsets and tokens (read a block at a time), and its sizes."""
+    """sha256 of a BinarizedCorpus's offsets and tokens (read a block at a time), and of its loss mask when it
+    has one (the mask decides which rows are cached), and its sizes."""
     h = hashlib.sha256()
     block = 1 << 24
     for lo in range(0, corpus.n_sequences + 1, block):
@@ -57,6 +59,9 @@ def corpus_identity(corpus):
     for lo in range(0, corpus.n_tokens, block):
         h.update(np.ascontiguousarray(corpus.iter_blocks(lo, min(lo + block, corpus.n_tokens)), dtype=np.int64)
                  .tobytes())
+    if corpus.loss_mask is not None:  # after the rest: an unmasked corpus keeps the identity it always had
+        for lo in range(0, corpus.n_tokens, block):
+            h.update(np.ascontiguousarray(corpus.loss_mask[lo: lo + block], dtype=np.uint8).tobytes())
     return {"sha256": h.hexdigest(), "n_sequences": corpus.n_sequences, "n_tokens": corpus.n_tokens}
 
 
@@ -150,14 +155,20 @@ class TeacherCache:
         """Which stored epoch serves training epoch `epoch` (a causal LM's cache holds one, valid for all)."""
         return epoch if self.mlm else 0
 
-    def prepare_batch(self, token_ids, lengths, indices, epoch, device):
+    def prepare_batch(self, token_ids, lengths, indices, epoch, device, loss_mask=None):
         """A DataLoader batch of dataset items `indices` -> (masking.Batch, TopKTeacher) on the device, in the
         row order the step uses (row-major over (bs, seq)): the cached masking (MLM) and teacher rows.
 
         As the live path (masking.prepare_batch_*): the attention mask, labels and loss rows are built on the
         device from the lengths; what crosses from the host is the ids, the lengths and the cached values
-        (each sequence's real tokens only), and nothing waits for the device."""
+        (each sequence's real tokens only), and nothing waits for the device.
+
+        loss_mask: the batch's (a loss-masked corpus, causal LMs): the rows are then those
+        masking.prepare_batch_clm reads, and the cache holds only those."""
         bs, max_len = token_ids.shape
+        if loss_mask is not None:  # a causal LM's cache: one stored epoch
+            batch = prepare_batch_clm(token_ids, lengths, device, loss_mask)
+            return batch, self._teacher_rows(indices, 0, batch.rows, device)
         slot = self.epoch_slot(epoch)
         if slot >= self.n_epochs:  # check_run refuses such a run before training
             raise ValueError(f"{self.path}: the cache fixes the masking of {self.n_epochs} epochs, not epoch {epoch}")
@@ -176,6 +187,12 @@ class TeacherCache:
             rows = predicted_rows if self.meta["settings"].get("restrict_ce_to_mask") else real_rows
         else:
             inputs, labels, rows = token_ids, clm_labels(token_ids, attn_mask), real_rows
+        padded = bool((lengths.numpy() < max_len).any())
+        return Batch(inputs, attn_mask, labels, rows, padded), self._teacher_rows(indices, slot, rows, device)
+
+    def _teacher_rows(self, indices, slot, rows, device):
+        """The cached rows of dataset items `indices` in stored epoch `slot`, as a TopKTeacher on the device,
+        checked to be as many as the batch reads (rows: its flat loss positions)."""
         units = slot * self.n_items + indices.numpy()
         spans = list(zip(self.row_offsets[units], self.row_offsets[units + 1]))
         ids = np.concatenate([self.ids[a:b] for a, b in spans])
@@ -183,10 +200,7 @@ class TeacherCache:
         if len(ids) != rows.numel():
             raise ValueError(f"{self.path}: {len(ids)} cached rows for a batch that reads {rows.numel()}; the cache "
                              "does not match this data")
-        teacher = TopKTeacher(_to_device(ids.astype(np.int32, copy=False), device).long(),
-                              _to_device(log_probs, device))
-        padded = bool((lengths.numpy() < max_len).any())
-        return Batch(inputs, attn_mask, labels, rows, padded), teacher
+        return TopKTeacher(_to_device(ids.astype(np.int32, copy=False), device).long(), _to_device(log_probs, device))
 
 
 def _to_device(array, device):
@@ -232,6 +246,9 @@ def build_cache(path, *, teacher_lm, dataset, corpus, tokenizer, data_file, max_
     (benchmarks: nothing then identifies them, and train.py refuses the cache)."""
     n_epochs = n_epochs if mlm else 1  # a causal LM's teacher sees the same input every epoch
     lengths = np.asarray(dataset.lengths, dtype=np.int64)
+    masked = getattr(dataset, "has_loss_mask", False)
+    if masked and mlm:
+        raise UserError("a corpus with a loss mask (conversations) is for causal LMs: drop --mlm")
     item_offsets = np.concatenate([[0], np.cumsum(lengths)])
     meta = {"format": FORMAT, "complete": False, "k": int(k), "vocab_size": int(vocab_size), "mlm": bool(mlm),
             "n_epochs": int(n_epochs), "max_len": int(max_len), "temperature": float(temperature),
@@ -247,6 +264,9 @@ def build_cache(path, *, teacher_lm, dataset, corpus, tokenizer, data_file, max_
         rows_per_unit = np.add.reduceat(counts, item_offsets[:-1], axis=1).reshape(-1)  # (n_epochs * n_items,)
         for name, array in (("mlm_inputs.bin", inputs), ("mlm_predicted.bin", predicted)):
             array.tofile(os.path.join(path, name))  # deterministic: rewritten identically on resume
+    elif masked:  # the positions predicting a masked token: masking.loss_positions_of, per item
+        rows_per_unit = np.array([int(np.count_nonzero(dataset[i][2][1:])) for i in range(len(dataset))],
+                                 dtype=np.int64)
     else:
         rows_per_unit = lengths
     row_offsets = np.concatenate([[0], np.cumsum(rows_per_unit)]).astype(np.int64)
@@ -266,7 +286,7 @@ def build_cache(path, *, teacher_lm, dataset, corpus, tokenizer, data_file, max_
         epoch, first = divmod(unit, n_items)
         last = min(first + batch_size, n_items)
         items = [dataset[i] for i in range(first, last)]
-        token_ids, lens = dataset.batch_sequences(items)
+        token_ids, lens, *item_mask = dataset.batch_sequences(items)
         bs, width = token_ids.shape
         attn = attention_mask_from_lengths(lens, width)
         if mlm:
@@ -281,6 +301,8 @@ def build_cache(path, *, teacher_lm, dataset, corpus, tokenizer, data_file, max_
                 rows = torch.from_numpy(np.flatnonzero(keep))
             else:
                 rows = non_padding_positions(lens, width)
+        elif masked:
+            rows = loss_positions_of(item_mask[0]).flatten().nonzero().squeeze(-1)
         else:
             rows = non_padding_positions(lens, width)
         padded = bool((lens.numpy() < width).any())
@@ -368,6 +390,7 @@ class WithIndices(torch.utils.data.Dataset):
         return index, self.dataset[index]
 
     def collate(self, batch):
-        """(token_ids, lengths) as the dataset collates them, then the indices (bs,)."""
-        token_ids, lengths = self.dataset.batch_sequences([item for _, item in batch])
-        return token_ids, lengths, torch.tensor([index for index, _ in batch], dtype=torch.int64)
+        """(token_ids, lengths) as the dataset collates them, then the indices (bs,), then the loss mask when the
+        dataset has one."""
+        token_ids, lengths, *loss_mask = self.dataset.batch_sequences([item for _, item in batch])
+        return token_ids, lengths, torch.tensor([index for index, _ in batch], dtype=torch.int64), *loss_mask

@@ -349,3 +349,67 @@ def real_folders(tiny):
     XLNetLMHeadModel(XLNetConfig(vocab_size=len(tok), d_model=32, n_layer=1, n_head=2, d_inner=37,
                                  pad_token_id=tok.pad_token_id)).save_pretrained(out["xlnet"])
     return out
+
+
+# --------------------------------------------------------------------------------------- tiny chat models
+
+# Two chat-template families, as their real tokenizers spell them (no network): ChatML (Qwen2, SmolLM2), with a
+# default system turn, and Llama 3's headers. GENERATION: ChatML with {% generation %} around each answer, the
+# form whose assistant mask transformers computes itself (return_assistant_tokens_mask).
+CHATML_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML_GENERATION_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}"
+    "{% else %}{{ message['content'] }}<|im_end|>{% endif %}{{ '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+CHAT_WORDS = ("system user assistant You are a helpful . ? what is the capital of France Paris it nice "
+              "and Italy Rome yes no thanks hello tell me more context question answer").split()
+
+
+def make_chat_model(folder, style="qwen2", template=None, layers=2, seed=0):
+    """A tiny random causal LM with a word-level tokenizer and a chat template, saved to folder (returned).
+    style: 'qwen2' (Qwen2ForCausalLM, ChatML, EOS <|im_end|>) or 'llama' (LlamaForCausalLM, Llama 3 headers,
+    EOS <|eot_id|>); template overrides the style's."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    if style == "qwen2":
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        kwargs = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+        template = template or CHATML_TEMPLATE
+    else:
+        specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                    "<|eot_id|>", "<unk>"]
+        kwargs = dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", unk_token="<unk>")
+        template = template or LLAMA3_TEMPLATE
+    if style == "qwen2":  # what a Qwen2 checkpoint saves: a byte-level BPE, loaded as Qwen2Tokenizer
+        from transformers import Qwen2Tokenizer
+
+        lines = [" ".join(CHAT_WORDS[i:] + CHAT_WORDS[:i]) + "\n" for i in range(len(CHAT_WORDS))]
+        tokenizer = _train_bpe(lines, str(folder), specials, Qwen2Tokenizer)
+        tokenizer.add_special_tokens(dict(kwargs, additional_special_tokens=specials[1:]))
+    else:  # what a Llama 3 checkpoint saves: a tokenizer.json loaded as PreTrainedTokenizerFast
+        vocab = {token: i for i, token in enumerate(specials + CHAT_WORDS)}
+        backend = Tokenizer(models.WordLevel(vocab, unk_token=kwargs["unk_token"]))
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+        tokenizer.add_special_tokens({"additional_special_tokens": [t for t in specials if t not in kwargs.values()]})
+    tokenizer.chat_template = template
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                  eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(Qwen2Config(**common)) if style == "qwen2" else LlamaForCausalLM(LlamaConfig(**common))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
