@@ -80,6 +80,7 @@ class DistillationConfig:
     eval_interval: int = 0
     fsdp: bool = False  # shard student (and teacher) with FSDP2 (distil/distributed), not DDP; needs world size > 1
     teacher_replicated: bool = False  # with fsdp: keep the whole teacher on every rank
+    lmbda: float = 0.0  # share of on-policy batches (distil/rollouts.py); checked on resume
 
     @classmethod
     def from_args(cls, args, **resolved):
@@ -113,7 +114,7 @@ class Distiller:
     """
 
     def __init__(self, config, ctx, dataset, student, teacher, masking=None, tokenizer=None, evaluator=None,
-                 teacher_cache=None):
+                 teacher_cache=None, on_policy=None):
         self.config = config
         self.ctx = ctx
         self.dump_path = config.dump_path
@@ -130,6 +131,7 @@ class Distiller:
         self.temperature = config.temperature
         self.alpha = config.alpha
         self.teacher_cache = teacher_cache
+        self.on_policy = on_policy  # a rollouts.OnPolicy: which batches the student answers itself (--lmbda)
         # Bare encoders (no LM head) learn on hidden states alone, from unmasked text: see prepare_batch_plain.
         self.bare = config.student_type == ENCODER
         if self.mlm and masking is None and not self.bare and teacher_cache is None:
@@ -334,7 +336,12 @@ class Distiller:
                 bar = tqdm(self.dataloader, desc=f"-Iter epoch {self.epoch}", disable=not self.is_master,
                            mininterval=5, initial=self.n_iter, total=len(self.dataloader))
                 for token_ids, lengths, *extra in bar:  # extra: the indices (teacher cache) or the loss mask
-                    if self.teacher_cache is not None:
+                    if self.on_policy is not None and self.on_policy.chooses(self.epoch, self.n_iter):
+                        # the loss mask is last in extra; the student answers the prompts, the live teacher grades
+                        batch = self.on_policy.batch(self.student, token_ids, lengths, extra[-1], self.epoch,
+                                                     self.n_iter, self.device)
+                        self.step(*batch, alpha=self.on_policy.alpha(self.alpha))
+                    elif self.teacher_cache is not None:
                         batch, cached = self.teacher_cache.prepare_batch(token_ids, lengths, extra[0], self.epoch,
                                                                          self.device, *extra[1:])
                         self.step(*batch, teacher_rows=cached)
@@ -384,24 +391,24 @@ class Distiller:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             s_out = self.model(token_ids, mask, rows)
             t_out = (teacher_rows, None) if teacher_rows is not None else None
-            if self.teacher_lm is not None:
+            if self.teacher_lm is not None and teacher_rows is None:  # a mixed run's cached batch: no forward
                 with torch.no_grad():
                     t_out = self.teacher_lm(token_ids, mask, rows)
         return s_out, t_out
 
-    def compute_losses(self, s_out, t_out, attn_mask, lm_labels, rows):
+    def compute_losses(self, s_out, t_out, attn_mask, lm_labels, rows, alpha=None):
         """{name: scalar tensor} for every loss with a positive weight (losses.distillation_losses), from the
-        (row logits, last hidden states) of student and teacher."""
+        (row logits, last hidden states) of student and teacher. alpha: this batch's weights (default the run's)."""
         (s_logits, s_hidden, *s_layers), (t_logits, t_hidden, *t_layers) = s_out, (t_out or (None, None))
         return distillation_losses(s_logits, t_logits, s_hidden, t_hidden, attn_mask, lm_labels, rows,
-                                   alpha=self.alpha, temperature=self.temperature, mlm=self.mlm,
+                                   alpha=alpha or self.alpha, temperature=self.temperature, mlm=self.mlm,
                                    restrict_ce_to_mask=self.config.restrict_ce_to_mask,
                                    kd_loss=self.config.kd_loss, jsd_beta=self.config.jsd_beta,
                                    s_layers=s_layers[0] if s_layers else None,
                                    t_layers=t_layers[0] if t_layers else None, hidden_loss=self.config.hidden_loss)
 
     def step(self, input_ids, attention_mask, lm_labels, rows=None, padded=True, loss_positions=None,
-             teacher_rows=None):
+             teacher_rows=None, alpha=None):
         """One forward/backward on a batch; the optimizer steps every gradient_accumulation_steps batches.
 
         rows and padded come with a Batch from prepare_batch_mlm/clm; without rows they are found here.
@@ -409,7 +416,9 @@ class Distiller:
         hidden) average over instead of every real one; rows then hold only those positions, so the logit terms
         read them alone too.
         teacher_rows: the cached teacher at those rows (TeacherCache.prepare_batch), instead of a teacher forward.
+        alpha: the loss weights of this batch (an on-policy batch has no LM term), default the run's.
         """
+        alpha = alpha or self.alpha
         if rows is None:
             rows = self.loss_rows(attention_mask, lm_labels)
         acc = self.config.gradient_accumulation_steps
@@ -422,12 +431,12 @@ class Distiller:
         with self.model.no_sync() if (ddp and not self._at_boundary) else contextlib.nullcontext():
             s_out, t_out = self._forward(input_ids, attention_mask, rows, padded, teacher_rows)
             read = attention_mask if loss_positions is None else loss_positions
-            losses = self.compute_losses(s_out, t_out, read, lm_labels, rows)
+            losses = self.compute_losses(s_out, t_out, read, lm_labels, rows, alpha)
             del s_out, t_out  # the logits are not needed by backward: free them before it runs
             # "logits" already holds alpha_ce * ce + alpha_mse * mse + alpha_lm * lm (and their gradient)
-            loss = losses.pop("logits", 0.0) + self.alpha["cos"] * losses.get("cos", 0.0)
+            loss = losses.pop("logits", 0.0) + alpha["cos"] * losses.get("cos", 0.0)
             if "hidden" in losses:
-                loss = loss + self.alpha["hidden"] * losses["hidden"]
+                loss = loss + alpha["hidden"] * losses["hidden"]
             losses["total"] = loss.detach()
             for name, value in losses.items():
                 total, count = self._running.get(name, (0.0, 0))
@@ -594,6 +603,7 @@ class Distiller:
         if self.sharding is not None:  # collective: each rank holds a shard of every parameter
             stats = self.sharding.parameter_statistics((n, p) for n, p in self.student.named_parameters()
                                                        if p.requires_grad)
+        rollouts = self.on_policy.log_fields() if self.on_policy is not None else {}
         if not self.is_master:
             return
         step = self.n_total_iter
@@ -605,14 +615,15 @@ class Distiller:
         self.write_metrics({"split": "train", "step": step, "optimizer_step": self.n_optimizer_steps,
                             "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0],
                             "skipped_steps": self.n_skipped_steps,
-                            **{f"loss_{k}" if k != "total" else "loss": v for k, v in averages.items()}, **usage})
+                            **{f"loss_{k}" if k != "total" else "loss": v for k, v in averages.items()}, **usage,
+                            **rollouts})
         tb = self.tensorboard
         for name, value in averages.items():
             tb.add_scalar(tag=f"losses/loss_{name}" if name != "total" else "losses/loss", scalar_value=value,
                           global_step=step)
         tb.add_scalar("learning_rate/lr", self.scheduler.get_last_lr()[0], step)
         tb.add_scalar("global/skipped_steps", self.n_skipped_steps, step)
-        for name, value in usage.items():
+        for name, value in {**usage, **rollouts}.items():
             tb.add_scalar(f"global/{name}", value, step)
         if getattr(self, "_last_grad_norm", None) is not None:
             tb.add_scalar("global/grad_norm", float(self._last_grad_norm), step)

@@ -28,6 +28,7 @@ import torch
 from distil.checkpointing import find_resumable_checkpoint, is_sharded, load_checkpoint_file
 from distiller import DistillationConfig, Distiller, TrainingError
 from distil.divergences import add_kd_loss_arguments, check_kd_loss_args
+from distil.rollouts import add_on_policy_arguments, build_on_policy, check_on_policy_args, check_on_policy_corpus
 from distil.evaluation import evaluate
 from grouped_batch_sampler import training_batch_sampler
 from lm_seqs_dataset import MIN_SEQ_LEN, BinarizedCorpus, LmSeqsDataset, load_token_counts
@@ -89,6 +90,7 @@ def parse_args(argv=None):
     parser.add_argument("--alpha_cos", default=0.0, type=float,
                         help="Linear weight of the cosine embedding loss. Must be >=0.")
     add_kd_loss_arguments(parser.add_argument)
+    add_on_policy_arguments(parser.add_argument)
     parser.add_argument("--alpha_hidden", default=0.0, type=float,
                         help="Linear weight of the intermediate-layer loss: student block outputs against the "
                              "teacher block outputs --hidden_layer_map names (mean over the pairs). Must be >=0.")
@@ -189,7 +191,7 @@ def needs_teacher(args):
     """The teacher is only loaded when a loss reads its outputs (and no --teacher_cache stands for it);
     otherwise this is plain MLM/CLM training."""
     return (args.alpha_ce > 0 or args.alpha_mse > 0 or args.alpha_cos > 0 or args.alpha_hidden > 0) \
-        and args.teacher_cache is None
+        and (args.teacher_cache is None or args.lmbda > 0)  # on-policy batches are scored live
 
 
 def encoder_mode(args):
@@ -242,8 +244,9 @@ def check_cache_flags(args):
     """--teacher_cache: what it can stand for. The cache keeps the teacher's top-k distribution only."""
     if args.teacher_cache is None:
         return
-    if args.teacher_name is not None:
-        raise UserError("--teacher_cache replaces the teacher: drop --teacher_name")
+    if args.teacher_name is not None and args.lmbda == 0:
+        raise UserError("--teacher_cache replaces the teacher: drop --teacher_name (it is read only to score "
+                        "on-policy batches, with --lmbda > 0)")
     if args.alpha_mse > 0 or args.alpha_cos > 0 or args.alpha_hidden > 0:
         raise UserError("--teacher_cache holds the teacher's top-k probabilities, not its logits or hidden states: "
                         "--alpha_mse, --alpha_cos and --alpha_hidden must be 0 with it")
@@ -254,6 +257,7 @@ def check_cache_flags(args):
 def sanity_checks(args):
     """Checks that need only the flags. Raises UserError naming the flag."""
     check_cache_flags(args)
+    check_on_policy_args(args)
     if needs_teacher(args):
         if args.teacher_type is None or args.teacher_name is None:
             raise UserError("--teacher_type and --teacher_name are required when --alpha_ce, --alpha_mse, "
@@ -584,11 +588,14 @@ def main(argv=None):
     check_vocabularies(args, student, teacher, tokenizer)
     check_compatibility(args, student, teacher, tokenizer, corpus, counts, special_tok_ids)
     check_loss_mask(args, corpus, max_len)
+    check_on_policy_corpus(args, corpus)
 
     dataset = LmSeqsDataset(corpus, special_tok_ids=special_tok_ids, mlm=bidirectional(args), max_len=max_len)
     if len(dataset) == 0:
         raise UserError(f"--data_file {corpus.path}: no training sequence left after filtering (sequences need "
                         "at least 12 tokens)")
+    on_policy = build_on_policy(args, tokenizer, dataset.pad_id, max_len, ctx.global_rank,
+                                amp_dtype(bf16=args.bf16, fp16=args.fp16))
     if cache is not None:
         cache.check_run(corpus=corpus, tokenizer=tokenizer, max_len=max_len, vocab_size=student.config.vocab_size,
                         n_epochs=planned_epochs(args, ctx, dataset, max_len), max_steps=args.max_steps,
@@ -621,7 +628,7 @@ def main(argv=None):
     config = DistillationConfig.from_args(args, max_model_input_size=max_len, mlm=bidirectional(args),
                                           hidden_layer_map=parse_layer_map(args.hidden_layer_map))
     distiller = Distiller(config, ctx, dataset, student, teacher, masking=masking, tokenizer=tokenizer,
-                          evaluator=evaluator, teacher_cache=cache)
+                          evaluator=evaluator, teacher_cache=cache, on_policy=on_policy)
     if resume_state is not None:
         distiller.load_training_state(resume_state, resume_path)
         del resume_state

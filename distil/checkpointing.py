@@ -28,7 +28,9 @@ TRAINER_STATE = "trainer_state.pt"
 RESUMABLE_COUNTERS = ("epoch", "n_iter", "n_total_iter", "n_optimizer_steps", "n_skipped_steps",
                       "n_consecutive_bad_steps", "n_sequences_epoch", "total_loss_epoch", "n_finite_iter_epoch")
 MUST_MATCH_ON_RESUME = ("world_size", "batch_size", "gradient_accumulation_steps", "seed", "group_by_size", "mlm",
-                        "student_type", "n_epoch", "max_steps")
+                        "student_type", "n_epoch", "max_steps", "lmbda")
+# What a checkpoint written before a setting existed ran with (the on-policy share, distil/rollouts.py: none).
+DEFAULT_WHEN_UNSAVED = {"lmbda": 0.0}
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step_"
@@ -214,7 +216,7 @@ def check_same_run(state, run, path):
     """Raise ValueError naming the first MUST_MATCH_ON_RESUME setting that differs between `run` and the
     checkpoint `state` loaded from `path`."""
     for name in MUST_MATCH_ON_RESUME:
-        saved, now = state["run"].get(name), run[name]
+        saved, now = state["run"].get(name, DEFAULT_WHEN_UNSAVED.get(name)), run[name]
         if saved != now:
             raise ValueError(f"{path}: written with {name}={saved!r}, this run has {name}={now!r}; resuming "
                              "exactly needs the same value")
