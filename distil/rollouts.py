@@ -101,12 +101,14 @@ class OnPolicy:
         self.amp_dtype = amp_dtype
         self._reset_stats()
 
-    def _reset_stats(self):
-        self.since = time.perf_counter()
+    def _reset_stats(self, since=None):
+        self.since = since  # the wall clock's start: the first choice (not the setup before training)
         self.seconds, self.n_batches, self.n_tokens, self.n_answers, self.n_cut = 0.0, 0, 0, 0, 0
 
     def chooses(self, epoch, index):
         """Whether batch `index` of `epoch` (on this rank) is on-policy: a draw of its own, below lmbda."""
+        if self.since is None:
+            self.since = time.perf_counter()
         draw = np.random.default_rng([self.seed, _CHOICE, int(epoch), int(index), self.rank]).random()
         return bool(draw < self.lmbda)
 
@@ -142,12 +144,13 @@ class OnPolicy:
     def log_fields(self):
         """metrics.jsonl fields since the last call: generation seconds and their share of the wall time, how many
         batches were on-policy, the mean answer length, the answers cut at --max_new_tokens."""
-        wall = max(time.perf_counter() - self.since, 1e-9)
+        now = time.perf_counter()
+        wall = max(now - (self.since or now), 1e-9)
         fields = {"rollout_seconds": self.seconds, "rollout_share": self.seconds / wall,
                   "on_policy_batches": self.n_batches,
                   "rollout_mean_tokens": self.n_tokens / self.n_answers if self.n_answers else 0.0,
                   "rollout_cut": self.n_cut}
-        self._reset_stats()
+        self._reset_stats(since=now)
         return fields
 
 
