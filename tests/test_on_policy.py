@@ -251,6 +251,7 @@ def test_mixed_run_reads_the_cache_for_its_off_policy_batches(chat, tmp_path):
     (["--lmbda", "0.5", "--alpha_ce", "0"], ["--lmbda", "--alpha_ce"]),
     (["--lmbda", "0.5", "--rollout_top_p", "0"], ["--rollout_top_p 0.0"]),
     (["--lmbda", "0.5", "--max_new_tokens", "0"], ["--max_new_tokens 0"]),
+    (["--lmbda", "0.5", "--rollout_temperature", "-1"], ["--rollout_temperature -1.0"]),
 ])
 def test_bad_flags_are_one_line(chat, tmp_path, capsys, extra, needles):
     expect_error(capsys, _train_main, _with_teacher(chat, tmp_path / "x", *extra), *needles)
@@ -266,6 +267,16 @@ def test_mlm_and_unmasked_corpus_are_refused(chat, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_tokenizer_without_a_chat_template_is_refused(chat, tmp_path, capsys):
+    """Where an answer ends is the template's end-of-turn token: without a template, on-policy is refused."""
+    teacher = tmp_path / "no_template"
+    shutil.copytree(chat["teacher"], teacher)
+    (teacher / "chat_template.jinja").unlink()
+    args = [str(teacher) if a == chat["teacher"] else a for a in _with_teacher(chat, tmp_path / "x", "--lmbda", "1")]
+    expect_error(capsys, _train_main, args, "--lmbda", "no chat template")
+    assert not (tmp_path / "x").exists()
+
+
 def _train_main(argv):
     import train
 
@@ -273,3 +284,15 @@ def _train_main(argv):
         train.main(argv)
     except train.UserError as exc:
         train.fail(str(exc))
+
+
+def test_two_ranks_answer_their_own_prompts(chat, tmp_path):
+    """torchrun, 2 gloo ranks, λ = 1: each rank answers its own batches (draws keyed by rank) and the run ends in
+    step, with the generation metrics logged by rank 0."""
+    from conftest import run_torchrun
+
+    dump = tmp_path / "ddp"
+    run_torchrun("train.py", *_with_teacher(chat, dump, "--lmbda", "1", "--n_gpu", "2", steps=2), timeout=300)
+    records = _train_records(dump)
+    assert len(records) == 2 and all(r["on_policy_batches"] == 1 and r["rollout_seconds"] > 0 for r in records)
+    assert (dump / "model.safetensors").exists()
