@@ -110,7 +110,8 @@ class Distiller:
     masking.MlmMasking (MLM only); tokenizer: saved with the final student; evaluator: called as
     evaluator(student, teacher=teacher) -> {metric: value} every config.eval_interval iterations and after
     each epoch (collective: every rank calls it); teacher_cache: a teacher_cache.TeacherCache that replaces the
-    teacher (None then) and, for MLM, the masking.
+    teacher (None then) and, for MLM, the masking; on_policy: a rollouts.OnPolicy (train.py --lmbda) that picks the
+    batches the student answers itself, scored by the live teacher.
     """
 
     def __init__(self, config, ctx, dataset, student, teacher, masking=None, tokenizer=None, evaluator=None,
