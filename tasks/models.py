@@ -26,7 +26,7 @@ def load_tokenizer(args, **kwargs):
     name = args.tokenizer_name or args.model_name_or_path
     flag = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
     tokenizer = load_pretrained(lambda: AutoTokenizer.from_pretrained(name, cache_dir=_cache(args), **kwargs), flag,
-                                name, "a tokenizer")
+                                name, "a tokenizer", cache_dir=_cache(args))
     if tokenizer.pad_token_id is None:
         raise UserError(f"the tokenizer of {name} has no padding token")
     return tokenizer
@@ -34,7 +34,7 @@ def load_tokenizer(args, **kwargs):
 
 def load_config(name, flag, model_type, cache_dir=None, **overrides):
     config = load_pretrained(lambda: AutoConfig.from_pretrained(name, cache_dir=cache_dir, **overrides), flag, name,
-                             "a model config")
+                             "a model config", cache_dir=cache_dir)
     if model_type not in (None, "auto") and model_type != config.model_type:
         raise UserError(f"{flag} {name} is a {config.model_type} model, but its type flag says {model_type}")
     return config
@@ -48,7 +48,7 @@ def load_student(args, model_class, **config_overrides):
     model, info = load_pretrained(
         lambda: model_class.from_pretrained(args.model_name_or_path, config=config, cache_dir=_cache(args),
                                             output_loading_info=True),
-        "--model_name_or_path", args.model_name_or_path, "the student's weights")
+        "--model_name_or_path", args.model_name_or_path, "the student's weights", cache_dir=_cache(args))
     if info.get("missing_keys"):
         logger.info("Student: %d tensor(s) start from random init (the task head): %s", len(info["missing_keys"]),
                     ", ".join(sorted(info["missing_keys"])[:6]))
@@ -63,7 +63,7 @@ def load_teacher(args, model_class, tokenizer, student, **config_overrides):
     config = load_config(name, "--teacher_name_or_path", args.teacher_type, _cache(args), **config_overrides)
     teacher, info = load_pretrained(
         lambda: model_class.from_pretrained(name, config=config, cache_dir=_cache(args), output_loading_info=True),
-        "--teacher_name_or_path", name, "the teacher's weights")
+        "--teacher_name_or_path", name, "the teacher's weights", cache_dir=_cache(args))
     missing = sorted(info.get("missing_keys", ())) + sorted(info.get("mismatched_keys", ()))
     if missing:
         head = model_class.__name__[len("AutoModelFor"):]
