@@ -60,7 +60,7 @@ def load_gguf(path, stages=None):
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
         if stages is not None:
             stages.update(1)
-            stages.set_description("Convert: read the tokenizer")
+            stages.set_description_str("Convert: read the tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as exc:  # an unsupported architecture or a damaged file fails in many ways
         raise UserError(f"--gguf_file {path}: cannot load it with transformers ({first_line(exc)})") from None
@@ -101,11 +101,11 @@ def convert(gguf_file, dump_folder):
                   bar_format="{desc} {n}/{total} stages [{elapsed}]")
     model, tokenizer = load_gguf(gguf_file, stages)
     stages.update(1)
-    stages.set_description("Convert: copy and check every tensor")
+    stages.set_description_str("Convert: copy and check every tensor")
     plain = plain_copy(model)
     del model
     stages.update(1)
-    stages.set_description("Convert: write the folder")
+    stages.set_description_str("Convert: write the folder")
     folder = os.path.abspath(dump_folder)
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(folder))

@@ -511,7 +511,9 @@ def train_and_evaluate(args, ctx, student, teacher, train_set, loss_fn, tokenize
         trainer.train(on_log=on_log)
         if ctx.is_master:
             trainer.save_model(args.output_dir)
-            logger.info("Saved the fine-tuned student to %s", args.output_dir)
+            what = (f"student (distilled from {args.teacher_name_or_path})" if teacher is not None
+                    else "model (no teacher)")
+            logger.info("Saved the fine-tuned %s to %s", what, args.output_dir)
     if args.do_eval:
         if args.eval_all_checkpoints:
             for _, folder in list_checkpoints(args.output_dir):

@@ -57,6 +57,7 @@ def test_task_loop_under_max_steps_ends_at_its_last_batch(task_data, tmp_path, c
     err = capsys.readouterr().err
     assert_bar_ends_at(err, "epoch 0", 6)  # 3 optimizer steps of 2 batches, in an epoch of 20
     assert len(re.findall(r"Step \d/3: loss \d", caplog.text)) == 3, caplog.text[-2000:]
+    assert f"Saved the fine-tuned model (no teacher) to {tmp_path / 'run'}" in caplog.text
 
 
 def test_evaluate_and_downstream_table(tiny, binarized, tmp_path, capsys):
