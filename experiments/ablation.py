@@ -2,9 +2,8 @@
 """What distillation buys with a real pretrained teacher: the paper's ablation in miniature, rerunnable.
 
     pip install gguf accelerate          # only to read a .gguf teacher
-    python experiments/ablation.py --teacher SmolLM2-135M-Instruct.Q4_1.gguf \
-        --train_text ../shared/data/wikitext-2/valid.txt --eval_text ../shared/data/wikitext-2/test.txt \
-        --workdir runs/ablation
+    python experiments/ablation.py --teacher "$GGUF" --train_text train.txt --eval_text heldout.txt \
+        --workdir runs/ablation          # GGUF: the file's path, as docs/real-teacher.md prints it
 
 Arms, each trained with the same data, order (per seed), steps and learning rate:
     distilled          student from teacher layers, --alpha_ce 5 --alpha_clm 2 --alpha_cos 1

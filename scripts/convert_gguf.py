@@ -3,7 +3,7 @@
 float32 model.safetensors and the tokenizer, which train.py, extract.py and evaluate.py load like any other.
 
     pip install gguf accelerate        # optional packages, needed by this script only
-    python scripts/convert_gguf.py --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf --dump_folder models/smollm2
+    python scripts/convert_gguf.py --gguf_file path/to/SmolLM2-135M-Instruct.Q4_1.gguf --dump_folder models/smollm2
 
 transformers reads GGUF files and dequantizes them to float32, but refuses to save the model it loaded
 ("quantized with gguf and is not serializable") although its weights are plain float32 by then. This script
@@ -42,7 +42,9 @@ def check_optional_packages():
 
 def check_paths(args):
     if not os.path.isfile(args.gguf_file):
-        raise UserError(f"--gguf_file {args.gguf_file}: no such file")
+        hint = ("; a GGUF file that a pip package ships is in site-packages: docs/real-teacher.md prints its path"
+                if not os.path.dirname(args.gguf_file) else "")
+        raise UserError(f"--gguf_file {args.gguf_file}: no such file{hint}")
     with open(args.gguf_file, "rb") as f:
         if f.read(4) != b"GGUF":
             raise UserError(f"--gguf_file {args.gguf_file}: not a GGUF file (it does not start with the GGUF magic)")
