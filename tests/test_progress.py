@@ -53,9 +53,10 @@ def test_task_loop_under_max_steps_ends_at_its_last_batch(task_data, tmp_path, c
     caplog.set_level(logging.INFO, logger="distil")
     args = glue_args(task_data, tmp_path / "run", task_data["student"], "--max_steps", "3",
                      "--gradient_accumulation_steps", "2", "--logging_steps", "1")
-    glue.main([str(a) for a in args[1:] if a != "--do_eval"])
+    glue.main([str(a) for a in args[1:]] + ["--per_gpu_eval_batch_size", "16"])
     err = capsys.readouterr().err
     assert_bar_ends_at(err, "epoch 0", 6)  # 3 optimizer steps of 2 batches, in an epoch of 20
+    assert_bar_ends_at(err, "Evaluating", 4)  # 60 dev rows in batches of 16
     assert len(re.findall(r"Step \d/3: loss \d", caplog.text)) == 3, caplog.text[-2000:]
     assert f"Saved the fine-tuned model (no teacher) to {tmp_path / 'run'}" in caplog.text
 
