@@ -76,6 +76,7 @@ class DistillationConfig:
     log_interval: int = 500
     checkpoint_interval: int = 4000
     save_total_limit: int = 3
+    save_pth: bool = False  # the original's weights-only checkpoint.pth / model_epoch_N.pth (extra copies)
     max_bad_steps: int = 20
     eval_interval: int = 0
     fsdp: bool = False  # shard student (and teacher) with FSDP2 (distil/distributed), not DDP; needs world size > 1
@@ -322,44 +323,30 @@ class Distiller:
         at the same optimizer-step boundary and the master writes a resumable checkpoint first.
         """
         from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
-        logger.info("Starting training: %d epochs, %d batches per epoch per process, %d optimizer steps.",
-                    self.plan.n_epochs, len(self.dataloader), self.num_steps_total)
+        acc = self.config.gradient_accumulation_steps
+        logger.info("Starting training: %d epoch(s), %d batches per epoch per process, %d optimizer steps of "
+                    "%d batch(es) each (the progress bar counts batches).", self.plan.n_epochs, len(self.dataloader),
+                    self.num_steps_total, acc)
         self.student.train()
         if self.teacher is not None:
             self.teacher.eval()
         previous_handlers = self._install_signal_handlers()
         try:
-            while self.epoch < self.plan.n_epochs and not self.reached_max_steps():
-                logger.info("--- Starting epoch %d/%d", self.epoch, self.plan.n_epochs - 1)
-                self.batch_sampler.set_epoch(self.epoch)
-                self.batch_sampler.skip = self.n_iter  # > 0 only when resuming mid-epoch
-                bar = tqdm(self.dataloader, desc=f"-Iter epoch {self.epoch}", disable=not self.is_master,
-                           mininterval=5, initial=self.n_iter, total=len(self.dataloader))
-                for token_ids, lengths, *extra in bar:  # extra: the indices (teacher cache) or the loss mask
-                    if self.on_policy is not None and self.on_policy.chooses(self.epoch, self.n_iter):
-                        # the loss mask is last in extra; the student answers the prompts, the live teacher grades
-                        batch = self.on_policy.batch(self.student, token_ids, lengths, extra[-1], self.epoch,
-                                                     self.n_iter, self.device)
-                        self.step(*batch, alpha=self.on_policy.alpha(self.alpha))
-                    elif self.teacher_cache is not None:
-                        batch, cached = self.teacher_cache.prepare_batch(token_ids, lengths, extra[0], self.epoch,
-                                                                         self.device, *extra[1:])
-                        self.step(*batch, teacher_rows=cached)
-                    else:
-                        self.step(*self.prepare_batch(token_ids, lengths, *extra))
-                    self.n_sequences_epoch += token_ids.size(0)
-                    self.iter(bar)
-                    if self._at_boundary and self.after_optimizer_step():
-                        bar.close()
-                        self.interrupted = True
+            # Log lines (the loss every --log_interval) go above the bar instead of cutting it in two.
+            with logging_redirect_tqdm():
+                while self.epoch < self.plan.n_epochs and not self.reached_max_steps():
+                    logger.info("--- Starting epoch %d/%d", self.epoch, self.plan.n_epochs - 1)
+                    self.batch_sampler.set_epoch(self.epoch)
+                    self.batch_sampler.skip = self.n_iter  # > 0 only when resuming mid-epoch
+                    # Updated by hand: a bar that wraps the loader shows a stale count when the loop breaks.
+                    bar = tqdm(desc=f"-Iter epoch {self.epoch}", disable=not self.is_master, mininterval=5,
+                               initial=self.n_iter, total=self.epoch_batches(), unit="batch")
+                    if self._run_epoch(bar):
                         return
-                    if self._at_boundary and self.reached_max_steps():
-                        logger.info("--max_steps %d reached at iteration %d.", self.config.max_steps,
-                                    self.n_total_iter)
-                        break
-                bar.close()
-                self.end_epoch()
+                    bar.close()
+                    self.end_epoch()
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
@@ -367,6 +354,41 @@ class Distiller:
         self.save_final()
         if self.is_master:
             self.tensorboard.close()
+
+    def _run_epoch(self, bar):
+        """The batches of one epoch, up to its end or --max_steps; True when a signal stopped the run."""
+        for token_ids, lengths, *extra in self.dataloader:  # extra: the indices (teacher cache) or the loss mask
+            if self.on_policy is not None and self.on_policy.chooses(self.epoch, self.n_iter):
+                # the loss mask is last in extra; the student answers the prompts, the live teacher grades
+                batch = self.on_policy.batch(self.student, token_ids, lengths, extra[-1], self.epoch, self.n_iter,
+                                             self.device)
+                self.step(*batch, alpha=self.on_policy.alpha(self.alpha))
+            elif self.teacher_cache is not None:
+                batch, cached = self.teacher_cache.prepare_batch(token_ids, lengths, extra[0], self.epoch,
+                                                                 self.device, *extra[1:])
+                self.step(*batch, teacher_rows=cached)
+            else:
+                self.step(*self.prepare_batch(token_ids, lengths, *extra))
+            self.n_sequences_epoch += token_ids.size(0)
+            bar.update(1)
+            self.iter(bar)
+            if self._at_boundary and self.after_optimizer_step():
+                bar.close()
+                self.interrupted = True
+                return True
+            if self._at_boundary and self.reached_max_steps():
+                logger.info("--max_steps %d reached at iteration %d.", self.config.max_steps, self.n_total_iter)
+                break
+        return False
+
+    def epoch_batches(self):
+        """How many batches this epoch will run: all of them, or up to the group that makes the max_steps-th
+        optimizer step (groups start at the epoch's first batch, so a resumed n_iter is a group boundary)."""
+        n = len(self.dataloader)
+        if self.config.max_steps:
+            left = max(0, self.config.max_steps - self.scheduler.last_epoch)
+            n = min(n, self.n_iter + left * self.config.gradient_accumulation_steps)
+        return n
 
     def reached_max_steps(self):
         """Whether config.max_steps optimizer steps (skipped ones included, as the schedule counts them) are done."""
@@ -565,7 +587,8 @@ class Distiller:
             return True
         if self._checkpoint_due:
             self._checkpoint_due = False
-            self.save_checkpoint()
+            if self.config.save_pth:  # the original's weights-only copy; the resumable checkpoint holds them too
+                self.save_checkpoint()
             self.save_training_state()
         return False
 
@@ -613,6 +636,10 @@ class Distiller:
                  "rss_mb": psutil.Process().memory_info().rss / 1e6}
         if self.device.type == "cuda":
             usage["memory_usage"] = torch.cuda.max_memory_allocated(self.device) / 1e6
+        terms = ", ".join(f"{k} {v:.4f}" for k, v in averages.items() if k != "total")
+        logger.info("Optimizer step %d/%d (batch %d): loss %.4f (%s), lr %.3g", self.n_optimizer_steps,
+                    self.num_steps_total, step, averages.get("total", float("nan")), terms,
+                    self.scheduler.get_last_lr()[0])
         self.write_metrics({"split": "train", "step": step, "optimizer_step": self.n_optimizer_steps,
                             "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0],
                             "skipped_steps": self.n_skipped_steps,
@@ -644,7 +671,8 @@ class Distiller:
         logger.info("%d sequences trained on this process in epoch %d.", self.n_sequences_epoch, self.epoch)
         self.evaluate()
         epoch_loss = self.epoch_mean_loss()
-        self.save_checkpoint(checkpoint_name=f"model_epoch_{self.epoch}.pth")
+        if self.config.save_pth:  # the original's per-epoch weights; the resumable checkpoint below holds them too
+            self.save_checkpoint(checkpoint_name=f"model_epoch_{self.epoch}.pth")
         if self.is_master and self.n_iter:
             logger.info("Epoch %d: mean loss %.6g over %d iterations.", self.epoch, epoch_loss, self.n_iter)
             self.tensorboard.add_scalar("epoch/loss", epoch_loss, self.epoch)

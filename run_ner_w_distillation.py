@@ -16,8 +16,8 @@
 Loss with a teacher: alpha_task * CE + alpha_ce * T^2 * KL(teacher_T || student_T), both per scored token (a
 word's first sub-token) and averaged over the scored tokens; teacher and student label orders are matched by
 name. Without a teacher: the cross-entropy alone. Evaluation writes eval_results.json (entity precision,
-recall and F1 with the CoNLL convention, overall and per type, and token accuracy) and predictions.txt (the
-evaluation file with the tag column holding the predictions). See tasks/ner.py for the file formats and windows.
+recall and F1 with the CoNLL convention, overall and per type, and token accuracy) and predictions.txt (token,
+gold tag, predicted tag per line: the CoNLL evaluation layout). See tasks/ner.py for the file formats and windows.
 """
 import argparse
 import os

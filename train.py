@@ -176,8 +176,13 @@ def parse_args(argv=None):
     parser.add_argument("--eval_batch_size", type=int, default=32, help="Batch size of the evaluation (per process).")
     parser.add_argument("--eval_max_batches", type=int, default=None,
                         help="Evaluate on at most this many batches of the held-out file (default: all of it).")
-    parser.add_argument("--log_interval", type=int, default=500, help="Tensorboard logging interval.")
+    parser.add_argument("--log_interval", type=int, default=500,
+                        help="Every this many batches: the mean losses on the terminal, TensorBoard and metrics.jsonl.")
     parser.add_argument("--checkpoint_interval", type=int, default=4000, help="Checkpoint interval.")
+    parser.add_argument("--save_pth", action="store_true",
+                        help="Also write the original's weights-only files: model_epoch_N.pth after each epoch and "
+                             "checkpoint.pth every --checkpoint_interval (off by default: checkpoints/ and the final "
+                             "model.safetensors hold the same weights).")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                         help="Continue a run: the latest valid checkpoint in --dump_path, or the one given.")
     parser.add_argument("--save_total_limit", type=int, default=3,
@@ -389,7 +394,10 @@ def build_tokenizer(args):
 def build_teacher(args):
     """The frozen teacher, or None when no loss needs it."""
     if not needs_teacher(args):
-        logger.info("No teacher: --alpha_ce, --alpha_mse and --alpha_cos are 0, training on the LM loss alone.")
+        if args.teacher_cache is not None:
+            logger.info("No teacher loaded: its outputs come from --teacher_cache %s.", args.teacher_cache)
+        else:
+            logger.info("No teacher: --alpha_ce, --alpha_mse and --alpha_cos are 0, training on the LM loss alone.")
         return None
     # Stored in the run's compute dtype (bf16/fp16, DDP or FSDP): it is frozen, and autocast would cast its
     # weights to that dtype at every forward anyway; float32 storage would only double its memory.
@@ -640,7 +648,32 @@ def main(argv=None):
         torch.distributed.barrier()
     if not distiller.interrupted:
         logger.info("Let's go get some drinks.")
+    if ctx.is_master:
+        logger.info("%s", describe_output(args.dump_path))
     return distiller
+
+
+def describe_output(folder):
+    """One line: the run's folder and what is in it, with the sizes that matter (the last line of a run)."""
+    def size(path):
+        if os.path.isdir(path):
+            return sum(size(os.path.join(path, name)) for name in os.listdir(path))
+        return os.path.getsize(path)
+
+    def human(n):
+        return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+    meaning = {"checkpoints": "resumable: weights + optimizer state, for --resume", "log": "TensorBoard"}
+    parts = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            inside = sorted(os.listdir(path))
+            what = f"{', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''}; {human(size(path))}"
+            parts.append(f"{name}/ ({what}{'; ' + meaning[name] if name in meaning else ''})")
+        else:
+            parts.append(f"{name} ({human(size(path))})")
+    return f"Output in {folder}: {', '.join(parts)}"
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ one drives and which one is the master. A single `python train.py` is simply a w
 """
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
 import random
+import re
 import socket
 import sys
 
@@ -33,14 +35,72 @@ def first_line(exc):
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def load_pretrained(load, flag, name, what):
+def load_pretrained(load, flag, name, what, cache_dir=None):
     """load() (a from_pretrained call, or any reader of a file the user named), any failure reported as the
     one-line UserError `flag name: cannot load what (reason)`. A malformed folder fails in many ways (JSON, a
-    safetensors header, a size mismatch, an unknown model type): every one is the input's fault."""
+    safetensors header, a size mismatch, an unknown model type): every one is the input's fault. A hub name
+    that cannot be fetched is said at once (check_hub_name); cache_dir: the run's --cache_dir, if any."""
+    check_hub_name(flag, name, cache_dir)
     try:
         return load()
     except Exception as exc:
         raise UserError(f"{flag} {name}: cannot load {what} ({first_line(exc)})") from None
+
+
+# -- model names on the Hugging Face hub ----------------------------------------------------------------------
+# A name that is no local path goes to the hub. Without network, transformers retries for minutes and then
+# fails with a message that hides the cause (e.g. "no vocabulary found" for a tokenizer): decide up front.
+HUB_TIMEOUT_S = 3
+_TRUE = {"1", "on", "yes", "true"}
+_FILE_SUFFIXES = (".json", ".bin", ".pt", ".pth", ".safetensors", ".gguf", ".txt", ".model", ".pickle", ".npy")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def hub_offline():
+    """Whether the user asked for no hub access (huggingface_hub's and transformers' variables)."""
+    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_cache_has(name, cache_dir=None):
+    from huggingface_hub import constants
+
+    folder = "models--" + name.replace("/", "--")
+    return any(os.path.isdir(os.path.join(root, folder)) for root in (cache_dir, constants.HF_HUB_CACHE) if root)
+
+
+@functools.lru_cache(maxsize=None)
+def hub_unreachable():
+    """None when a TCP connection to the hub (or the https proxy that would carry it) opens within HUB_TIMEOUT_S,
+    else why not (one check per process)."""
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    proxy = next((os.environ[v] for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+                  if os.environ.get(v)), None)
+    target = urlparse(proxy if "://" in (proxy or "") else f"http://{proxy}") if proxy else endpoint
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname, port), timeout=HUB_TIMEOUT_S).close()
+    except OSError as exc:
+        return f"{target.hostname}:{port}: {exc.strerror or exc or type(exc).__name__}"
+    return None
+
+
+def check_hub_name(flag, name, cache_dir=None):
+    """When `name` is not a local path but reads as a hub repository id, make sure it can be had: from the local
+    hub cache under HF_HUB_OFFLINE, else from a hub that answers. A one-line UserError otherwise, at once."""
+    if not isinstance(name, str) or os.path.exists(name) or name.endswith(_FILE_SUFFIXES) or not _REPO_ID.match(name):
+        return
+    if hub_offline():
+        if not _hub_cache_has(name, cache_dir):
+            raise UserError(f"{flag} {name}: no such local folder, and HF_HUB_OFFLINE is set: it is not in the hub "
+                            "cache either; give a local folder or download it on a machine with network first")
+        return
+    reason = hub_unreachable()
+    if reason:
+        cached = " or set HF_HUB_OFFLINE=1 to load it from the hub cache" if _hub_cache_has(name, cache_dir) else ""
+        raise UserError(f"{flag} {name}: no such local folder, and the Hugging Face hub cannot be reached "
+                        f"({reason}); give a local folder{cached}")
 
 
 @contextlib.contextmanager

@@ -105,7 +105,7 @@ def _exp(x):
 
 @torch.no_grad()
 def evaluate(model, dataset, *, mlm, batch_size, device, special_tok_ids, vocab_size=None, teacher=None, seed=0,
-             mask_prop=0.15, max_batches=None, world_size=1, rank=0, amp_dtype=None):
+             mask_prop=0.15, max_batches=None, world_size=1, rank=0, amp_dtype=None, progress=False):
     """Evaluate `model` (and its agreement with `teacher`) on `dataset`; see the module docstring.
 
     dataset: items (token ids, length), e.g. LmSeqsDataset. special_tok_ids: {name: id} as
@@ -116,7 +116,8 @@ def evaluate(model, dataset, *, mlm, batch_size, device, special_tok_ids, vocab_
     takes the sequences i % world_size == r, every rank runs as many forwards as the busiest one, and when
     torch.distributed is initialised the sums are all-reduced so that every rank returns the same global numbers.
     amp_dtype: run the forwards under autocast in this dtype (the training run's --bf16/--fp16); the
-    losses over the logits are computed in float32 either way.
+    losses over the logits are computed in float32 either way. progress: a progress bar over the batches (the
+    command line; off inside training, whose own bar stays on screen).
 
     Returns {'mlm_loss', 'pseudo_perplexity'} (MLM) or {'clm_loss', 'perplexity'} (CLM), plus
     'kl_teacher_student' and 'top1_agreement' with a teacher, 'n_tokens' and 'n_sequences'.
@@ -132,7 +133,10 @@ def evaluate(model, dataset, *, mlm, batch_size, device, special_tok_ids, vocab_
     modes = _set_eval(student_lm, teacher_lm)
     try:
         sums = torch.zeros(5, dtype=torch.float64, device=device)  # CE, n tokens, KL, agreements, sequences
-        for indices in _shard(dataset, batch_size, max_batches, world_size, rank):
+        from tqdm import tqdm
+
+        batches = _shard(dataset, batch_size, max_batches, world_size, rank)
+        for indices in tqdm(batches, desc="Evaluating", unit="batch", disable=not progress, mininterval=2):
             counted = indices is not None
             indices = indices if counted else np.zeros(1, dtype=np.int64)  # a forward to keep step with the others
             token_ids, lengths, *loss_mask = _collate(dataset, indices)

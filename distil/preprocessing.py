@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lm_seqs_dataset import BinarizedWriter
-from utils import first_line, logger, special_token_ids
+from utils import check_hub_name, first_line, logger, special_token_ids
 
 # Which special tokens frame a sequence, and whether the text needs the leading space that byte-level BPE
 # sees after a special token (the original joined "<s> " + line, so the first word got its space; we
@@ -52,6 +52,7 @@ def load_framing_tokenizer(tokenizer_type, tokenizer_name, flag="--tokenizer_nam
     import transformers
 
     class_name, start_attr, end_attr, prefix = TOKENIZER_TYPES[tokenizer_type]
+    check_hub_name(flag, tokenizer_name)
     try:
         tokenizer = getattr(transformers, class_name).from_pretrained(tokenizer_name)
     except Exception as exc:  # malformed tokenizer files fail in many ways, all the folder's fault

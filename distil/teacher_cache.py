@@ -281,6 +281,9 @@ def build_cache(path, *, teacher_lm, dataset, corpus, tokenizer, data_file, max_
     n_units = n_epochs * n_items
     logger.info("Teacher cache %s: %d rows of top-%d, %d units (epoch, sequence) to go of %d.", path, n_rows, k,
                 n_units - done, n_units)
+    from tqdm import tqdm
+
+    bar = tqdm(desc="Teacher cache", total=n_units, initial=done, unit="seq", mininterval=5)
     unit = done
     while unit < n_units:
         epoch, first = divmod(unit, n_items)
@@ -318,6 +321,8 @@ def build_cache(path, *, teacher_lm, dataset, corpus, tokenizer, data_file, max_
         ids_file.flush()
         lp_file.flush()
         write_json_atomic(os.path.join(path, PROGRESS), {"units_done": unit, "units": n_units})
+        bar.update(last - first)
+    bar.close()
     if tokenizer is not None:
         tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
     meta["complete"] = True

@@ -2,9 +2,8 @@
 """What distillation buys with a real pretrained teacher: the paper's ablation in miniature, rerunnable.
 
     pip install gguf accelerate          # only to read a .gguf teacher
-    python experiments/ablation.py --teacher SmolLM2-135M-Instruct.Q4_1.gguf \
-        --train_text ../shared/data/wikitext-2/valid.txt --eval_text ../shared/data/wikitext-2/test.txt \
-        --workdir runs/ablation
+    python experiments/ablation.py --teacher "$GGUF" --train_text train.txt --eval_text heldout.txt \
+        --workdir runs/ablation          # GGUF: the file's path, as docs/real-teacher.md prints it
 
 Arms, each trained with the same data, order (per seed), steps and learning rate:
     distilled          student from teacher layers, --alpha_ce 5 --alpha_clm 2 --alpha_cos 1
@@ -83,14 +82,18 @@ def default_layers(n_teacher_layers):
     return list(range(first)) + list(range(n_teacher_layers - (n - first), n_teacher_layers))
 
 
-def summarize(values):
-    """(mean, sample standard deviation, min, max) of a list of floats (std 0 for one value)."""
-    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, min(values),
-            max(values))
+def spread(values, digits):
+    """'mean \u00b1 sample std [min, max]' of the values, or the value alone when there is one: one run measures no
+    spread, and '\u00b1 0.00' would claim one."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return (f"{statistics.fmean(values):.{digits}f} \u00b1 {statistics.stdev(values):.{digits}f} "
+            f"[{min(values):.{digits}f}, {max(values):.{digits}f}]")
 
 
 def results_table(records, seeds):
-    """Markdown: one row per model or arm (mean +- std [min, max] over the seeds), then the paired gain.
+    """Markdown: one row per model or arm (mean +- std [min, max] over the seeds, the value alone for one
+    seed), then the paired gain.
 
     records: {"teacher": eval record, "student_init": eval record, (arm, seed): eval record plus
     "train_seconds"}."""
@@ -105,19 +108,15 @@ def results_table(records, seeds):
         runs = [records[(arm, s)] for s in seeds if (arm, s) in records]
         if not runs:
             continue
-        cells = []
-        for metric, digits in zip(METRICS, (2, 3, 3)):
-            mean, std, lo, hi = summarize([r[metric] for r in runs])
-            cells.append(f"{mean:.{digits}f} \u00b1 {std:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]")
+        cells = [spread([r[metric] for r in runs], digits) for metric, digits in zip(METRICS, (2, 3, 3))]
         seconds = statistics.fmean(r.get("train_seconds", math.nan) for r in runs)
         lines.append(f"| {arm} | {len(runs)} | {' | '.join(cells)} | {seconds:.0f} |")
     paired = [records[("no_teacher", s)]["perplexity"] - records[("distilled", s)]["perplexity"]
               for s in seeds if ("distilled", s) in records and ("no_teacher", s) in records]
     if paired:
-        mean, std, lo, hi = summarize(paired)
         lines.append("")
-        lines.append(f"Paired gain of distillation (no_teacher - distilled perplexity, same seed): {mean:.2f} "
-                     f"\u00b1 {std:.2f} [{lo:.2f}, {hi:.2f}] over {len(paired)} seed(s).")
+        lines.append(f"Paired gain of distillation (no_teacher - distilled perplexity, same seed): "
+                     f"{spread(paired, 2)} over {len(paired)} seed(s).")
     return "\n".join(lines)
 
 

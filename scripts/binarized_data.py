@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distil.preprocessing import TOKENIZER_TYPES, binarize  # noqa: E402
-from utils import fail  # noqa: E402
+from utils import UserError, fail  # noqa: E402
 
 
 def main(argv=None):
@@ -42,7 +42,7 @@ def main(argv=None):
     try:
         binarize(args.file_path, args.tokenizer_type, args.tokenizer_name, args.dump_file, args.batch_lines,
                  start_token=args.start_token, end_token=args.end_token)
-    except ValueError as exc:
+    except (ValueError, UserError) as exc:
         fail(str(exc))
 
 

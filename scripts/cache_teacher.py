@@ -159,10 +159,13 @@ def main(argv=None):
                        settings=run_settings(args), batch_size=args.batch_size, device=device,
                        log_probs_dtype=args.log_probs_dtype, token_probs=token_probs, masking=masking,
                        force=args.force, teacher=identity)
-    size = cache_size_bytes(args.cache_dir)
-    logger.info("Cached %d rows (top-%d, %s) in %.1fs: %d bytes, %.1f bytes per cached position -> %s",
-                meta["n_rows"], meta["k"], args.log_probs_dtype, time.time() - start, size,
-                size / max(meta["n_rows"], 1), args.cache_dir)
+    # Per position: the rows alone (cache.json's bytes_per_row); the folder's total also holds the tokenizer's
+    # copy, the offsets and (MLM) the draws, which do not grow with k and would swamp the figure on a small corpus.
+    logger.info("Cached %d positions (top-%d, %s) in %.1fs: %d bytes per cached position (%.1f MB of rows); the "
+                "folder holds %.1f MB in all (tokenizer, offsets%s) -> %s", meta["n_rows"], meta["k"],
+                args.log_probs_dtype, time.time() - start, meta["bytes_per_row"],
+                meta["bytes_per_row"] * meta["n_rows"] / 1e6, cache_size_bytes(args.cache_dir) / 1e6,
+                ", masking draws" if args.mlm else "", args.cache_dir)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 float32 model.safetensors and the tokenizer, which train.py, extract.py and evaluate.py load like any other.
 
     pip install gguf accelerate        # optional packages, needed by this script only
-    python scripts/convert_gguf.py --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf --dump_folder models/smollm2
+    python scripts/convert_gguf.py --gguf_file path/to/SmolLM2-135M-Instruct.Q4_1.gguf --dump_folder models/smollm2
 
 transformers reads GGUF files and dequantizes them to float32, but refuses to save the model it loaded
 ("quantized with gguf and is not serializable") although its weights are plain float32 by then. This script
@@ -42,7 +42,9 @@ def check_optional_packages():
 
 def check_paths(args):
     if not os.path.isfile(args.gguf_file):
-        raise UserError(f"--gguf_file {args.gguf_file}: no such file")
+        hint = ("; a GGUF file that a pip package ships is in site-packages: docs/real-teacher.md prints its path"
+                if not os.path.dirname(args.gguf_file) else "")
+        raise UserError(f"--gguf_file {args.gguf_file}: no such file{hint}")
     with open(args.gguf_file, "rb") as f:
         if f.read(4) != b"GGUF":
             raise UserError(f"--gguf_file {args.gguf_file}: not a GGUF file (it does not start with the GGUF magic)")
@@ -50,13 +52,17 @@ def check_paths(args):
         raise UserError(f"--dump_folder {args.dump_folder} exists and is not an empty folder")
 
 
-def load_gguf(path):
-    """(model, tokenizer) as transformers loads them from a GGUF file: float32 weights, GGUF-flagged config."""
+def load_gguf(path, stages=None):
+    """(model, tokenizer) as transformers loads them from a GGUF file: float32 weights, GGUF-flagged config.
+    stages: a progress bar, advanced once the model and once the tokenizer is read."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.split(os.path.abspath(path))
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
+        if stages is not None:
+            stages.update(1)
+            stages.set_description_str("Convert: read the tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as exc:  # an unsupported architecture or a damaged file fails in many ways
         raise UserError(f"--gguf_file {path}: cannot load it with transformers ({first_line(exc)})") from None
@@ -90,9 +96,18 @@ def convert(gguf_file, dump_folder):
     """Write the folder beside its destination first, so an error never leaves half a model there."""
     import shutil
 
-    model, tokenizer = load_gguf(gguf_file)
+    from tqdm import tqdm
+
+    # Half a minute for a 135M model on 2 cores: four stages, each named while it runs.
+    stages = tqdm(total=4, desc="Convert: read and dequantize the weights", unit="stage",
+                  bar_format="{desc} {n}/{total} stages [{elapsed}]")
+    model, tokenizer = load_gguf(gguf_file, stages)
+    stages.update(1)
+    stages.set_description_str("Convert: copy and check every tensor")
     plain = plain_copy(model)
     del model
+    stages.update(1)
+    stages.set_description_str("Convert: write the folder")
     folder = os.path.abspath(dump_folder)
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(folder))
@@ -102,9 +117,12 @@ def convert(gguf_file, dump_folder):
         if os.path.isdir(folder):
             os.rmdir(folder)  # empty: check_paths refused anything else
         os.replace(staging, folder)
+        stages.update(1)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        stages.close()
     n_params = sum(p.numel() for p in plain.parameters())
     logger.info("Wrote a %d-layer %s (%.1fM parameters, float32) and its tokenizer to %s",
                 plain.config.num_hidden_layers, type(plain).__name__, n_params / 1e6, dump_folder)

@@ -94,14 +94,22 @@ def encoder_size_and_speed(models, args):
 
     from distil.evaluation import count_parameters
 
+    from tqdm import tqdm
+
     hf_logging.set_verbosity_error()  # the load report lists the task heads AutoModel leaves out: expected
+    hf_logging.disable_progress_bar()  # one bar for the whole measurement, below
+    named = [m for m in models if m["model"] is not None]
+    timed = 0 if args.no_speed else len(named) * (1 + args.speed_rounds)  # a warm-up, then the rounds
+    bar = tqdm(total=len(named) + timed, desc="Encoders: load", unit="step", mininterval=2)
     encoders = {}
-    for m in models:
-        if m["model"] is not None:
-            encoders[m["name"]] = AutoModel.from_pretrained(m["model"]).eval()
+    for m in named:
+        encoders[m["name"]] = AutoModel.from_pretrained(m["model"]).eval()
+        bar.update(1)
     out = {name: [count_parameters(enc), None] for name, enc in encoders.items()}
     if args.no_speed or not encoders:
+        bar.close()
         return out
+    bar.set_description("Encoders: time")
     vocab = min(enc.config.vocab_size for enc in encoders.values())
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(5, vocab, (args.speed_batch_size, args.speed_seq_len), generator=generator)
@@ -110,12 +118,15 @@ def encoder_size_and_speed(models, args):
     with torch.inference_mode():
         for enc in encoders.values():  # warm-up: allocator, kernel choice
             enc(input_ids=ids, attention_mask=mask)
+            bar.update(1)
         for _ in range(args.speed_rounds):
             for name, enc in encoders.items():
                 start = time.perf_counter()
                 for _ in range(args.speed_batches):
                     enc(input_ids=ids, attention_mask=mask)
                 times[name].append(time.perf_counter() - start)
+                bar.update(1)  # between timings, outside the timed span
+    bar.close()
     for name in encoders:
         out[name][1] = args.speed_batches * args.speed_batch_size / statistics.median(times[name])
     return out

@@ -162,7 +162,7 @@ def run(args):
     teacher = _load_model(args.teacher, args.teacher_type, t_config, "--teacher", args.mlm).to(device) if t_config else None
     results = evaluate(model, dataset, mlm=args.mlm, batch_size=args.batch_size, device=device,
                        special_tok_ids=special, vocab_size=vocab, teacher=teacher, seed=args.seed,
-                       mask_prop=args.mask_prop, max_batches=args.max_batches)
+                       mask_prop=args.mask_prop, max_batches=args.max_batches, progress=True)
     record = {"model": args.model, "model_type": args.model_type, "teacher": args.teacher,
               "data_file": args.data_file, "max_seq_length": max_len, "mlm": args.mlm, "seed": args.seed, "batch_size": args.batch_size,
               "max_batches": args.max_batches, "n_parameters": count_parameters(model), **results}

@@ -28,8 +28,11 @@ def predict(model, dataset, output_names, pad_token_id, batch_size, ctx, amp_dty
     order = np.argsort(np.asarray(dataset.lengths), kind="stable")
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     mine = {name: {} for name in output_names}
+    from tqdm import tqdm
+
+    mine_batches = range(ctx.global_rank, len(batches), ctx.world_size)
     try:
-        for b in range(ctx.global_rank, len(batches), ctx.world_size):
+        for b in tqdm(mine_batches, desc="Evaluating", unit="batch", disable=not ctx.is_master, mininterval=2):
             indices = [int(i) for i in batches[b]]
             rows = [dataset[i] for i in indices]
             batch = {k: v.to(ctx.device) for k, v in pad_collate(rows, pad_token_id).items()}

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from utils import UserError
+from utils import UserError, logger
 
 HUB_DATASET = "nyu-mll/glue"
 
@@ -89,8 +89,10 @@ def load_hub_split(task, split, cache_dir=None):
 
 
 def text_columns(data, task, args, source):
-    """(text column, second text column or None), checked against the data set's columns. --text_column and
-    --text_pair_column each replace their default alone (--text_column alone: a single sentence)."""
+    """(text column, second text column or None), checked against the data set's columns and logged. --text_column
+    and --text_pair_column each replace their default alone (--text_column alone: a single sentence). For a
+    GLUE task (task not None) the file must fit it: a single-sentence task refuses a file of sentence pairs (and a
+    pair task a file with one text), which would otherwise train as another kind of task without a word."""
     names = data.column_names
     if task is not None and task.columns[0] in names:
         first, second = task.columns
@@ -98,6 +100,16 @@ def text_columns(data, task, args, source):
         first, second = "sentence1", "sentence2"
     else:
         first, second = "sentence", None
+    if task is not None and not (args.text_column or args.text_pair_column):
+        pair = task.columns[1] is not None
+        if not pair and second is not None:
+            raise UserError(f"{source}: --task_name {task.name} is a single-sentence task, but the file holds sentence "
+                            f"pairs ({first}, {second}; columns: {', '.join(names)}); is it another task's file? "
+                            f"Name the text with --text_column to use one column")
+        if pair and second is None and first in names:
+            raise UserError(f"{source}: --task_name {task.name} is a sentence-pair task ({', '.join(task.columns)}), "
+                            f"but the file holds one text column ({first}; columns: {', '.join(names)}); is it "
+                            f"another task's file?")
     if args.text_column:
         first, second = args.text_column, None
     second = args.text_pair_column or second
@@ -105,6 +117,9 @@ def text_columns(data, task, args, source):
     for column, flag in flags:
         if column is not None and column not in names:
             raise UserError(f"{source}: no column {column!r} (columns: {', '.join(names)}); name it with {flag}")
+    logger.info("%s: text from column %s, label from column %r (%s)", source,
+                f"{first!r}" if second is None else f"{first!r} paired with {second!r}", args.label_column,
+                "a single-sentence task" if second is None else "a sentence-pair task")
     return first, second
 
 

@@ -10,6 +10,9 @@ task head would be randomly initialised is refused, since distilling from it wou
 and student must share the tokenizer's vocabulary, token for token. A fine-tuned classifier keeps its own
 label order (its config's id2label): label_permutation() says how to read its outputs in the task's order.
 """
+import contextlib
+import json
+import logging
 import os
 
 from transformers import AutoConfig, AutoTokenizer
@@ -26,7 +29,7 @@ def load_tokenizer(args, **kwargs):
     name = args.tokenizer_name or args.model_name_or_path
     flag = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
     tokenizer = load_pretrained(lambda: AutoTokenizer.from_pretrained(name, cache_dir=_cache(args), **kwargs), flag,
-                                name, "a tokenizer")
+                                name, "a tokenizer", cache_dir=_cache(args))
     if tokenizer.pad_token_id is None:
         raise UserError(f"the tokenizer of {name} has no padding token")
     return tokenizer
@@ -34,7 +37,7 @@ def load_tokenizer(args, **kwargs):
 
 def load_config(name, flag, model_type, cache_dir=None, **overrides):
     config = load_pretrained(lambda: AutoConfig.from_pretrained(name, cache_dir=cache_dir, **overrides), flag, name,
-                             "a model config")
+                             "a model config", cache_dir=cache_dir)
     if model_type not in (None, "auto") and model_type != config.model_type:
         raise UserError(f"{flag} {name} is a {config.model_type} model, but its type flag says {model_type}")
     return config
@@ -45,14 +48,33 @@ def load_student(args, model_class, **config_overrides):
     config = load_config(args.config_name or args.model_name_or_path,
                          "--config_name" if args.config_name else "--model_name_or_path",
                          args.model_type, _cache(args), **config_overrides)
-    model, info = load_pretrained(
-        lambda: model_class.from_pretrained(args.model_name_or_path, config=config, cache_dir=_cache(args),
-                                            output_loading_info=True),
-        "--model_name_or_path", args.model_name_or_path, "the student's weights")
+    with quiet_load_report():
+        model, info = load_pretrained(
+            lambda: model_class.from_pretrained(args.model_name_or_path, config=config, cache_dir=_cache(args),
+                                                output_loading_info=True),
+            "--model_name_or_path", args.model_name_or_path, "the student's weights", cache_dir=_cache(args))
     if info.get("missing_keys"):
-        logger.info("Student: %d tensor(s) start from random init (the task head): %s", len(info["missing_keys"]),
-                    ", ".join(sorted(info["missing_keys"])[:6]))
+        unused = sorted(info.get("unexpected_keys") or ())
+        logger.info("Student: %d tensor(s) start from random init (the task head): %s%s", len(info["missing_keys"]),
+                    ", ".join(sorted(info["missing_keys"])[:6]),
+                    f"; {len(unused)} checkpoint tensor(s) left unused (its pretraining head): {', '.join(unused[:4])}"
+                    if unused else "")
     return model
+
+
+@contextlib.contextmanager
+def quiet_load_report():
+    """Without transformers' LOAD REPORT table. transformers 5 logs one, as a warning, for every checkpoint whose
+    tensors differ from the model's: here always, by design (a task head starts from random init, the pretraining
+    head is left out). load_student says that in one line and load_teacher refuses a teacher without its head;
+    errors (a size mismatch) are still raised."""
+    log = logging.getLogger("transformers.modeling_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def load_teacher(args, model_class, tokenizer, student, **config_overrides):
@@ -61,16 +83,38 @@ def load_teacher(args, model_class, tokenizer, student, **config_overrides):
     if name is None:
         return None
     config = load_config(name, "--teacher_name_or_path", args.teacher_type, _cache(args), **config_overrides)
-    teacher, info = load_pretrained(
-        lambda: model_class.from_pretrained(name, config=config, cache_dir=_cache(args), output_loading_info=True),
-        "--teacher_name_or_path", name, "the teacher's weights")
+    with quiet_load_report():  # a missing head is refused below, in one line
+        teacher, info = load_pretrained(
+            lambda: model_class.from_pretrained(name, config=config, cache_dir=_cache(args), output_loading_info=True),
+            "--teacher_name_or_path", name, "the teacher's weights", cache_dir=_cache(args))
     missing = sorted(info.get("missing_keys", ())) + sorted(info.get("mismatched_keys", ()))
     if missing:
         head = model_class.__name__[len("AutoModelFor"):]
         raise UserError(f"--teacher_name_or_path {name}: its checkpoint has no {head} "
                         f"head ({missing[0]} would be random); fine-tune the teacher on the task first")
     check_same_vocabulary(name, teacher, tokenizer, student)
+    logger.info("%s", describe_teacher(name, teacher))
     return teacher.eval()
+
+
+def describe_teacher(name, teacher):
+    """One line for the log: which teacher, its labels in its output order (classifiers and taggers), and its
+    own score when its folder holds the eval_results.json of its evaluation."""
+    config = teacher.config
+    n_params = sum(p.numel() for p in teacher.parameters())
+    line = f"Teacher: {name} ({type(teacher).__name__}, {n_params / 1e6:.1f}M parameters)"
+    if getattr(teacher, "num_labels", None) and not type(teacher).__name__.endswith("QuestionAnswering"):
+        labels = [str(config.id2label[key]) for key in sorted(config.id2label, key=int)]
+        line += f"; its labels in output order: {', '.join(labels)}"
+    results = os.path.join(name, "eval_results.json")
+    if os.path.isfile(results):
+        try:
+            with open(results) as f:
+                record = json.load(f)
+            line += f"; its own evaluation ({results}): {record['task']} score {float(record['score']):.2f}"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a file of another kind says nothing about the teacher: leave it out
+    return line
 
 
 def check_same_vocabulary(teacher_name, teacher, tokenizer, student):
@@ -127,7 +171,11 @@ def label_permutation(id2label, task_labels, source):
         ours, theirs = [fold(n) for n in names], [fold(n) for n in task_labels]
         if sorted(ours) == sorted(theirs) and len(set(ours)) == len(ours):
             perm = [ours.index(label) for label in theirs]
-            return None if perm == list(range(len(perm))) else perm
+            if perm == list(range(len(perm))):
+                return None
+            logger.info("%s: its outputs (%s) are read in the task's order (%s), by label name", source,
+                        ", ".join(names), ", ".join(task_labels))
+            return perm
     raise UserError(f"{source}: the model's labels ({', '.join(names)}) are not the task's "
                     f"({', '.join(task_labels)}); its head cannot be read in the task's order")
 

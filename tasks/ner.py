@@ -6,7 +6,7 @@
     check_tags(data, labels, "from --train_file")                        # an unknown tag: one line, exit 2
     rows = sentence_windows(tokenizer, [s.words for s in data.sentences], tag_ids, max_seq_length)
     tags = word_predictions(rows, row_logits, n_sentences, labels)      # one predicted tag per word
-    write_predictions(data, tags, "predictions.txt")                     # the input's columns, tags replaced
+    write_predictions(data, tags, "predictions.txt")                     # token, gold and predicted tag per line
 
 Column files: one token per line, columns separated by tabs (or, in a line without a tab, by spaces, as in
 CoNLL-2003), a blank line between sentences, `-DOCSTART-` lines skipped. `--data_format germeval` (found by
@@ -36,8 +36,8 @@ class Sentence:
     words: List[str]
     tags: List[str]
     lines: List[int]  # each token's line number in the file (from 1), for error messages
-    fields: List[List[str]]  # each token line's columns, to write the predictions in the input's format
-    header: List[str]  # comment lines just before the sentence (GermEval's source line), kept in the predictions
+    fields: List[List[str]]  # each token line's columns as read
+    header: List[str]  # comment lines just before the sentence (GermEval's source line)
 
 
 @dataclasses.dataclass
@@ -285,16 +285,14 @@ def word_predictions(rows, row_logits, n_sentences, labels):
 
 
 def write_predictions(data, predictions, path):
-    """The input file again, sentence by sentence (comment lines kept, -DOCSTART- lines not), with the tag
-    column holding the predicted tags: the reader and any CoNLL tool read it as they read the input."""
+    """The CoNLL evaluation layout: one line per word, `token gold predicted` (the input's separator: a tab, or a
+    space for a file without tabs), a blank line between sentences; comment and -DOCSTART- lines left out. What
+    conlleval reads (its last two columns), a diff of the last two columns shows the errors, and this reader
+    reads it back (token first, the predicted tag last)."""
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for s, tags in zip(data.sentences, predictions):
-            for line in s.header:
-                f.write(line + "\n")
-            for fields, tag in zip(s.fields, tags):
-                fields = list(fields)
-                fields[data.tag_column] = tag
-                f.write(data.separator.join(fields) + "\n")
+            for word, gold, tag in zip(s.words, s.tags, tags):
+                f.write(data.separator.join((word, gold, tag)) + "\n")
             f.write("\n")
     os.replace(tmp, path)

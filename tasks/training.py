@@ -299,38 +299,45 @@ class TaskTrainer:
         """Train until total_steps optimizer steps; on_log(global_step) is called at each logging step
         (evaluation during training), on every rank. Returns the number of optimizer steps done."""
         from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         a = self.args
-        logger.info("Training: %d examples, %d batches per epoch per process, %d optimizer steps, %d process(es).",
-                    len(self.train_set), len(self.dataloader), self.total_steps, self.ctx.world_size)
+        logger.info("Training: %d examples, %d batches per epoch per process, %d optimizer steps of %d batch(es) "
+                    "each, %d process(es).", len(self.train_set), len(self.dataloader), self.total_steps,
+                    a.gradient_accumulation_steps, self.ctx.world_size)
         self.student.train()
         accumulated = 0
-        while self.global_step < self.total_steps:
-            self.batch_sampler.set_epoch(self.epoch)
-            self.batch_sampler.skip = self.batches_done  # > 0 only when resuming mid-epoch
-            bar = tqdm(self.dataloader, desc=f"epoch {self.epoch}", disable=not self.ctx.is_master, mininterval=5,
-                       initial=self.batches_done, total=len(self.dataloader))
-            for batch in bar:
-                accumulated += 1
-                boundary = accumulated == a.gradient_accumulation_steps
-                self.step(batch, sync_gradients=boundary)
-                self.batches_done += 1
-                if not boundary:
-                    continue
-                accumulated = 0
-                self.optimize()
-                if self.global_step % a.logging_steps == 0 or self.global_step == self.total_steps:
-                    self.log(bar)
-                    if on_log is not None:
-                        on_log(self.global_step)
-                if a.save_steps > 0 and self.global_step % a.save_steps == 0:
-                    self.save_checkpoint()
-                if self.global_step >= self.total_steps:
-                    break
-            bar.close()
-            if self.global_step < self.total_steps:
-                self.epoch += 1
-                self.batches_done = 0
+        with logging_redirect_tqdm():  # log lines above the bar, not through it
+            while self.global_step < self.total_steps:
+                self.batch_sampler.set_epoch(self.epoch)
+                self.batch_sampler.skip = self.batches_done  # > 0 only when resuming mid-epoch
+                # The batches this epoch will run (the last epoch stops at total_steps). Updated by hand: a bar
+                # wrapping the loader keeps a stale count when the loop breaks out of it.
+                left = (self.total_steps - self.global_step) * a.gradient_accumulation_steps - accumulated
+                bar = tqdm(desc=f"epoch {self.epoch}", disable=not self.ctx.is_master, mininterval=5, unit="batch",
+                           initial=self.batches_done, total=min(len(self.dataloader), self.batches_done + left))
+                for batch in self.dataloader:
+                    accumulated += 1
+                    boundary = accumulated == a.gradient_accumulation_steps
+                    self.step(batch, sync_gradients=boundary)
+                    self.batches_done += 1
+                    bar.update(1)
+                    if not boundary:
+                        continue
+                    accumulated = 0
+                    self.optimize()
+                    if self.global_step % a.logging_steps == 0 or self.global_step == self.total_steps:
+                        self.log(bar)
+                        if on_log is not None:
+                            on_log(self.global_step)
+                    if a.save_steps > 0 and self.global_step % a.save_steps == 0:
+                        self.save_checkpoint()
+                    if self.global_step >= self.total_steps:
+                        break
+                bar.close()
+                if self.global_step < self.total_steps:
+                    self.epoch += 1
+                    self.batches_done = 0
         if self.tensorboard is not None:
             self.tensorboard.close()
         return self.global_step
@@ -379,6 +386,10 @@ class TaskTrainer:
             if name not in ("step", "split", "epoch"):
                 self.tensorboard.add_scalar(f"train/{name}", value, self.global_step)
         self.write_metrics(record)
+        terms = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "epoch", "split", "loss",
+                                                                              "learning_rate", "grad_norm"))
+        logger.info("Step %d/%d: loss %.4f%s, lr %.3g", self.global_step, self.total_steps, record["loss"],
+                    f" ({terms})" if terms else "", record["learning_rate"])
         if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
 
@@ -500,7 +511,9 @@ def train_and_evaluate(args, ctx, student, teacher, train_set, loss_fn, tokenize
         trainer.train(on_log=on_log)
         if ctx.is_master:
             trainer.save_model(args.output_dir)
-            logger.info("Saved the fine-tuned student to %s", args.output_dir)
+            what = (f"student (distilled from {args.teacher_name_or_path})" if teacher is not None
+                    else "model (no teacher)")
+            logger.info("Saved the fine-tuned %s to %s", what, args.output_dir)
     if args.do_eval:
         if args.eval_all_checkpoints:
             for _, folder in list_checkpoints(args.output_dir):

@@ -87,3 +87,7 @@ def test_table_means_spreads_and_paired_gain():
     # no_teacher - distilled, seed by seed: 3, 4, 2 -> mean 3, sample std 1
     assert "3.00 \u00b1 1.00 [2.00, 4.00] over 3 seed(s)" in table
     assert "distilled_random_init" not in table  # an arm without runs has no row
+    # One seed: the value alone, no spread nobody measured.
+    one = ablation.results_table(records, [1])
+    assert "| distilled | 1 | 32.00 | 0.500 | 0.400 | 60 |" in one and "\u00b1" not in one
+    assert "same seed): 4.00 over 1 seed(s)." in one

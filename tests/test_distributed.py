@@ -47,7 +47,7 @@ def test_two_process_gloo_run_keeps_ranks_identical(tiny, binarized, tmp_path):
                         "--alpha_ce", "5", "--alpha_mlm", "2", "--alpha_clm", "0", "--alpha_cos", "1",
                         "--dump_path", dump, "--data_file", data, "--token_counts", counts, "--n_gpu", "0",
                         "--n_epoch", "2", "--batch_size", "4", "--gradient_accumulation_steps", "2",
-                        "--learning_rate", "1e-3", "--log_interval", "4")
+                        "--learning_rate", "1e-3", "--log_interval", "4", "--save_pth")
     assert "world size 2" in proc.stderr
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)

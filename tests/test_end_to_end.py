@@ -27,7 +27,7 @@ def _eval_records(dump):
     return [r for r in records if r["split"] == "eval"]
 
 
-def _assert_complete_dump(dump, model_class):
+def _assert_complete_dump(dump, model_class, pth=False):
     from transformers import AutoTokenizer
 
     model = model_class.from_pretrained(dump)
@@ -35,7 +35,7 @@ def _assert_complete_dump(dump, model_class):
     AutoTokenizer.from_pretrained(dump)
     params = json.loads((dump / "parameters.json").read_text())
     assert params["dump_path"] == str(dump)
-    assert (dump / "model_epoch_0.pth").is_file()
+    assert (dump / "model_epoch_0.pth").is_file() == pth  # the original's per-epoch copy only with --save_pth
     assert any(f.startswith("events") for f in os.listdir(dump / "log" / "train"))
     return model
 
@@ -47,8 +47,8 @@ def test_distilbert_from_bert_mlm_all_losses(tiny, binarized, tmp_path):
     proc = _train(tiny, binarized, dump, "distilbert", "bert",
                   ["--mlm", "--alpha_ce", "5.0", "--alpha_mlm", "2.0", "--alpha_clm", "0.0", "--alpha_mse", "0.1",
                    "--alpha_cos", "1.0", "--freeze_pos_embs", "--eval_data_file", binarized["bert"][0],
-                   "--eval_interval", "20", "--eval_max_batches", "2", "--eval_batch_size", "8"])
-    model = _assert_complete_dump(dump, DistilBertForMaskedLM)
+                   "--eval_interval", "20", "--eval_max_batches", "2", "--eval_batch_size", "8", "--save_pth"])
+    model = _assert_complete_dump(dump, DistilBertForMaskedLM, pth=True)
     evals = _eval_records(dump)
     assert [r["step"] for r in evals][:2] == [20, 40] and len(evals) >= 3  # intervals, then the epoch end
     for r in evals:

@@ -116,7 +116,8 @@ def runs(tiny, binarized, tmp_path_factory):
     replays the same dropout masks, so it changes no number)."""
     tmp = tmp_path_factory.mktemp("fsdp")
     _, ddp_dump, ddp_out = _run(tmp, tiny, binarized, "ddp")
-    proc, fsdp_dump, fsdp_out = _run(tmp, tiny, binarized, "fsdp", ["--fsdp", "--gradient_checkpointing"],
+    proc, fsdp_dump, fsdp_out = _run(tmp, tiny, binarized, "fsdp",
+                                     ["--fsdp", "--gradient_checkpointing", "--save_pth"],
                                      env={"RECORD_SYNCS": "1"})
     return {"tmp": tmp, "ddp": (ddp_dump, ddp_out), "fsdp": (fsdp_dump, fsdp_out), "fsdp_log": proc.stderr}
 

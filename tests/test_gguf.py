@@ -76,12 +76,14 @@ def tiny_gguf(tiny, tmp_path_factory):
 
 
 @needs_gguf
-def test_converted_folder_is_the_gguf_model(tiny, tiny_gguf, tmp_path):
+def test_converted_folder_is_the_gguf_model(tiny, tiny_gguf, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, embeddings = tiny_gguf
     folder = tmp_path / "converted"
     load_script("convert_gguf").main(["--gguf_file", str(path), "--dump_folder", str(folder)])
+    err = capsys.readouterr().err
+    assert "Convert: write the folder 4/4 stages" in err and "/5 stages" not in err, err[-2000:]  # the bar's end
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
 

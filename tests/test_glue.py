@@ -4,6 +4,7 @@ import pytest
 
 from tasks.glue import (binary_f1, get_task, glue_metrics, infer_custom_task, label_ids, load_file,
                          matthews_correlation, task_score)
+from conftest import expect_error
 from utils import UserError
 
 
@@ -119,3 +120,34 @@ def test_pairs_tokenised_with_a_distilbert_tokenizer_carry_segment_ids(tiny, rea
     assert rows["student"]["input_ids"] == rows["teacher"]["input_ids"]
     assert rows["student"]["token_type_ids"] == rows["teacher"]["token_type_ids"]
     assert all(1 in row for row in rows["student"]["token_type_ids"])
+
+
+def test_a_file_that_does_not_fit_the_named_task_is_refused_and_the_columns_read_are_said(tiny, tmp_path, capsys,
+                                                                                          caplog):
+    """--task_name sst2 given MRPC's two-sentence file used to train silently as a pair task."""
+    import logging
+
+    import run_glue_w_distillation as glue
+
+    caplog.set_level(logging.INFO, logger="distil")
+    pairs, single = tmp_path / "pairs.tsv", tmp_path / "single.tsv"
+    pairs.write_text("sentence1\tsentence2\tlabel\n" + "".join(f"{a}\t{b}\t{i % 2}\n" for i, (a, b) in enumerate(
+        zip(tiny["lines"][1:9], tiny["lines"][11:19]))))
+    single.write_text("sentence\tlabel\n" + "".join(f"{a}\t{i % 2}\n" for i, a in enumerate(tiny["lines"][1:9])))
+
+    def argv(task, train, *extra):
+        return ["--task_name", task, "--train_file", train, "--model_name_or_path", tiny["bert"], "--output_dir",
+                tmp_path / f"out_{task}_{train.stem}", "--do_train", "--max_steps", "1", "--cache_dir",
+                tmp_path / "cache", *extra]
+
+    expect_error(capsys, glue.main, argv("sst2", pairs), f"--train_file {pairs}", "--task_name sst2 is a "
+                 "single-sentence task", "sentence pairs (sentence1, sentence2", "--text_column")
+    expect_error(capsys, glue.main, argv("mrpc", single), f"--train_file {single}", "--task_name mrpc is a "
+                 "sentence-pair task", "one text column (sentence")
+    assert not list(tmp_path.glob("out_*"))
+    # Both texts read, and said so; naming the column is the way to read one text of a pair file.
+    glue.main([str(a) for a in argv("mrpc", pairs)])
+    assert f"--train_file {pairs}: text from column 'sentence1' paired with 'sentence2', label from column " \
+           "'label' (a sentence-pair task)" in caplog.text
+    glue.main([str(a) for a in argv("sst2", pairs, "--text_column", "sentence2")])
+    assert "text from column 'sentence2', label from column 'label' (a single-sentence task)" in caplog.text

@@ -64,13 +64,19 @@ def test_reads_conll_btc_and_germeval_and_writes_them_back(tmp_path):
     with pytest.raises(UserError, match=r"line 1: tag 'http://example.org/a'"):  # read as CoNLL, the # line is a token
         read_column_file(path, "--validation_file", data_format="conll", tag_column=2)
 
-    # The same tags written back give the input file again, comment lines included (predictions.txt's format).
-    for data, source in ((btc, BTC), (outer, GERMEVAL)):
-        out = tmp_path / "out.txt"
-        write_predictions(data, [s.tags for s in data.sentences], str(out))
-        assert out.read_text(encoding="utf-8") == source + ("" if source.endswith("\n\n") else "\n")
-    write_predictions(conll, [["O"] * len(s.words) for s in conll.sentences], str(out))
-    assert out.read_text().splitlines()[:2] == ["EU NNP B-NP O", "rejects VBZ B-VP O"]
+    # predictions.txt: token, gold tag, predicted tag (the CoNLL evaluation layout), read back by the same reader.
+    out = tmp_path / "out.txt"
+    for data in (btc, outer, conll):
+        predicted = [["O"] * len(s.words) for s in data.sentences]
+        predicted[-1][-1] = "B-PER"
+        write_predictions(data, predicted, str(out))
+        back = read_column_file(str(out), "predictions")
+        assert [s.words for s in back.sentences] == [s.words for s in data.sentences]
+        assert [s.tags for s in back.sentences] == predicted
+        assert [[f[1] for f in s.fields] for s in back.sentences] == [s.tags for s in data.sentences]  # gold
+    assert out.read_text().splitlines()[:2] == ["EU B-ORG O", "rejects O O"]  # a space-separated input stays so
+    write_predictions(outer, [s.tags for s in outer.sentences], str(out))
+    assert out.read_text(encoding="utf-8").splitlines()[:2] == ["Eurospeedway\tB-ORG\tB-ORG", "Lausitz\tI-ORG\tI-ORG"]
 
 
 def test_bad_files_are_one_line_errors_naming_file_and_line(tmp_path):
@@ -317,6 +323,7 @@ def test_end_to_end_one_process_with_a_teacher_and_the_table(ner_data, distilled
     predicted = read_column_file(str(student / "predictions.txt"), "predictions")
     assert [s.words for s in predicted.sentences] == [s.words for s in dev.sentences]
     assert [s.tags for s in predicted.sentences] == word_by_word(student, dev)
+    assert [[f[1] for f in s.fields] for s in predicted.sentences] == [s.tags for s in dev.sentences]  # gold
     scores = ner_scores([s.tags for s in dev.sentences], [s.tags for s in predicted.sentences])
     record = results(student)
     assert record["metrics"] == pytest.approx({k: scores[k] for k in ("precision", "recall", "f1", "accuracy")})

@@ -91,3 +91,24 @@ def test_evaluate_cuts_every_model_the_same_way(tiny, binarized, tmp_path):
     assert c["max_seq_length"] == 64 and c["n_tokens"] != a["n_tokens"]
     with pytest.raises(UserError, match="--max_seq_length 40 is longer than the models accept [(]32"):
         main(["--model", str(short), *common[:-1], "40"])
+
+
+def test_a_short_run_shows_what_it_does_and_names_what_it_wrote(tiny, binarized, tmp_path):
+    """The issue's run (--max_steps 4, batches of 4, 2 per step): the bar counts the 8 batches the run makes (not
+    the epoch's 45), a loss line every --log_interval batches, the last line names the folder and its files, and
+    no per-epoch .pth beside model.safetensors (the checkpoint is the weights plus AdamW's two moments)."""
+    dump = tmp_path / "run"
+    proc = _train(tiny, binarized, dump, "--max_steps", "4", "--batch_size", "4", "--gradient_accumulation_steps",
+                  "2", "--log_interval", "2", "--warmup_prop", "0")
+    totals = set(re.findall(r"-Iter epoch 0:.*?\| *\d+/(\d+) ", proc.stderr))
+    assert totals == {"8"}, proc.stderr[-3000:]
+    assert re.search(r"-Iter epoch 0: 100%.*\| 8/8 ", proc.stderr), proc.stderr[-3000:]
+    steps = re.findall(r"Optimizer step (\d)/4 \(batch (\d)\): loss \d+\.\d+ \(ce \d", proc.stderr)
+    assert steps == [("1", "2"), ("2", "4"), ("3", "6"), ("4", "8")], proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"Output in {dump}: " in last and "model.safetensors (" in last and "checkpoints/ (step_" in last, last
+    assert not list(dump.glob("*.pth"))
+    weights = (dump / "model.safetensors").stat().st_size
+    checkpoint = next((dump / "checkpoints").iterdir()).stat().st_size
+    # weights, exp_avg and exp_avg_sq (+ counters and RNG states, a few kB): no fourth copy
+    assert 2.9 < checkpoint / weights < 3.5

@@ -179,8 +179,10 @@ def test_glue_end_to_end_one_process(task_data, glue_teacher):
 
     d = task_data
     teacher, student = glue_teacher, d["root"] / "glue_student"
-    run_script(*glue_args(d, student, d["student"], "--teacher_name_or_path", teacher, "--num_train_epochs", "4",
-                          *GLUE_FAST), env=SCRIPT_ENV)
+    proc = run_script(*glue_args(d, student, d["student"], "--teacher_name_or_path", teacher, "--num_train_epochs",
+                                 "4", *GLUE_FAST), env=SCRIPT_ENV)
+    # The student's new head is said in one line, without transformers' LOAD REPORT table.
+    assert "tensor(s) start from random init (the task head)" in proc.stderr and "LOAD REPORT" not in proc.stderr
     log = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "loss_task", "loss_ce"} <= set(log[-1]) and log[0]["loss_ce"] > 0
 
@@ -433,8 +435,12 @@ def permuted_teacher(task_data, glue_teacher):
 
 
 def test_a_classifier_in_its_own_label_order_is_read_by_name(task_data, glue_teacher, permuted_teacher, tmp_path,
-                                                             capsys):
+                                                             capsys, caplog):
+    import logging
+
     import run_glue_w_distillation as glue_script
+
+    caplog.set_level(logging.INFO, logger="distil")  # under pytest the root logger's level is WARNING
 
     d = task_data
     assert json.loads((permuted_teacher / "config.json").read_text())["id2label"] == {"0": "positive",
@@ -459,6 +465,17 @@ def test_a_classifier_in_its_own_label_order_is_read_by_name(task_data, glue_tea
         train=True)
     a, b = weights(tmp_path / "from_plain"), weights(tmp_path / "from_permuted")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # The log names each teacher, its labels in its own order, its own score, and how its outputs are read.
+    score = results(glue_teacher)["score"]
+    assert (f"Teacher: {glue_teacher} (BertForSequenceClassification, " in caplog.text
+            and f"its labels in output order: negative, positive; its own evaluation "
+                f"({glue_teacher / 'eval_results.json'}): sst2 score {score:.2f}" in caplog.text), caplog.text[-3000:]
+    assert (f"Teacher: {permuted_teacher} " in caplog.text and "its labels in output order: positive, negative"
+            in caplog.text)
+    assert (f"--teacher_name_or_path {permuted_teacher}: its outputs (positive, negative) are read in the task's "
+            "order (negative, positive), by label name") in caplog.text
+    assert f"Saved the fine-tuned student (distilled from {permuted_teacher}) to {tmp_path / 'from_permuted'}" \
+        in caplog.text
 
     # Labels that name other classes cannot be read in the task's order: refused, nothing written.
     renamed = tmp_path / "renamed"
