@@ -18,7 +18,7 @@ from bench.step import make_config, make_distiller, make_sequences, step_alloc_p
 from distil.measuring import PeakSampler, release_freed_host_memory, sync
 from utils import RunContext
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root, above this package
 
 def local_bytes(tensors):
     """Bytes this rank holds of these tensors: a sharded (DTensor) one counts its local shard only."""

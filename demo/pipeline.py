@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root, above this package
 
 
 class StepFailed(Exception):
