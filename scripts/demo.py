@@ -46,15 +46,15 @@ PRESETS = {
         "eval_batch_size": 32, "speed_batches": 10, "speed_rounds": 7,
         "task_max_train": 4000, "task_epochs": 3, "task_lr": 3e-4, "task_batch_size": 32,
     },
-    "quick": {
-        "max_lines": 1200, "vocab_size": 600, "max_len": 64,
-        "teacher": {"layers": 4, "hidden": 64, "heads": 2, "ffn": 128},
+    "quick": {  # the test suite runs it (tests/test_demo.py): the smallest that still learns a little
+        "max_lines": 600, "vocab_size": 400, "max_len": 64,
+        "teacher": {"layers": 4, "hidden": 32, "heads": 2, "ffn": 64},
         "student_layers": [0, 3],
         "batch_size": 16,
         "teacher_epochs": 1, "teacher_lr": 1e-3,
         "student_epochs": 1, "student_lr": 5e-4,
         "eval_batch_size": 32, "speed_batches": 2, "speed_rounds": 2,
-        "task_max_train": 300, "task_epochs": 1, "task_lr": 3e-4, "task_batch_size": 32,
+        "task_max_train": 128, "task_epochs": 1, "task_lr": 3e-4, "task_batch_size": 32,
     },
 }
 

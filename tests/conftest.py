@@ -33,6 +33,22 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, cores // workers))
 
 
+# The files with the longest runs (measured with --durations on 2 cores), longest first: collection puts them at the
+# head of the run, so that under `-n 2 --dist loadfile --no-loadscope-reorder` (.ci/run) the two workers start on
+# them and the many short files fill the gaps at the end. In alphabetical order a long few-test file (test_resume,
+# test_task_training) could be handed out last, with one worker idle while the other runs it.
+LONGEST_FIRST = ("test_demo.py", "test_end_to_end.py", "test_resume.py", "test_auto.py", "test_fsdp.py",
+                 "test_task_training.py", "test_teacher_cache.py", "test_ner.py", "test_encoder_distillation.py",
+                 "test_distributed.py", "test_evaluate.py", "test_benchmark.py", "test_extract_auto.py",
+                 "test_run_length.py", "test_extract.py", "test_data.py", "test_losses.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files in LONGEST_FIRST order, then the others as collected; tests keep their order within a file."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
+
+
 def make_corpus_lines(n_lines=300, seed=0):
     """Deterministic English-like lines of varied length, a few blank and a few very short ones."""
     rng = random.Random(seed)
@@ -47,16 +63,79 @@ def make_corpus_lines(n_lines=300, seed=0):
     return lines
 
 
+def hang_guard(seconds):
+    """A subprocess's time limit: `seconds` (a wide margin over its time on 2 free cores) stretched by how busy the
+    machine is now (1-minute load per core, at least 1), so a loaded machine slows a test down but does not fail
+    it. It catches a hang; it is not a speed check."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return seconds * max(1.0, os.getloadavg()[0] / cores)
+
+
 def run_script(*args, expect_ok=True, timeout=300, env=None):
-    """Run a repo script with this interpreter; returns CompletedProcess. Fails the test on surprise."""
+    """Run a repo script with this interpreter; returns CompletedProcess. Fails the test on surprise.
+    timeout: the hang guard on 2 free cores, in seconds, scaled by hang_guard."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     full_env.update(env or {})
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    limit = hang_guard(timeout)
+    try:
+        proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                              timeout=limit, env=full_env)
+    except subprocess.TimeoutExpired as exc:
+        def tail(out, n):
+            return (out.decode(errors="replace") if isinstance(out, bytes) else out or "")[-n:]
+
+        raise AssertionError(
+            f"TIMEOUT (hang guard): {' '.join(map(str, args))} still running after {limit:.0f} s ({timeout} s "
+            f"scaled by the load, now {os.getloadavg()[0]:.1f}); killed.\n{tail(exc.stdout, 2000)}\n"
+            f"{tail(exc.stderr, 4000)}") from None
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     if not expect_ok and proc.returncode == 0:
         raise AssertionError(f"{args} unexpectedly succeeded:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_in_process(script, *args, expect_ok=True, env=None):
+    """Run a repo script's command line (its `if __name__ == "__main__"` block included, so the same error
+    handling and exit status) inside this process: no interpreter start and no torch/transformers import, seconds
+    saved per run. For tests about what a script does with its arguments; each script keeps at least one real
+    command-line run (run_script) elsewhere. Returns a CompletedProcess with the exit status and what was printed
+    (print()s and the `error:` line; not the log records, which go to the handler logging set up first)."""
+    import contextlib
+    import io
+    import runpy
+    import traceback
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, saved_env, saved_cwd = sys.argv, dict(os.environ), os.getcwd()
+    returncode = 0
+    try:
+        sys.argv = [script, *argv]
+        os.environ.update(env or {})
+        os.chdir(REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(os.path.join(REPO, script), run_name="__main__")
+            except SystemExit as exc:
+                code = exc.code
+                returncode = code if isinstance(code, int) else (0 if code is None else 1)
+                if isinstance(code, str):
+                    print(code, file=sys.stderr)
+            except Exception:  # what an uncaught exception does to a real run: a traceback, exit status 1
+                traceback.print_exc()
+                returncode = 1
+    finally:
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+    proc = subprocess.CompletedProcess([script, *argv], returncode, out.getvalue(), err.getvalue())
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"{script} {argv} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    if not expect_ok and proc.returncode == 0:
+        raise AssertionError(f"{script} {argv} unexpectedly succeeded:\n{proc.stderr[-3000:]}")
     return proc
 
 
@@ -295,15 +374,16 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def binarized(tiny):
-    """The tiny corpus binarized and counted with each tokenizer: {type: (data_file, counts_file)}."""
+    """The tiny corpus binarized and counted with each tokenizer: {type: (data_file, counts_file)}. In-process
+    (six script runs, once per worker): test_end_to_end and test_data run these scripts' command lines."""
     out = {}
     for kind in ("bert", "roberta", "gpt2"):
         prefix = tiny["root"] / f"data_{kind}"
-        run_script("scripts/binarized_data.py", "--file_path", tiny["corpus"], "--tokenizer_type", kind,
-                   "--tokenizer_name", tiny[kind], "--dump_file", prefix)
+        run_in_process("scripts/binarized_data.py", "--file_path", tiny["corpus"], "--tokenizer_type", kind,
+                       "--tokenizer_name", tiny[kind], "--dump_file", prefix)
         data = f"{prefix}.{kind}.bin"
         counts = tiny["root"] / f"counts_{kind}.pickle"
-        run_script("scripts/token_counts.py", "--data_file", data, "--token_counts_dump", counts)
+        run_in_process("scripts/token_counts.py", "--data_file", data, "--token_counts_dump", counts)
         out[kind] = (data, counts)
     return out
 

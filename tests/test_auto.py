@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import run_in_process, run_script
 
 
 def _losses(dump, name):
@@ -58,15 +58,23 @@ def modernbert_teacher(tiny, tmp_path_factory):
 
 
 def _binarize(tiny, tokenizer_folder, prefix, counts=False):
-    run_script("scripts/binarized_data.py", "--file_path", tiny["corpus"], "--tokenizer_type", "auto",
-               "--tokenizer_name", tokenizer_folder, "--dump_file", prefix)
+    """In-process (conftest.run_in_process: the scripts' own command lines, without an interpreter start);
+    test_llama_half_depth_distillation runs binarized_data.py --tokenizer_type auto as a real command line."""
+    run_in_process("scripts/binarized_data.py", "--file_path", tiny["corpus"], "--tokenizer_type", "auto",
+                   "--tokenizer_name", tokenizer_folder, "--dump_file", prefix)
     data = f"{prefix}.{tokenizer_folder.name}.bin"
     if counts:
-        run_script("scripts/token_counts.py", "--data_file", data, "--token_counts_dump", f"{prefix}.counts")
+        run_in_process("scripts/token_counts.py", "--data_file", data, "--token_counts_dump", f"{prefix}.counts")
     return data
 
 
-COMMON = ["--n_epoch", "4", "--batch_size", "8", "--gradient_accumulation_steps", "1", "--log_interval", "8",
+@pytest.fixture(scope="module")
+def llama_data(tiny, llama_teacher, tmp_path_factory):
+    """The tiny corpus binarized with the Llama tokenizer, once for the file's tests that only read it."""
+    return _binarize(tiny, llama_teacher, tmp_path_factory.mktemp("llama_data") / "data")
+
+
+COMMON = ["--n_epoch", "2", "--batch_size", "8", "--gradient_accumulation_steps", "1", "--log_interval", "8",
           "--n_gpu", "0", "--learning_rate", "3e-3", "--warmup_prop", "0", "--student_type", "auto",
           "--teacher_type", "auto"]
 
@@ -74,7 +82,9 @@ COMMON = ["--n_epoch", "4", "--batch_size", "8", "--gradient_accumulation_steps"
 def test_llama_half_depth_distillation(tiny, llama_teacher, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    data = _binarize(tiny, llama_teacher, tmp_path / "data")
+    run_script("scripts/binarized_data.py", "--file_path", tiny["corpus"], "--tokenizer_type", "auto",
+               "--tokenizer_name", llama_teacher, "--dump_file", tmp_path / "data")
+    data = tmp_path / f"data.{llama_teacher.name}.bin"
     student = tmp_path / "student"
     run_script("scripts/extract.py", "--model_type", "auto", "--model_name", llama_teacher, "--layers", "0,3",
                "--dump_folder", student)
@@ -112,21 +122,21 @@ def test_modernbert_half_depth_distillation(tiny, modernbert_teacher, tmp_path):
     assert model.config.num_hidden_layers == 2
 
 
-def test_hidden_projection_for_different_widths(tiny, llama_teacher, tmp_path):
+def test_hidden_projection_for_different_widths(tiny, llama_teacher, llama_data, tmp_path):
     from safetensors.torch import load_file
     from transformers import LlamaConfig
 
-    data = _binarize(tiny, llama_teacher, tmp_path / "data")
+    data = llama_data
     narrow = LlamaConfig.from_pretrained(llama_teacher)
     narrow.hidden_size, narrow.num_hidden_layers, narrow.intermediate_size = 16, 1, 32
     narrow.to_json_file(tmp_path / "narrow.json")
     args = [*COMMON, "--n_epoch", "1", "--student_config", tmp_path / "narrow.json", "--teacher_name", llama_teacher,
             "--data_file", data, "--alpha_ce", "1", "--alpha_clm", "0", "--alpha_cos", "1"]
-    proc = run_script("train.py", *args, "--dump_path", tmp_path / "refused", expect_ok=False)
+    proc = run_in_process("train.py", *args, "--dump_path", tmp_path / "refused", expect_ok=False)
     assert "student 16" in proc.stderr and "teacher 32" in proc.stderr and "--hidden_projection" in proc.stderr
 
     dump = tmp_path / "run"
-    run_script("train.py", *args, "--dump_path", dump, "--hidden_projection")
+    run_script("train.py", *args, "--dump_path", dump, "--hidden_projection", "--max_steps", "4")
     exported = load_file(dump / "model.safetensors")
     assert not any("projection" in key for key in exported)
     checkpoint = sorted((dump / "checkpoints").iterdir())[-1]
@@ -134,15 +144,15 @@ def test_hidden_projection_for_different_widths(tiny, llama_teacher, tmp_path):
     assert state["hidden_projection"]["weight"].shape == (32, 16)
 
 
-def test_different_vocabularies_are_refused(tiny, llama_teacher, tmp_path):
+def test_different_vocabularies_are_refused(tiny, llama_teacher, llama_data, tmp_path):
     from transformers import LlamaConfig
 
-    data = _binarize(tiny, llama_teacher, tmp_path / "data")
+    data = llama_data
     other = LlamaConfig.from_pretrained(llama_teacher)
     other.vocab_size += 7
     other.to_json_file(tmp_path / "other.json")
-    proc = run_script("train.py", *COMMON, "--student_config", tmp_path / "other.json", "--teacher_name",
-                      llama_teacher, "--data_file", data, "--dump_path", tmp_path / "run", "--alpha_ce", "1",
-                      "--alpha_clm", "0", expect_ok=False)
+    proc = run_in_process("train.py", *COMMON, "--student_config", tmp_path / "other.json", "--teacher_name",
+                          llama_teacher, "--data_file", data, "--dump_path", tmp_path / "run", "--alpha_ce", "1",
+                          "--alpha_clm", "0", expect_ok=False)
     teacher_vocab = LlamaConfig.from_pretrained(llama_teacher).vocab_size
     assert f"({teacher_vocab + 7} tokens" in proc.stderr and f"({teacher_vocab} tokens" in proc.stderr

@@ -11,7 +11,7 @@ import torch
 
 import lm_seqs_dataset
 from distil import preprocessing
-from conftest import expect_error, load_script, run_script
+from conftest import expect_error, load_script, run_in_process, run_script
 from lm_seqs_dataset import (BinarizedCorpus, BinarizedWriter, LmSeqsDataset, load_legacy_pickle, load_token_counts,
                              resolve_data_file, save_token_counts)
 
@@ -168,6 +168,8 @@ def test_tokenizer_slug(tmp_path):
 
 
 # -------------------------------------------------------------------------------------- token_counts.py
+# The refusals run in-process (conftest.run_in_process: the script's own __main__, same exit status and error
+# line); test_token_counts_script_on_a_handwritten_corpus runs the real command line.
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
@@ -210,8 +212,8 @@ def test_token_counts_refuses_an_id_outside_vocab_size(tmp_path):
     with open(data, "wb") as f:
         pickle.dump([np.array([1, 2, 3], np.uint16), np.array([4, 60, 5], np.uint16)], f)
     out = tmp_path / "counts.pickle"
-    proc = run_script("scripts/token_counts.py", "--data_file", data, "--token_counts_dump", out,
-                      "--vocab_size", "50", expect_ok=False)
+    proc = run_in_process("scripts/token_counts.py", "--data_file", data, "--token_counts_dump", out,
+                          "--vocab_size", "50", expect_ok=False)
     assert proc.returncode == 2
     errors = _error_lines(proc)
     assert len(errors) == 1 and str(data) in errors[0] and "60" in errors[0], proc.stderr
@@ -222,8 +224,8 @@ def test_token_counts_refuses_an_id_outside_vocab_size(tmp_path):
 def test_token_counts_refuses_a_vocab_size_other_than_recorded(binarized, tmp_path):
     data, _ = binarized["bert"]
     out = tmp_path / "counts.pickle"
-    proc = run_script("scripts/token_counts.py", "--data_file", data, "--token_counts_dump", out,
-                      "--vocab_size", "30522", expect_ok=False)
+    proc = run_in_process("scripts/token_counts.py", "--data_file", data, "--token_counts_dump", out,
+                          "--vocab_size", "30522", expect_ok=False)
     assert proc.returncode == 2
     errors = _error_lines(proc)
     assert len(errors) == 1 and "--vocab_size" in errors[0] and str(data) in errors[0], proc.stderr
@@ -559,8 +561,8 @@ def test_token_counts_script_reports_a_truncated_file(tmp_path):
     path = tmp_path / "damaged.bin"
     _write_small_corpus(path)
     path.write_bytes(path.read_bytes()[:-3])
-    proc = run_script("scripts/token_counts.py", "--data_file", path, "--token_counts_dump", tmp_path / "c.npy",
-                      expect_ok=False)
+    proc = run_in_process("scripts/token_counts.py", "--data_file", path, "--token_counts_dump", tmp_path / "c.npy",
+                          expect_ok=False)
     assert proc.returncode == 2
     errors = _error_lines(proc)
     assert len(errors) == 1 and str(path) in errors[0], proc.stderr

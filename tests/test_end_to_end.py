@@ -5,13 +5,15 @@ import os
 import numpy as np
 import torch
 
-from conftest import run_script
+from conftest import run_in_process, run_script
 
 COMMON = ["--n_epoch", "1", "--batch_size", "4", "--gradient_accumulation_steps", "2", "--log_interval", "3",
           "--checkpoint_interval", "5", "--n_gpu", "0", "--learning_rate", "1e-3"]
 
 
-def _train(tiny, binarized, dump, student, teacher, extra=(), expect_ok=True):
+def _train(tiny, binarized, dump, student, teacher, extra=(), expect_ok=True, in_process=False):
+    """train.py's command line; in_process (conftest.run_in_process: its __main__ in this process, no interpreter
+    start) for the tests that read only the files it writes, not its log."""
     data, counts = binarized[teacher]
     config = {"distilbert": tiny["distilbert_config"], "roberta": tiny["roberta_config"],
               "gpt2": tiny["gpt2_config"]}[student]
@@ -19,7 +21,7 @@ def _train(tiny, binarized, dump, student, teacher, extra=(), expect_ok=True):
             "--teacher_name", tiny[teacher], "--dump_path", dump, "--data_file", data, *COMMON, *extra]
     if "--mlm" in extra:
         args += ["--token_counts", counts]
-    return run_script(*args, expect_ok=expect_ok)
+    return (run_in_process if in_process else run_script)(*args, expect_ok=expect_ok)
 
 
 def _eval_records(dump):
@@ -67,7 +69,7 @@ def test_gpt2_clm(tiny, binarized, tmp_path):
     dump = tmp_path / "run"
     _train(tiny, binarized, dump, "gpt2", "gpt2",
            ["--alpha_ce", "5.0", "--alpha_clm", "2.0", "--alpha_mse", "0.1", "--alpha_cos", "1.0",
-            "--eval_data_file", binarized["gpt2"][0], "--eval_max_batches", "2"])
+            "--eval_data_file", binarized["gpt2"][0], "--eval_max_batches", "2"], in_process=True)
     _assert_complete_dump(dump, GPT2LMHeadModel)
     (record,) = _eval_records(dump)  # no interval: once, after the epoch
     assert record["clm_loss"] > 0 and record["perplexity"] > 1 and "top1_agreement" in record
@@ -82,7 +84,7 @@ def test_roberta_mlm_freezes_embeddings(tiny, binarized, tmp_path):
     dump = tmp_path / "run"
     _train(tiny, binarized, dump, "roberta", "roberta",
            ["--mlm", "--alpha_ce", "1.0", "--alpha_mlm", "1.0", "--alpha_clm", "0.0", "--freeze_pos_embs",
-            "--freeze_token_type_embds", "--student_pretrained_weights", init_file])
+            "--freeze_token_type_embds", "--student_pretrained_weights", init_file], in_process=True)
     model = _assert_complete_dump(dump, RobertaForMaskedLM)
     before, after = init.state_dict(), model.state_dict()
     for frozen in ("roberta.embeddings.position_embeddings.weight", "roberta.embeddings.token_type_embeddings.weight"):
@@ -125,8 +127,10 @@ def test_extraction_then_training_recipe(tiny, binarized, tmp_path):
                      hidden_dim=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
                      activation="gelu").to_json_file(student_config)
     init = tmp_path / "init.pth"
-    run_script("scripts/extract_distilbert.py", "--model_type", "bert", "--model_name", tiny["bert"],
-               "--dump_checkpoint", init, "--vocab_transform", "--layers", "1", "--student_config", student_config)
+    # In-process: test_extract.py::test_cli_extract_distilbert runs this script's real command line.
+    run_in_process("scripts/extract_distilbert.py", "--model_type", "bert", "--model_name", tiny["bert"],
+                   "--dump_checkpoint", init, "--vocab_transform", "--layers", "1", "--student_config",
+                   student_config)
     extracted = torch.load(init, weights_only=True)
 
     # train.py's student starts from exactly the extracted values, and they are the teacher's layer 1
@@ -141,7 +145,8 @@ def test_extraction_then_training_recipe(tiny, binarized, tmp_path):
     dump = tmp_path / "run"
     _train(tiny, binarized, dump, "distilbert", "bert",
            ["--mlm", "--alpha_ce", "5.0", "--alpha_mlm", "2.0", "--alpha_clm", "0.0", "--alpha_cos", "1.0",
-            "--freeze_pos_embs", "--student_pretrained_weights", init, "--student_config", student_config])
+            "--freeze_pos_embs", "--student_pretrained_weights", init, "--student_config", student_config],
+           in_process=True)
     trained = DistilBertForMaskedLM.from_pretrained(dump).state_dict()
     pos = "distilbert.embeddings.position_embeddings.weight"
     torch.testing.assert_close(trained[pos], extracted[pos], rtol=0, atol=0)  # frozen by --freeze_pos_embs

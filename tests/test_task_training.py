@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, expect_error, load_script, run_script, run_torchrun
+from conftest import REPO, expect_error, load_script, run_in_process, run_script, run_torchrun
 from distil.losses import (classification_kd_loss, classification_loss, soft_target_kl, span_ce_loss, span_kd_loss,
                            task_distillation_loss)
 from test_squad import make_records
@@ -240,13 +240,15 @@ def make_records_from(path):
 def test_teacher_with_alpha_ce_zero_is_plain_fine_tuning_and_resume_is_exact(task_data, squad_teacher):
     """A teacher whose term weighs 0 changes nothing: same weights as fine-tuning without one (the teacher's
     forward draws no random numbers, and the task loss is the model's own, checked above). Then the plain run,
-    resumed from its first checkpoint, ends with the same weights."""
+    resumed from its first checkpoint, ends with the same weights. The three runs are in-process
+    (conftest.run_in_process: the script's __main__, without an interpreter start each); the script's real
+    command lines run in test_squad_end_to_end_two_processes."""
     d = task_data
     plain, zero, cut = d["root"] / "plain", d["root"] / "alpha0", d["root"] / "resumed"
     steps = ("--max_steps", "7", "--save_steps", "3")
-    run_script(*squad_args(d, plain, d["student"], *steps), env=SCRIPT_ENV)
-    run_script(*squad_args(d, zero, d["student"], *steps, "--teacher_name_or_path", squad_teacher, "--alpha_ce", "0",
-                           "--alpha_squad", "1"), env=SCRIPT_ENV)
+    run_in_process(*squad_args(d, plain, d["student"], *steps), env=SCRIPT_ENV)
+    run_in_process(*squad_args(d, zero, d["student"], *steps, "--teacher_name_or_path", squad_teacher,
+                               "--alpha_ce", "0", "--alpha_squad", "1"), env=SCRIPT_ENV)
     a, b = weights(plain), weights(zero)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     first = [json.loads(line) for line in (zero / "metrics.jsonl").read_text().splitlines()][0]
@@ -255,7 +257,7 @@ def test_teacher_with_alpha_ce_zero_is_plain_fine_tuning_and_resume_is_exact(tas
     shutil.copytree(plain, cut)
     shutil.rmtree(cut / "checkpoint-6")  # as if stopped between steps 6 and 7: resume from step 3
     os.remove(cut / "model.safetensors")
-    run_script(*squad_args(d, cut, d["student"], *steps, "--resume"), env=SCRIPT_ENV)
+    run_in_process(*squad_args(d, cut, d["student"], *steps, "--resume"), env=SCRIPT_ENV)
     c = weights(cut)
     assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
     assert (cut / "checkpoint-6").is_dir() and results(cut)["metrics"] == results(plain)["metrics"]
