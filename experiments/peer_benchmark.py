@@ -355,7 +355,7 @@ def report(results, args, s, mm):
                 and not b["gradient_checkpointing"])
         print(f"first-step loss: ours {a['losses'][0]:.8f}, TRL {b['losses'][0]:.8f}, relative difference "
               f"{rel:.1e} (largest over run 1's {len(b['losses'])} steps: {drift:.1e}); same initial student "
-              f"weights and warm-up: {same}")
+              f"weights and warm-up, TRL without gradient checkpointing: {same}")
         if rel > 1e-5 or not same:
             print("WARNING: the two sides do not compute the same first step")
         summary["first_loss_rel_diff"], summary["loss_drift"] = rel, drift
