@@ -338,6 +338,9 @@ def report(results, args, s, mm):
         r = summary[k]
         print(f"{k:<6} {r['s_per_step']:>8.3f} {r['tokens_per_s']:>9.0f} {r['flops_per_s'] / 1e9:>8.1f} "
               f"{100 * r['flops_per_s'] / mm:>5.0f}% {r['rise'] / mib:>9.0f} {r['peak'] / mib:>9.0f}")
+    floor = 12 * first["student_params"]
+    print(f"rise floor before activations: the student's gradients and AdamW moments, 12 bytes x "
+          f"{first['student_params'] / 1e6:.1f}M parameters = {floor / mib:.0f} MiB")
     print(f"torch.mm at the models' shapes, same threads: {mm / 1e9:.1f} GFLOP/s (\"of mm\": the step's FLOP/s, "
           "FLOPs it executes, over it)")
     for k in sides:
