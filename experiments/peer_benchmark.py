@@ -236,7 +236,7 @@ def run_trl(s, batches, args, record):
         trainer.compute_loss = compute_loss
         if args.profile:
             state_steps = []
-            trainer.add_callback(_ProfileWindow(args.warmup, state_steps))
+            trainer.add_callback(_ProfileWindow(args.warmup, state_steps, args.profile_rows))
             trainer.train()
             record["profile"] = state_steps[0]
             return
@@ -245,7 +245,7 @@ def run_trl(s, batches, args, record):
     record["rss_start"], record["rss_peak"] = state["sampler"].start_value, state["sampler"].peak
 
 
-def _ProfileWindow(warmup, out):
+def _ProfileWindow(warmup, out, rows):
     """A callback that profiles TRL's steps after the warm-up ones (its loop cannot be entered step by step)."""
     from transformers import TrainerCallback
 
@@ -260,7 +260,7 @@ def _ProfileWindow(warmup, out):
         def on_train_end(self, *a, **kw):
             if self.prof is not None:
                 self.prof.__exit__(None, None, None)
-                out.append(self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
+                out.append(self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows,
                                                           max_name_column_width=40))
 
     return Window()
@@ -283,8 +283,10 @@ def run_side(side, args):
     tokens = s["batch_size"] * s["seq_len"]
     rows = s["batch_size"] * (s["seq_len"] - 1)
     # FLOPs each side executes: our LM heads run only at the loss rows, GKD's at every position.
-    record["flops_per_step"] = step_flops(teacher, student, [(batches[0],)], head_rows=[rows] if side == "ours" else None)
+    head_rows = [rows] if side == "ours" else None
+    record["flops_per_step"] = step_flops(teacher, student, [(batches[0],)], head_rows=head_rows)
     record["tokens_per_step"] = tokens
+    record["mm_flops_per_s"] = matmul_rate(s)  # right after the steps: the machine as this run saw it
     record["teacher_params"] = sum(p.numel() for p in teacher.parameters())
     record["student_params"] = sum(p.numel() for p in student.parameters())
     return record
@@ -314,8 +316,10 @@ def matmul_rate(s, repeats=3):
 def summarise(records, warmup):
     steady = [x for r in records for x in r["seconds"][warmup:]]
     sec = statistics.median(steady)
+    of_mm = statistics.median(r["flops_per_step"] / statistics.median(r["seconds"][warmup:]) / r["mm_flops_per_s"]
+                              for r in records)
     return {"s_per_step": sec, "tokens_per_s": records[0]["tokens_per_step"] / sec,
-            "flops_per_s": records[0]["flops_per_step"] / sec,
+            "flops_per_s": records[0]["flops_per_step"] / sec, "of_mm": of_mm,
             "rise": statistics.median(r["rss_peak"] - r["rss_start"] for r in records),
             "peak": max(r["rss_peak"] for r in records), "steady_steps": len(steady)}
 
@@ -337,19 +341,25 @@ def report(results, args, s, mm):
     for k in sides:
         r = summary[k]
         print(f"{k:<6} {r['s_per_step']:>8.3f} {r['tokens_per_s']:>9.0f} {r['flops_per_s'] / 1e9:>8.1f} "
-              f"{100 * r['flops_per_s'] / mm:>5.0f}% {r['rise'] / mib:>9.0f} {r['peak'] / mib:>9.0f}")
+              f"{100 * r['of_mm']:>5.0f}% {r['rise'] / mib:>9.0f} {r['peak'] / mib:>9.0f}")
     floor = 12 * first["student_params"]
     print(f"rise floor before activations: the student's gradients and AdamW moments, 12 bytes x "
           f"{first['student_params'] / 1e6:.1f}M parameters = {floor / mib:.0f} MiB")
-    print(f"torch.mm at the models' shapes, same threads: {mm / 1e9:.1f} GFLOP/s (\"of mm\": the step's FLOP/s, "
-          "FLOPs it executes, over it)")
+    print(f"torch.mm at the models' shapes, same threads: {mm / 1e9:.1f} GFLOP/s now; \"of mm\": the step's FLOP/s "
+          "(the FLOPs it executes) over the rate each run measured right after its steps, median over runs")
     for k in sides:
         per_run = ", ".join(f"{statistics.median(r['seconds'][args.warmup:]):.3f}" for r in results[k])
         print(f"  {k}: median s/step per run {per_run}; losses of run 1: "
               + " ".join(f"{x:.6f}" for x in results[k][0]["losses"]))
     if "trl" in summary:
         o, t = summary["ours"], summary["trl"]
-        print(f"ours vs TRL: {o['tokens_per_s'] / t['tokens_per_s']:.2f}x the tokens/s; training-time RSS rise "
+        # The load of a shared machine moves between runs: a pair (ours, then TRL right after) saw about the same.
+        pairs = [statistics.median(b["seconds"][args.warmup:]) / statistics.median(a["seconds"][args.warmup:])
+                 for a, b in zip(results["ours"], results["trl"])]
+        summary["pair_speedups"] = pairs
+        print(f"ours vs TRL, per interleaved pair (TRL's median s/step / ours): "
+              + ", ".join(f"{x:.2f}x" for x in pairs) + f"; median {statistics.median(pairs):.2f}x")
+        print(f"ours vs TRL, pooled: {o['tokens_per_s'] / t['tokens_per_s']:.2f}x the tokens/s; training-time RSS rise "
               f"{o['rise'] / t['rise']:.2f}x, peak RSS {o['peak'] / t['peak']:.2f}x")
         a, b = results["ours"][0], results["trl"][0]
         rel = abs(a["losses"][0] - b["losses"][0]) / abs(b["losses"][0])

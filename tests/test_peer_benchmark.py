@@ -14,8 +14,9 @@ SCRIPT = os.path.join(REPO, "experiments", "peer_benchmark.py")
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 import peer_benchmark  # noqa: E402
 
-TINY = ["--threads", "1", "--vocab", "300", "--hidden", "32", "--ffn", "64", "--heads", "2", "--kv_heads", "2", "--teacher_layers", "2",
-        "--student_layers", "1", "--seq_len", "16", "--batch_size", "2", "--steps", "2", "--warmup", "1"]
+TINY = ["--threads", "1", "--vocab", "300", "--hidden", "32", "--ffn", "64", "--heads", "2", "--kv_heads", "2",
+        "--teacher_layers", "2", "--student_layers", "1", "--seq_len", "16", "--batch_size", "2", "--steps", "2",
+        "--warmup", "1"]
 
 
 def test_refuses_in_one_line_without_trl(monkeypatch, capsys):
@@ -49,7 +50,7 @@ def test_our_side_alone_runs_and_computes_the_forward_kl(tmp_path, capsys):
     run = result["runs"]["ours"][0]
     assert len(run["seconds"]) == 3 and len(run["losses"]) == 3
     assert run["rss_peak"] >= run["rss_start"] > 0 and run["flops_per_step"] > 0
-    assert result["summary"]["ours"]["s_per_step"] > 0
+    assert result["summary"]["ours"]["s_per_step"] > 0 and 0 < result["summary"]["ours"]["of_mm"]
     expected = plain_forward_kl(peer_benchmark.parse_args(TINY))
     assert run["losses"][0] == pytest.approx(expected, rel=1e-5)
     assert run["losses"][1] != run["losses"][0]  # the batches differ from step to step
