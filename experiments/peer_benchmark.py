@@ -316,11 +316,10 @@ def matmul_rate(s, repeats=3):
 def summarise(records, warmup):
     steady = [x for r in records for x in r["seconds"][warmup:]]
     sec = statistics.median(steady)
-    of_mm = statistics.median(r["flops_per_step"] / statistics.median(r["seconds"][warmup:]) / r["mm_flops_per_s"]
-                              for r in records)
     # The fastest steady step: on a shared machine, the one the other processes disturbed least.
     return {"s_per_step": sec, "best_s_per_step": min(steady), "tokens_per_s": records[0]["tokens_per_step"] / sec,
-            "flops_per_s": records[0]["flops_per_step"] / sec, "of_mm": of_mm,
+            "flops_per_s": records[0]["flops_per_step"] / sec,
+            "best_flops_per_s": records[0]["flops_per_step"] / min(steady),
             "rise": statistics.median(r["rss_peak"] - r["rss_start"] for r in records),
             "peak": max(r["rss_peak"] for r in records), "steady_steps": len(steady)}
 
@@ -336,18 +335,24 @@ def report(results, args, s, mm):
           f"warm-up; load average now {load[0]:.1f}")
     sides = [k for k in ("ours", "trl") if results.get(k)]
     summary = {k: summarise(results[k], args.warmup) for k in sides}
-    header = f"{'side':<6} {'s/step':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'of mm':>6} {'rise MiB':>9} {'peak MiB':>9}"
+    # The machine's limit: the fastest torch.mm rate any run saw (each measures it right after its steps). On a
+    # shared machine a single measurement may see another load than the steps did; the fastest is the limit.
+    mm = max([mm] + [r["mm_flops_per_s"] for k in sides for r in results[k]])
+    header = (f"{'side':<6} {'s/step':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'of mm':>6} {'best s':>7} {'of mm':>6} "
+              f"{'rise MiB':>9} {'peak MiB':>9}")
     print(header)
     print("-" * len(header))
     for k in sides:
         r = summary[k]
         print(f"{k:<6} {r['s_per_step']:>8.3f} {r['tokens_per_s']:>9.0f} {r['flops_per_s'] / 1e9:>8.1f} "
-              f"{100 * r['of_mm']:>5.0f}% {r['rise'] / mib:>9.0f} {r['peak'] / mib:>9.0f}")
+              f"{100 * r['flops_per_s'] / mm:>5.0f}% {r['best_s_per_step']:>7.3f} "
+              f"{100 * r['best_flops_per_s'] / mm:>5.0f}% "
+              f"{r['rise'] / mib:>9.0f} {r['peak'] / mib:>9.0f}")
     floor = 12 * first["student_params"]
     print(f"rise floor before activations: the student's gradients and AdamW moments, 12 bytes x "
           f"{first['student_params'] / 1e6:.1f}M parameters = {floor / mib:.0f} MiB")
-    print(f"torch.mm at the models' shapes, same threads: {mm / 1e9:.1f} GFLOP/s now; \"of mm\": the step's FLOP/s "
-          "(the FLOPs it executes) over the rate each run measured right after its steps, median over runs")
+    print(f"torch.mm at the models' shapes, same threads: {mm / 1e9:.1f} GFLOP/s, the fastest any run measured; "
+          "\"of mm\": the FLOPs a step executes per second over it, at the median and at the fastest steady step")
     for k in sides:
         per_run = ", ".join(f"{statistics.median(r['seconds'][args.warmup:]):.3f}" for r in results[k])
         print(f"  {k}: median s/step per run {per_run}; losses of run 1: "
@@ -362,7 +367,8 @@ def report(results, args, s, mm):
               + ", ".join(f"{x:.2f}x" for x in pairs) + f"; median {statistics.median(pairs):.2f}x")
         print(f"ours vs TRL, fastest steady step: {o['best_s_per_step']:.3f} s against {t['best_s_per_step']:.3f} s, "
               f"{t['best_s_per_step'] / o['best_s_per_step']:.2f}x")
-        print(f"ours vs TRL, pooled: {o['tokens_per_s'] / t['tokens_per_s']:.2f}x the tokens/s; training-time RSS rise "
+        print(f"ours vs TRL, pooled: {o['tokens_per_s'] / t['tokens_per_s']:.2f}x the tokens/s; "
+              f"training-time RSS rise "
               f"{o['rise'] / t['rise']:.2f}x, peak RSS {o['peak'] / t['peak']:.2f}x")
         a, b = results["ours"][0], results["trl"][0]
         rel = abs(a["losses"][0] - b["losses"][0]) / abs(b["losses"][0])
@@ -375,6 +381,7 @@ def report(results, args, s, mm):
         if rel > 1e-5 or not same:
             print("WARNING: the two sides do not compute the same first step")
         summary["first_loss_rel_diff"], summary["loss_drift"] = rel, drift
+    summary["matmul_flops_per_s"] = mm
     return summary
 
 
@@ -440,7 +447,6 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     mm = matmul_rate(s)
     summary = report(results, args, s, mm)
-    summary["matmul_flops_per_s"] = mm
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "shape": s, "summary": summary, "runs": results}, f, indent=1)
