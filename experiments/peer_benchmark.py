@@ -367,7 +367,8 @@ def report(results, args, s, mm):
               + ", ".join(f"{x:.2f}x" for x in pairs) + f"; median {statistics.median(pairs):.2f}x")
         print(f"ours vs TRL, fastest steady step: {o['best_s_per_step']:.3f} s against {t['best_s_per_step']:.3f} s, "
               f"{t['best_s_per_step'] / o['best_s_per_step']:.2f}x")
-        print(f"ours vs TRL, pooled: {o['tokens_per_s'] / t['tokens_per_s']:.2f}x the tokens/s; "
+        print(f"ours vs TRL, pooled (misleading when the load moves between runs: prefer the pairs): "
+              f"{o['tokens_per_s'] / t['tokens_per_s']:.2f}x the tokens/s; "
               f"training-time RSS rise "
               f"{o['rise'] / t['rise']:.2f}x, peak RSS {o['peak'] / t['peak']:.2f}x")
         a, b = results["ours"][0], results["trl"][0]
