@@ -356,3 +356,44 @@ def test_the_gguf_path_command_of_the_real_teacher_page_finds_the_packaged_file(
                           env=dict(os.environ, PYTHONPATH=str(site)))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(gguf)
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def heading_anchors(text):
+    """The anchors GitHub gives a page's headings (lower case, punctuation dropped, spaces as hyphens); fenced code
+    is not a heading."""
+    text = FENCE.sub("", text)
+    return {re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+            for title in re.findall(r"^#+\s+(.*)$", text, re.MULTILINE)}
+
+
+def broken_links(name, text, read_page, exists=lambda page: os.path.exists(os.path.join(REPO, page))):
+    """The links of page `name` to another page or file of the repository (or a heading of one) that is not
+    there."""
+    problems = []
+    for target in LINK.findall(text):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        path, _, anchor = target.partition("#")
+        page = os.path.normpath(os.path.join(os.path.dirname(name), path)) if path else name
+        if not exists(page):
+            problems.append(f"{name}: {target}: no such file")
+        elif anchor and page.endswith(".md") and anchor not in heading_anchors(read_page(page)):
+            problems.append(f"{name}: {target}: no such heading")
+    return problems
+
+
+def test_links_between_pages_reach_a_file_and_a_heading():
+    """A moved file or a renamed heading leaves no dead link in the README and docs."""
+    problems = [p for name in DOCS for p in broken_links(name, read(name), read)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_link_check_sees_a_missing_file_and_a_missing_heading():
+    pages = {"docs/a.md": "# Quick start: one command\n```bash\n# not a heading\n```\n",
+             "docs/b.md": "[ok](a.md#quick-start-one-command) [file](c.md) [heading](a.md#not-a-heading) "
+                          "[web](https://example.org/x#y)"}
+    assert broken_links("docs/b.md", pages["docs/b.md"], pages.get, pages.__contains__) == [
+        "docs/b.md: c.md: no such file", "docs/b.md: a.md#not-a-heading: no such heading"]
