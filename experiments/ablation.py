@@ -22,15 +22,11 @@ import argparse
 import json
 import math
 import os
-import re
-import shlex
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from demo.pipeline import Pipeline, StepFailed  # noqa: E402
-from utils import UserError, fail, write_json_atomic  # noqa: E402
+from demo.protocol import Protocol, default_layers, main_of, spread, teacher_depth  # noqa: E402
 
 ARMS = {
     "distilled": {"init": "teacher_layers", "alpha": {"ce": 5, "clm": 2, "cos": 1}},
@@ -73,24 +69,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def default_layers(n_teacher_layers):
-    """Half the depth, as the first half and the last half of the teacher: for SmolLM2-135M the layers 0-7 and
-    23-29 start at a held-out loss of 8.9 nats, where every other layer (0,2,...,28) starts at 14.4, worse than
-    a uniform guess (10.8)."""
-    n = max(1, n_teacher_layers // 2)
-    first = (n + 1) // 2
-    return list(range(first)) + list(range(n_teacher_layers - (n - first), n_teacher_layers))
-
-
-def spread(values, digits):
-    """'mean \u00b1 sample std [min, max]' of the values, or the value alone when there is one: one run measures no
-    spread, and '\u00b1 0.00' would claim one."""
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return (f"{statistics.fmean(values):.{digits}f} \u00b1 {statistics.stdev(values):.{digits}f} "
-            f"[{min(values):.{digits}f}, {max(values):.{digits}f}]")
-
-
 def results_table(records, seeds):
     """Markdown: one row per model or arm (mean +- std [min, max] over the seeds, the value alone for one
     seed), then the paired gain.
@@ -120,46 +98,15 @@ def results_table(records, seeds):
     return "\n".join(lines)
 
 
-def parse_seeds(text):
-    """--seeds as a list of ints; anything but comma-separated integers is a UserError."""
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items or not all(re.fullmatch(r"-?[0-9]+", item) for item in items):
-        raise UserError(f"--seeds {text!r}: expected comma-separated integers")
-    return [int(item) for item in items]
+class Ablation(Protocol):
+    ARMS = ARMS
 
-
-class Ablation:
     def __init__(self, args):
-        self.args = args
-        self.workdir = os.path.abspath(args.workdir)
-        self.seeds = parse_seeds(args.seeds)
-        self.arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
-        n_steps = 6 + len(self.seeds) * len(self.arms) * 2  # teacher, 2 x binarize, extract, 2 references
-        self.pipe = Pipeline(self.workdir, n_steps=n_steps, verbose=args.verbose)
-        self.path = lambda *parts: os.path.join(self.workdir, *parts)
+        super().__init__(args, fixed_steps=6, steps_per_run=2)  # teacher, 2 x binarize, extract, 2 references
 
     def check(self):
-        a = self.args
-        for flag in ("teacher", "train_text", "eval_text"):
-            if not os.path.exists(getattr(a, flag)):
-                raise UserError(f"--{flag} {getattr(a, flag)}: no such file or folder")
-        unknown = [arm for arm in self.arms if arm not in ARMS]
-        if unknown or not self.arms:
-            raise UserError(f"--arms {a.arms!r}: choose among {', '.join(ARMS)}")
-        for flag in ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_batches"):
-            if getattr(a, flag) < 1:
-                raise UserError(f"--{flag} must be at least 1")
-
-    def step(self, name, done, script, args, log, progress=None):
-        """Run a script unless its output `done` exists (a rerun resumes); --dry_run only prints it."""
-        self.pipe.begin(name)
-        if os.path.exists(done):
-            print(f"    already done: {self.pipe.rel(done)}", flush=True)
-        elif self.args.dry_run:
-            print("    python " + shlex.join(str(x) for x in [script, *args]), flush=True)
-        else:
-            self.pipe.run(script, args, log, progress)
-        self.pipe.end()
+        self.check_common(("teacher", "train_text", "eval_text"),
+                          ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_batches"))
 
     def run(self):
         a = self.args
@@ -186,7 +133,7 @@ class Ablation:
                       ["--file_path", text, "--tokenizer_type", "auto", "--tokenizer_name", teacher,
                        "--dump_file", prefix, *framing], f"binarize_{split}.log")
         student_init = self.path("student_init")
-        depth = self._teacher_depth(teacher)
+        depth = teacher_depth(teacher)
         layers = a.layers or (",".join(map(str, default_layers(depth))) if depth else "<half the teacher's depth>")
         self.step("Student from teacher layers " + layers, self.path("student_init", "config.json"),
                   "scripts/extract.py", ["--model_type", "auto", "--model_name", teacher, "--layers", layers,
@@ -211,20 +158,8 @@ class Ablation:
         if a.dry_run:
             return None
         table = results_table(records, self.seeds)
-        write_json_atomic(self.path("ablation.json"), {"settings": vars(a), "layers": layers, "results": {
-            (k if isinstance(k, str) else f"{k[0]}_seed{k[1]}"): v for k, v in records.items()}})
-        with open(self.path("ablation.md"), "w") as f:
-            f.write(table + "\n")
-        print("\n" + table, flush=True)
+        self.write_results("ablation", layers, records, table)
         return table
-
-    def _teacher_depth(self, teacher):
-        config = os.path.join(teacher, "config.json")
-        if not os.path.exists(config):  # a dry run before the conversion: the layers are not known yet
-            return 0
-        with open(config) as f:
-            values = json.load(f)
-        return values.get("num_hidden_layers") or values.get("n_layer")
 
     def _train(self, arm, spec, seed, run, teacher, student_init, data):
         a = self.args
@@ -237,24 +172,16 @@ class Ablation:
                 "--gradient_accumulation_steps", a.gradient_accumulation_steps, "--max_seq_length", a.max_seq_length,
                 "--learning_rate", a.learning_rate, "--warmup_prop", a.warmup_prop, "--temperature", a.temperature,
                 "--log_interval", 10, "--checkpoint_interval", 100_000]
-        timing = os.path.join(run, "ablation_seconds.json")  # written once the run is complete
-        start = time.time()
-        self.step(f"Train {arm} seed {seed}", timing, "train.py", args, f"train_{arm}_seed{seed}.log",
-                  progress=os.path.join(run, "metrics.jsonl"))
-        if self.args.dry_run:
-            return math.nan
-        if not os.path.exists(timing):
-            write_json_atomic(timing, {"train_seconds": round(time.time() - start, 1)})
-        with open(timing) as f:
-            return json.load(f)["train_seconds"]
+        return self.timed_train(arm, seed, run, args, "ablation_seconds.json")
 
     def _evaluate(self, name, model, teacher, data, tag):
         a = self.args
         out = self.path("eval", f"{tag}.json")
         vs_teacher = ["--teacher", teacher, "--teacher_type", "auto"] if teacher else []
         self.step(name, out, "scripts/evaluate.py",
-                  ["--model", model, "--model_type", "auto", *vs_teacher, "--data_file", data, "--batch_size", 8, "--max_batches", a.eval_batches, "--max_seq_length",
-                   a.max_seq_length, "--device", "cpu", "--output", out], f"{tag}.log")
+                  ["--model", model, "--model_type", "auto", *vs_teacher, "--data_file", data, "--batch_size", 8,
+                   "--max_batches", a.eval_batches, "--max_seq_length", a.max_seq_length, "--device", "cpu",
+                   "--output", out], f"{tag}.log")
         if not os.path.exists(out):
             return None
         with open(out) as f:
@@ -262,15 +189,7 @@ class Ablation:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        ablation = Ablation(args)
-        ablation.check()
-        return ablation.run()
-    except UserError as exc:
-        fail(str(exc))
-    except StepFailed as exc:
-        fail(f"{exc.step}: {exc} (log: {exc.log})")
+    return main_of(Ablation, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ response perplexity and KL to the teacher; the table gives each arm's mean, spre
 
 Size: the defaults (400 training conversations seen once: 100 steps of 4, at most 384 tokens; 100 held-out prompts;
 answers of at most 32 tokens; 2 seeds x 4 arms) are estimated at about two hours on 2 idle CPU cores from the
-real-teacher ablation's step time (docs/real-teacher.md: about 6 s a step of 1,000 tokens with the teacher); time one run first (--arms gold --seeds 0) and scale --max_steps / --n_train / --n_heldout to the machine.
+real-teacher ablation's step time (docs/real-teacher.md: about 6 s a step of 1,000 tokens with the teacher); time
+one run first (--arms gold --seeds 0) and scale --max_steps / --n_train / --n_heldout to the machine.
 
 Each step is a repository script run as a subprocess (its command printed, its log under workdir/logs); a step
 whose output exists is skipped, so rerunning the same command resumes an interrupted measurement. --dry_run
@@ -32,15 +33,11 @@ import json
 import math
 import os
 import random
-import re
-import shlex
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from demo.pipeline import Pipeline, StepFailed  # noqa: E402
-from utils import UserError, fail, write_json_atomic  # noqa: E402
+from demo.protocol import Protocol, default_layers, main_of, spread, teacher_depth  # noqa: E402
 
 ARMS = {
     "gold": {"data": "gold", "alpha": {"ce": 0, "clm": 1, "cos": 0}},
@@ -86,13 +83,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def parse_seeds(text):
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items or not all(re.fullmatch(r"-?[0-9]+", item) for item in items):
-        raise UserError(f"--seeds {text!r}: expected comma-separated integers")
-    return [int(item) for item in items]
-
-
 def squad_conversations(path, n, seed=0, instruction=INSTRUCTION):
     """n questions of a SQuAD v1.1 file drawn at random (fixed by seed), as conversation records."""
     with open(path) as f:
@@ -110,20 +100,9 @@ def squad_conversations(path, n, seed=0, instruction=INSTRUCTION):
     return records[:n]
 
 
-def default_layers(n_teacher_layers):
-    n = max(1, n_teacher_layers // 2)
-    first = (n + 1) // 2
-    return list(range(first)) + list(range(n_teacher_layers - (n - first), n_teacher_layers))
-
-
-def summarize(values):
-    """(mean, sample standard deviation, min, max) (std 0 for one value)."""
-    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, min(values),
-            max(values))
-
-
 def results_table(records, seeds):
-    """Markdown: teacher and untrained student, then one row per arm (mean +- std [min, max] over the seeds)."""
+    """Markdown: teacher and untrained student, then one row per arm (mean +- std [min, max] over the seeds, the
+    value alone for one seed)."""
     header = " | ".join(name for name, _ in METRICS)
     lines = [f"| model | runs | {header} | train s / run |", "|---" * (len(METRICS) + 3) + "|"]
     for name in ("teacher", "student_init"):
@@ -134,49 +113,23 @@ def results_table(records, seeds):
         runs = [records[(arm, s)] for s in seeds if (arm, s) in records]
         if not runs:
             continue
-        cells = []
-        for metric, digits in METRICS:
-            mean, std, lo, hi = summarize([r.get(metric, math.nan) for r in runs])
-            cells.append(f"{mean:.{digits}f} \u00b1 {std:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]")
+        cells = [spread([r.get(metric, math.nan) for r in runs], digits) for metric, digits in METRICS]
         seconds = statistics.fmean(r.get("train_seconds", math.nan) for r in runs)
         lines.append(f"| {arm} | {len(runs)} | {' | '.join(cells)} | {seconds:.0f} |")
     return "\n".join(lines)
 
 
-class Measurement:
+class Measurement(Protocol):
+    ARMS = ARMS
+
     def __init__(self, args):
-        self.args = args
-        self.workdir = os.path.abspath(args.workdir)
-        self.seeds = parse_seeds(args.seeds)
-        self.arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
         # SQuAD twice, answers, binarize twice, extract, score teacher and student; the GGUF conversion; 2 a run
-        n_steps = 8 + args.teacher.lower().endswith(".gguf") + len(self.seeds) * len(self.arms) * 2
-        self.pipe = Pipeline(self.workdir, n_steps=n_steps, verbose=args.verbose)
-        self.path = lambda *parts: os.path.join(self.workdir, *parts)
+        super().__init__(args, fixed_steps=8 + args.teacher.lower().endswith(".gguf"), steps_per_run=2)
 
     def check(self):
-        a = self.args
-        for flag in ("teacher", "squad_train", "squad_heldout"):
-            if not os.path.exists(getattr(a, flag)):
-                raise UserError(f"--{flag} {getattr(a, flag)}: no such file or folder")
-        unknown = [arm for arm in self.arms if arm not in ARMS]
-        if unknown or not self.arms:
-            raise UserError(f"--arms {a.arms!r}: choose among {', '.join(ARMS)}")
-        for flag in ("n_train", "n_heldout", "max_steps", "batch_size", "gradient_accumulation_steps",
-                     "max_new_tokens"):
-            if getattr(a, flag) < 1:
-                raise UserError(f"--{flag} must be at least 1")
-
-    def step(self, name, done, script, args, log, progress=None):
-        """Run a script unless its output `done` exists (a rerun resumes); --dry_run only prints it."""
-        self.pipe.begin(name)
-        if os.path.exists(done):
-            print(f"    already done: {self.pipe.rel(done)}", flush=True)
-        elif self.args.dry_run:
-            print("    python " + shlex.join(str(x) for x in [script, *args]), flush=True)
-        else:
-            self.pipe.run(script, args, log, progress)
-        self.pipe.end()
+        self.check_common(("teacher", "squad_train", "squad_heldout"),
+                          ("n_train", "n_heldout", "max_steps", "batch_size", "gradient_accumulation_steps",
+                           "max_new_tokens"))
 
     def write_conversations(self, name, source, n):
         out = self.path("data", f"{name}.jsonl")
@@ -218,7 +171,7 @@ class Measurement:
                       ["--file_path", source, "--tokenizer_name", teacher, "--dump_file", prefix,
                        "--max_seq_length", a.max_seq_length], f"binarize_{name}.log")
         student_init = self.path("student_init")
-        depth = self._teacher_depth(teacher)
+        depth = teacher_depth(teacher)
         layers = a.layers or (",".join(map(str, default_layers(depth))) if depth else "<half the teacher's depth>")
         self.step("Student from teacher layers " + layers, self.path("student_init", "config.json"),
                   "scripts/extract.py", ["--model_type", "auto", "--model_name", teacher, "--layers", layers,
@@ -238,20 +191,8 @@ class Measurement:
         if a.dry_run:
             return None
         table = results_table(records, self.seeds)
-        write_json_atomic(self.path("instruction_distillation.json"), {"settings": vars(a), "layers": layers,
-                                                                       "results": {
-            (k if isinstance(k, str) else f"{k[0]}_seed{k[1]}"): v for k, v in records.items()}})
-        with open(self.path("instruction_distillation.md"), "w") as f:
-            f.write(table + "\n")
-        print("\n" + table, flush=True)
+        self.write_results("instruction_distillation", layers, records, table)
         return table
-
-    def _teacher_depth(self, teacher):
-        config = os.path.join(teacher, "config.json")
-        if not os.path.exists(config):  # a dry run before the conversion: the layers are not known yet
-            return 0
-        with open(config) as f:
-            return json.load(f).get("num_hidden_layers", 0)
 
     def _train(self, arm, seed, run, teacher, student_init, data):
         a = self.args
@@ -263,16 +204,7 @@ class Measurement:
                 "--batch_size", a.batch_size, "--gradient_accumulation_steps", a.gradient_accumulation_steps,
                 "--max_seq_length", a.max_seq_length, "--learning_rate", a.learning_rate, "--warmup_prop", 0.05,
                 "--temperature", a.temperature, "--log_interval", 10, "--checkpoint_interval", 100_000]
-        timing = os.path.join(run, "train_seconds.json")  # written once the run is complete
-        start = time.time()
-        self.step(f"Train {arm} seed {seed}", timing, "train.py", args, f"train_{arm}_seed{seed}.log",
-                  progress=os.path.join(run, "metrics.jsonl"))
-        if a.dry_run:
-            return math.nan
-        if not os.path.exists(timing):
-            write_json_atomic(timing, {"train_seconds": round(time.time() - start, 1)})
-        with open(timing) as f:
-            return json.load(f)["train_seconds"]
+        return self.timed_train(arm, seed, run, args, "train_seconds.json")
 
     def _score(self, name, model, teacher, heldout):
         out_dir = self.path("scores")
@@ -288,15 +220,7 @@ class Measurement:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        measurement = Measurement(args)
-        measurement.check()
-        return measurement.run()
-    except UserError as exc:
-        fail(str(exc))
-    except StepFailed as exc:
-        fail(f"{exc.step}: {exc} (log: {exc.log})")
+    return main_of(Measurement, parse_args(argv))
 
 
 if __name__ == "__main__":

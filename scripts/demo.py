@@ -67,7 +67,8 @@ def parse_args(argv=None):
     parser.add_argument("--corpus", default=None,
                         help="A text file, one sequence per line (default: the Python standard library's "
                              "docstrings and comments).")
-    parser.add_argument("--quick", action="store_true", help="A tiny run that only checks the pipeline (a few minutes).")
+    parser.add_argument("--quick", action="store_true",
+                        help="A tiny run that only checks the pipeline (a few minutes).")
     parser.add_argument("--steps_scale", type=float, default=1.0,
                         help="Multiply the number of training epochs of every stage (rounded, at least 1).")
     parser.add_argument("--glue_dir", default=None,

@@ -63,6 +63,9 @@ def test_table_statistics_and_bad_arms(tmp_path, capsys):
                              "train_seconds": 30}}
     table = module.results_table(records, [0, 1])
     assert "| gold | 2 | 12.0 \u00b1 2.8 [10.0, 14.0] |" in table and "| 20 |" in table  # std of 10, 14: 2.83
+    # One seed: the value alone, no spread nobody measured (as the ablation's table).
+    one = module.results_table({("gold", 0): records[("gold", 0)]}, [0])
+    assert "| gold | 1 | 10.0 | 5.0 | 3.00 | 0.500 | 10 |" in one and "\u00b1" not in one
     with pytest.raises(SystemExit):
         module.main(_base(tmp_path) + ["--arms", "gold,nope"])
     err = capsys.readouterr().err
