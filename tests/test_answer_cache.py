@@ -22,8 +22,10 @@ def setup(tmp_path_factory):
     records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Paris"}]}
                for q in QUESTIONS]
     # a multi-turn prompt: its earlier answer is masked too, its rows come from the generation's prompt pass
-    records.insert(2, {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "yes thanks"},
-                                    {"role": "user", "content": "what is it ?"}, {"role": "assistant", "content": "no"}]})
+    records.insert(2, {"messages": [{"role": "user", "content": "hello"},
+                                    {"role": "assistant", "content": "yes thanks"},
+                                    {"role": "user", "content": "what is it ?"},
+                                    {"role": "assistant", "content": "no"}]})
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = {"root": root, "prompts": prompts, "n": len(records),
