@@ -40,6 +40,10 @@ def load_chat_lm(folder, flag):
 class Rollouts(NamedTuple):
     completions: list  # per prompt: the generated ids, up to and including the end-of-turn token when reached
     finished: list  # per prompt: whether an end-of-turn token ended it (False: cut at max_new_tokens)
+    # with generate(score=...): per prompt, score's output at every position whose logits the pass computed with
+    # that row's own tokens in context, in sequence order (row i: the prediction of token i + 1 of prompt +
+    # completion); else None
+    scores: list = None
 
 
 def seeded_generator(seed, *keys):
@@ -66,11 +70,17 @@ def _pick(logits, temperature, top_p, generator):
 
 @torch.no_grad()
 def generate(model, prompts, *, stop_ids, pad_id, max_new_tokens, temperature=0.0, top_p=1.0, generator=None,
-             device="cpu"):
+             device="cpu", score=None):
     """Rollouts of `model` (a causal LM) for prompts (lists of ids), all in one batch.
 
     stop_ids: the end-of-turn ids (conversations.end_of_turn_ids); pad_id: any id (padding is masked out).
-    temperature 0: greedy. The model runs in eval mode (no dropout) and is put back in its mode after."""
+    temperature 0: greedy. The model runs in eval mode (no dropout) and is put back in its mode after.
+
+    score: a function of raw logits (..., vocab) -> a tuple of tensors (..., *): applied to every position's
+    logits the pass computes (the prompt's, then each new token's), so what a teacher forward over prompt +
+    completion would give comes out of the generation itself (scripts/teacher_answers.py --cache_dir). A row's
+    scores cover its prompt and every completion token the pass fed back: all but the last token of a completion
+    that stopped first in its batch, one past the last when it was cut at max_new_tokens."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     device = torch.device(device)
@@ -89,6 +99,8 @@ def generate(model, prompts, *, stop_ids, pad_id, max_new_tokens, temperature=0.
     try:
         out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True)
         cache, logits = out.cache, out.logits[:, -1]
+        # every prompt position's scores (left padding included, dropped below), then one column a fed token
+        scored = [tuple(t.cpu() for t in score(out.logits))] if score is not None else None
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         new = []
         for _ in range(max_new_tokens):
@@ -103,6 +115,8 @@ def generate(model, prompts, *, stop_ids, pad_id, max_new_tokens, temperature=0.
             out = model(input_ids=token[:, None], attention_mask=attention, position_ids=positions,
                         cache=cache, use_cache=True)
             cache, logits = out.cache, out.logits[:, -1]
+            if scored is not None:
+                scored.append(tuple(t.cpu() for t in score(out.logits)))
     finally:
         model.train(was_training)
     generated = torch.stack(new, dim=1).cpu().numpy()  # (bs, steps)
@@ -113,7 +127,13 @@ def generate(model, prompts, *, stop_ids, pad_id, max_new_tokens, temperature=0.
         end = int(hits[0]) + 1 if len(hits) else generated.shape[1]
         completions.append(generated[row, :end].tolist())
         finished.append(bool(len(hits)))
-    return Rollouts(completions, finished)
+    if scored is None:
+        return Rollouts(completions, finished)
+    columns = [torch.cat(parts, dim=1) for parts in zip(*scored)]  # each (bs, width + tokens fed, *)
+    n_fed = len(scored) - 1
+    scores = [tuple(c[row, width - len(prompt): width + min(len(completions[row]), n_fed)] for c in columns)
+              for row, prompt in enumerate(prompts)]
+    return Rollouts(completions, finished, scores)
 
 
 def completion_batch(prompts, completions, pad_id):

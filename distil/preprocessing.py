@@ -219,6 +219,19 @@ def count_tokens(corpus, vocab_size):
 TRAIN_ON = ("assistant", "all")  # --train_on: the assistant's tokens (a loss mask in the corpus), or every token
 
 
+def chat_corpus_path(dump_file, tokenizer_name):
+    """Where a conversation corpus is written: '<dump_file>.<tokenizer>.bin'."""
+    return f"{dump_file}.{tokenizer_slug(tokenizer_name)}.bin"
+
+
+def chat_corpus_metadata(tokenizer, tokenizer_name, file_path, train_on, max_seq_length):
+    """The header of a conversation corpus (binarize_conversations, and scripts/teacher_answers.py --dump_file,
+    which writes the corpus binarize_conversations would write from its answers)."""
+    return {"tokenizer_type": "auto", "tokenizer_name": tokenizer_name, "source": os.path.basename(file_path),
+            "special_ids": special_token_ids(tokenizer), "framing": [None, None],
+            "conversations": {"train_on": train_on, "max_seq_length": max_seq_length}}
+
+
 def binarize_conversations(file_path, tokenizer_name, dump_file, max_seq_length, train_on="assistant",
                            messages_column="messages", text_column=None):
     """Conversations (distil/conversations.py's formats) -> a corpus with a loss mask on the assistant's tokens.
@@ -242,11 +255,10 @@ def binarize_conversations(file_path, tokenizer_name, dump_file, max_seq_length,
     elif tokenizer.eos_token_id is None:
         raise ValueError(f"--tokenizer_name {tokenizer_name}: the tokenizer has no EOS token to end each text with")
     masked = text_column is None and train_on == "assistant"
-    out_path = f"{dump_file}.{tokenizer_slug(tokenizer_name)}.bin"
+    out_path = chat_corpus_path(dump_file, tokenizer_name)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    metadata = {"tokenizer_type": "auto", "tokenizer_name": tokenizer_name, "source": os.path.basename(file_path),
-                "special_ids": special_token_ids(tokenizer), "framing": [None, None],
-                "conversations": {"train_on": "text" if text_column else train_on, "max_seq_length": max_seq_length}}
+    metadata = chat_corpus_metadata(tokenizer, tokenizer_name, file_path, "text" if text_column else train_on,
+                                    max_seq_length)
     counts = {"conversations": 0, "cut": 0, "dropped": 0, "tokens": 0, "loss_tokens": 0}
     with BinarizedWriter(out_path, vocab_size=len(tokenizer), metadata=metadata, loss_mask=masked) as writer:
         for where, record in tqdm(read_records(file_path), desc="binarize", unit=" records", disable=None,

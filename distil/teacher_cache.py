@@ -229,12 +229,66 @@ def _mlm_draws(dataset, item_offsets, token_probs, n_epochs, masking):
     return inputs, predicted
 
 
-def _topk_rows(t_logits, k, temperature):
-    """(ids (n, k), log-probs (n, k + 1)): the top k of log_softmax(t / T) and the tail's log-mass."""
-    log_p = F.log_softmax(t_logits.float() / temperature, dim=-1)  # (n, V)
-    values, ids = log_p.topk(k, dim=-1)  # (n, k), sorted
-    tail = torch.logsumexp(log_p.scatter_(1, ids, float("-inf")), dim=-1, keepdim=True)  # (n, 1); -inf if k = V
+def topk_rows(t_logits, k, temperature):
+    """(ids (..., k), log-probs (..., k + 1)): the top k of log_softmax(t / T) and the tail's log-mass, for
+    logits (..., V)."""
+    log_p = F.log_softmax(t_logits.float() / temperature, dim=-1)  # (..., V)
+    values, ids = log_p.topk(k, dim=-1)  # (..., k), sorted
+    tail = torch.logsumexp(log_p.scatter_(-1, ids, float("-inf")), dim=-1, keepdim=True)  # -inf if k = V
     return ids, torch.cat([values, tail], dim=-1)
+
+
+def _meta(*, k, vocab_size, mlm, n_epochs, max_len, temperature, teacher, data_file, corpus, tokenizer, settings,
+          log_probs_dtype):
+    """cache.json of a build that has not finished (one place for what identifies a cache)."""
+    return {"format": FORMAT, "complete": False, "k": int(k), "vocab_size": int(vocab_size), "mlm": bool(mlm),
+            "n_epochs": int(n_epochs), "max_len": int(max_len), "temperature": float(temperature),
+            "teacher": teacher, "data_file": data_file, "corpus": corpus_identity(corpus),
+            "tokenizer": tokenizer_identity(tokenizer) if tokenizer is not None else None,
+            "settings": settings, "ids_dtype": np.dtype(_ids_dtype(vocab_size)).name,
+            "log_probs_dtype": log_probs_dtype}
+
+
+def _finish(path, meta, tokenizer, n_rows):
+    """Save the tokenizer, then mark the cache complete (cache.json written atomically, last)."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+    meta["complete"] = True
+    meta["n_rows"] = n_rows
+    meta["bytes_per_row"] = (meta["k"] * np.dtype(meta["ids_dtype"]).itemsize
+                             + (meta["k"] + 1) * np.dtype(meta["log_probs_dtype"]).itemsize)
+    write_json_atomic(os.path.join(path, META), meta)
+    return meta
+
+
+def write_causal_cache(path, *, rows, dataset, corpus, tokenizer, data_file, max_len, vocab_size, k, temperature,
+                       teacher, log_probs_dtype="float16", force=False, written_by=None):
+    """A causal LM's cache from rows already computed (scripts/teacher_answers.py: the generation pass's own
+    logits), in the layout build_cache writes. rows(index) -> (ids (n, k), log-probs (n, k + 1)) of dataset
+    item `index`: the rows build_cache's teacher forward would give it, in the same order."""
+    meta = _meta(k=k, vocab_size=vocab_size, mlm=False, n_epochs=1, max_len=max_len, temperature=temperature,
+                 teacher=teacher, data_file=data_file, corpus=corpus, tokenizer=tokenizer,
+                 settings={"mlm": False, "temperature": float(temperature)}, log_probs_dtype=log_probs_dtype)
+    if written_by:
+        meta["written_by"] = written_by
+    _start_or_resume(path, meta, force)
+    lengths = np.asarray(dataset.lengths, dtype=np.int64)
+    item_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    parts = [rows(index) for index in range(len(dataset))]
+    row_offsets = np.concatenate([[0], np.cumsum([len(ids) for ids, _ in parts])]).astype(np.int64)
+    n_rows = int(row_offsets[-1])
+    np.save(os.path.join(path, "row_offsets.npy"), row_offsets)
+    np.save(os.path.join(path, "item_offsets.npy"), item_offsets)
+    ids_file = np.memmap(os.path.join(path, "ids.bin"), dtype=meta["ids_dtype"], mode="w+", shape=(max(n_rows, 1), k))
+    lp_file = np.memmap(os.path.join(path, "log_probs.bin"), dtype=log_probs_dtype, mode="w+",
+                        shape=(max(n_rows, 1), k + 1))
+    for (ids, log_probs), lo, hi in zip(parts, row_offsets[:-1], row_offsets[1:]):
+        ids_file[lo:hi] = np.asarray(ids).astype(meta["ids_dtype"])
+        lp_file[lo:hi] = np.asarray(log_probs).astype(log_probs_dtype)
+    ids_file.flush()
+    lp_file.flush()
+    del ids_file, lp_file
+    return _finish(path, meta, tokenizer, n_rows)
 
 
 def build_cache(path, *, teacher_lm, dataset, corpus, tokenizer, data_file, max_len, vocab_size, mlm, k,
@@ -250,12 +304,9 @@ def build_cache(path, *, teacher_lm, dataset, corpus, tokenizer, data_file, max_
     if masked and mlm:
         raise UserError("a corpus with a loss mask (conversations) is for causal LMs: drop --mlm")
     item_offsets = np.concatenate([[0], np.cumsum(lengths)])
-    meta = {"format": FORMAT, "complete": False, "k": int(k), "vocab_size": int(vocab_size), "mlm": bool(mlm),
-            "n_epochs": int(n_epochs), "max_len": int(max_len), "temperature": float(temperature),
-            "teacher": teacher, "data_file": data_file, "corpus": corpus_identity(corpus),
-            "tokenizer": tokenizer_identity(tokenizer) if tokenizer is not None else None,
-            "settings": settings, "ids_dtype": np.dtype(_ids_dtype(vocab_size)).name,
-            "log_probs_dtype": log_probs_dtype}
+    meta = _meta(k=k, vocab_size=vocab_size, mlm=mlm, n_epochs=n_epochs, max_len=max_len, temperature=temperature,
+                 teacher=teacher, data_file=data_file, corpus=corpus, tokenizer=tokenizer, settings=settings,
+                 log_probs_dtype=log_probs_dtype)
     done = _start_or_resume(path, meta, force)
     if mlm:
         inputs, predicted = _mlm_draws(dataset, item_offsets, token_probs, n_epochs, masking)
@@ -313,7 +364,7 @@ def build_cache(path, *, teacher_lm, dataset, corpus, tokenizer, data_file, max_
         mask = attn.to(device) if (mlm and padded) else None
         with torch.no_grad():
             t_logits, _ = teacher_lm(token_ids.to(device), mask, rows.to(device))
-        ids, log_probs = _topk_rows(t_logits[:, :vocab_size], k, temperature)
+        ids, log_probs = topk_rows(t_logits[:, :vocab_size], k, temperature)
         lo, hi = row_offsets[unit], row_offsets[unit + (last - first)]
         ids_file[lo:hi] = ids.cpu().numpy().astype(meta["ids_dtype"])
         lp_file[lo:hi] = log_probs.cpu().numpy().astype(log_probs_dtype)
@@ -323,18 +374,12 @@ def build_cache(path, *, teacher_lm, dataset, corpus, tokenizer, data_file, max_
         write_json_atomic(os.path.join(path, PROGRESS), {"units_done": unit, "units": n_units})
         bar.update(last - first)
     bar.close()
-    if tokenizer is not None:
-        tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
-    meta["complete"] = True
-    meta["n_rows"] = n_rows
-    meta["bytes_per_row"] = k * np.dtype(meta["ids_dtype"]).itemsize + (k + 1) * np.dtype(log_probs_dtype).itemsize
-    write_json_atomic(os.path.join(path, META), meta)
-    return meta
+    return _finish(path, meta, tokenizer, n_rows)
 
 
 def _identity(meta):
     """What a build is, without how far it got."""
-    return {k: v for k, v in meta.items() if k not in ("complete", "n_rows", "bytes_per_row")}
+    return {k: v for k, v in meta.items() if k not in ("complete", "n_rows", "bytes_per_row", "written_by")}
 
 
 def _describe(teacher):

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distil.divergences import KD_LOSSES, TopKTeacher  # noqa: E402
 from distil.losses import weighted_logit_loss  # noqa: E402
-from distil.teacher_cache import _topk_rows  # noqa: E402
+from distil.teacher_cache import topk_rows  # noqa: E402
 from utils import UserError, fail, load_pretrained  # noqa: E402
 
 
@@ -77,7 +77,7 @@ def main(argv=None):
     print("| k | teacher top-k mass | loss (k + tail) / full | gradient cosine |")
     print("|---:|---:|---:|---:|")
     for k in sorted({int(x) for x in args.k.split(",")} | {vocab}):
-        ids_k, log_probs = _topk_rows(t_logits, min(k, vocab), args.temperature)
+        ids_k, log_probs = topk_rows(t_logits, min(k, vocab), args.temperature)
         log_probs = log_probs.half().float()  # as the cache stores them by default
         loss, grad = loss_and_grad(TopKTeacher(ids_k, log_probs))
         mass = float((1 - log_probs[:, -1].exp()).mean())

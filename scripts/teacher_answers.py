@@ -10,6 +10,14 @@ answer ended with the template's end-of-turn token rather than at --max_new_toke
 reads. Generation is batched over the KV cache, greedy unless --do_sample. Interrupted, the same command resumes
 after the last complete batch; the batches and their seeds (from --seed and the batch's first prompt) are fixed
 by the input order, so a resumed run writes the same lines as an uninterrupted one.
+
+In the same pass (distil/answer_cache.py), --dump_file also writes the corpus binarized_chat.py would write from
+--output, and --cache_dir the teacher's top-k over its answer tokens for train.py --teacher_cache, from the
+logits the generation computed (no second teacher forward):
+
+    python scripts/teacher_answers.py --model models/smollm2 --prompts data/squad_train.jsonl \
+        --output data/squad_train.teacher.jsonl --max_new_tokens 64 \
+        --dump_file data/squad_train.teacher --max_seq_length 512 --cache_dir cache/squad-teacher --k 64
 """
 import argparse
 import json
@@ -21,12 +29,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distil.conversations import (ConversationError, end_of_turn_ids, prompt_ids, read_records,  # noqa: E402
                                   split_prompt, to_messages)
+from distil.answer_cache import SamePass  # noqa: E402
 from distil.generation import generate, load_chat_lm, seeded_generator  # noqa: E402
+from distil.models import max_input_size  # noqa: E402
+from lm_seqs_dataset import MIN_SEQ_LEN  # noqa: E402
 from utils import UserError, fail, logger  # noqa: E402
 
 # what a resumed run must share with the run that wrote the first lines
 SETTINGS = ("model", "prompts", "max_new_tokens", "batch_size", "do_sample", "temperature", "top_p", "seed",
-            "messages_column")
+            "messages_column", "dump_file", "max_seq_length", "cache_dir", "k", "cache_temperature", "log_probs_dtype")
 
 
 def parse_args(argv=None):
@@ -46,8 +57,36 @@ def parse_args(argv=None):
     parser.add_argument("--messages_column", default="messages", help="The field holding the message list.")
     parser.add_argument("--max_prompts", type=int, default=None, help="Answer only the first N prompts.")
     parser.add_argument("--n_gpu", type=int, default=1, help="0: run on the CPU even when a GPU is there.")
-    parser.add_argument("--force", action="store_true", help="Start over, replacing --output.")
+    parser.add_argument("--force", action="store_true", help="Start over, replacing --output (and --cache_dir).")
+    same = parser.add_argument_group("the same pass: corpus and teacher cache of the answers")
+    same.add_argument("--dump_file", default=None,
+                      help="Also write the corpus binarized_chat.py would write from --output: '<dump_file>."
+                           "<model folder's name>.bin' (a loss mask on the answers).")
+    same.add_argument("--max_seq_length", type=int, default=1024,
+                      help="With --dump_file: as binarized_chat.py's (a longer conversation is cut at a turn "
+                           "boundary or dropped); with --cache_dir also the cache's, train.py's --max_seq_length.")
+    same.add_argument("--cache_dir", default=None,
+                      help="With --dump_file: also write the teacher cache of that corpus (train.py --teacher_cache) "
+                           "from the generation's own logits.")
+    same.add_argument("--k", type=int, default=64, help="With --cache_dir: teacher ids kept per position.")
+    same.add_argument("--cache_temperature", type=float, default=2.0,
+                      help="With --cache_dir: train.py's --temperature (cache_teacher.py's --temperature); "
+                           "independent of the sampling --temperature.")
+    same.add_argument("--log_probs_dtype", choices=["float16", "float32"], default="float16",
+                      help="With --cache_dir: storage of the log-probabilities, as cache_teacher.py's.")
     return parser.parse_args(argv)
+
+
+def check_same_pass_flags(args):
+    """One-line errors for the --dump_file / --cache_dir combinations that cannot work."""
+    if args.cache_dir and not args.dump_file:
+        raise UserError("--cache_dir needs --dump_file: the cache indexes the corpus written in the same pass")
+    if args.dump_file and args.max_seq_length < MIN_SEQ_LEN:
+        raise UserError(f"--max_seq_length must be at least {MIN_SEQ_LEN} (train.py drops shorter sequences)")
+    if args.cache_dir and args.k < 1:
+        raise UserError(f"--k must be at least 1, got {args.k}")
+    if args.cache_dir and args.cache_temperature <= 0:
+        raise UserError("--cache_temperature must be > 0")
 
 
 def read_prompts(path, messages_column, limit=None):
@@ -65,9 +104,10 @@ def read_prompts(path, messages_column, limit=None):
     return out
 
 
-def resume_point(args, settings):
+def resume_point(args, settings, check=None):
     """How many prompts --output already answers (a whole number of batches), after checking it was written with
-    the same settings; a partial last batch is cut off the file."""
+    the same settings (and calling check(), when given, before anything is cut); a partial last batch is cut off
+    the file."""
     meta_path = args.output + ".settings.json"
     if args.force or not os.path.exists(args.output):
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
@@ -85,16 +125,23 @@ def resume_point(args, settings):
     if changed:
         raise UserError(f"--output {args.output} was started with other settings ({', '.join(changed)}); "
                         "give the same ones to resume, or --force to start over")
+    if check is not None:
+        check()
     with open(args.output, "rb") as f:
+        n_lines = f.read().count(b"\n")  # a line cut by a crash is dropped
+    return keep_lines(args.output, n_lines - n_lines % args.batch_size)
+
+
+def keep_lines(path, n):
+    """Cut a JSON Lines file to its first n whole lines (a no-op when that is what it holds); returns n."""
+    with open(path, "rb") as f:
         data = f.read()
-    complete = data[: data.rfind(b"\n") + 1]  # a line cut by a crash is dropped
-    n_lines = complete.count(b"\n")
-    keep = n_lines - n_lines % args.batch_size
-    if keep < n_lines or len(complete) < len(data):
-        lines = complete.split(b"\n")[:keep]
-        with open(args.output, "wb") as f:
-            f.write(b"".join(line + b"\n" for line in lines))
-    return keep
+    lines = data.split(b"\n")[:n]
+    kept = b"".join(line + b"\n" for line in lines)
+    if kept != data:
+        with open(path, "wb") as f:
+            f.write(kept)
+    return n
 
 
 def main(argv=None):
@@ -108,14 +155,29 @@ def main(argv=None):
     if args.do_sample and (args.temperature <= 0 or not 0 < args.top_p <= 1):
         fail("--temperature must be > 0 and --top_p in (0, 1] with --do_sample")
     try:
+        check_same_pass_flags(args)
         prompts = read_prompts(args.prompts, args.messages_column, args.max_prompts)
         model, tokenizer = load_chat_lm(args.model, "--model")
         stop = end_of_turn_ids(tokenizer)
+        if args.cache_dir and args.max_seq_length > max_input_size(model.config, tokenizer):
+            raise UserError(f"--max_seq_length {args.max_seq_length} is longer than --model accepts "
+                            f"({max_input_size(model.config, tokenizer)} tokens)")
         settings = {k: getattr(args, k) for k in SETTINGS}
-        start = resume_point(args, settings)
+        device = torch.device("cuda" if args.n_gpu > 0 and torch.cuda.is_available() else "cpu")
+        same_pass = None
+        if args.dump_file:
+            same_pass = SamePass(model=model, tokenizer=tokenizer, model_name=args.model, output=args.output,
+                                 dump_file=args.dump_file, cache_dir=args.cache_dir,
+                                 max_seq_length=args.max_seq_length, k=min(args.k, model.config.vocab_size),
+                                 temperature=args.cache_temperature, log_probs_dtype=args.log_probs_dtype,
+                                 device=device)
+            if args.force or not os.path.exists(args.output):
+                same_pass.check_fresh_outputs(args.force)
+        start = resume_point(args, settings, same_pass.check_unfinished if same_pass is not None else None)
+        if same_pass is not None:  # the answers and the corpus / cache parts resume at the same batch
+            start = keep_lines(args.output, same_pass.start(start))
     except (UserError, ConversationError) as exc:
         fail(str(exc))
-    device = torch.device("cuda" if args.n_gpu > 0 and torch.cuda.is_available() else "cpu")
     model.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     temperature = args.temperature if args.do_sample else 0.0
@@ -129,13 +191,19 @@ def main(argv=None):
             ids = [prompt_ids(tokenizer, messages) for messages, _ in batch]
             rollouts = generate(model, ids, stop_ids=stop, pad_id=pad_id, max_new_tokens=args.max_new_tokens,
                                 temperature=temperature, top_p=args.top_p, generator=seeded_generator(args.seed, lo),
-                                device=device)
-            lines = []
-            for (messages, reference), completion, finished in zip(batch, *rollouts):
+                                device=device, score=same_pass.score if args.cache_dir else None)
+            lines, conversations = [], []
+            for (messages, reference), completion, finished in zip(batch, rollouts.completions, rollouts.finished):
                 n_tokens += len(completion)
                 answer = tokenizer.decode(completion, skip_special_tokens=True).strip()
-                lines.append(json.dumps({"messages": messages + [{"role": "assistant", "content": answer}],
-                                         "reference": reference, "finished": finished}) + "\n")
+                conversations.append(messages + [{"role": "assistant", "content": answer}])
+                lines.append(json.dumps({"messages": conversations[-1], "reference": reference,
+                                         "finished": finished}) + "\n")
+            if same_pass is not None:  # its part first: answer lines without one are answered again on resume
+                try:
+                    same_pass.add_batch(lo, conversations, ids, rollouts)
+                except ConversationError as exc:
+                    fail(str(exc))
             out.write("".join(lines))  # one write a batch: a crash leaves whole batches (and at most a cut line)
             out.flush()
             bar.update(len(batch))
@@ -143,6 +211,11 @@ def main(argv=None):
     elapsed = time.time() - t0
     logger.info("%d answers (%d new tokens in %.1fs, %.1f tokens/s) -> %s", len(prompts) - start, n_tokens, elapsed,
                 n_tokens / max(elapsed, 1e-9), args.output)
+    if same_pass is not None:
+        try:
+            same_pass.finish(len(prompts))
+        except UserError as exc:
+            fail(str(exc))
 
 
 if __name__ == "__main__":

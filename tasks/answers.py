@@ -54,7 +54,7 @@ def generated_answers(model, tokenizer, examples, *, batch_size, max_new_tokens,
         batch = examples[lo: lo + batch_size]
         rollouts = generate(model, [prompt_ids(tokenizer, e["prompt"]) for e in batch], stop_ids=stop, pad_id=pad_id,
                             max_new_tokens=max_new_tokens, device=device)
-        for completion, finished in zip(*rollouts):
+        for completion, finished in zip(rollouts.completions, rollouts.finished):
             out.append((tokenizer.decode(completion, skip_special_tokens=True).strip(), len(completion), finished))
     return out
 

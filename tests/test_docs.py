@@ -202,8 +202,9 @@ def _positional(words):
 
 def files_of(text):
     """(reads, writes) of a page's commands in order: reads [(line, flag, path, writes so far)] under BUILT_HERE;
-    writes the paths the commands produce (binarized_data.py's and binarized_chat.py's .bin named after their
-    tokenizer, as the scripts name it; a positional path under BUILT_HERE counts as an output folder)."""
+    writes the paths the commands produce (binarized_data.py's, binarized_chat.py's and teacher_answers.py
+    --dump_file's .bin named after their tokenizer, as the scripts name it; a positional path under BUILT_HERE
+    counts as an output folder)."""
     reads, writes = [], []
     for line, source in shell_commands(text):
         command = parse_command(_words(source))
@@ -216,10 +217,12 @@ def files_of(text):
                 reads.append((line, flag, path, len(writes)))
         writes += [path.rstrip("/") for _, path in _values(words, WRITES)]
         writes += [w.rstrip("/") for w in _positional(words) if w.startswith(BUILT_HERE)]
-        if command[2].endswith(("binarized_data.py", "binarized_chat.py")):
-            chat = command[2].endswith("binarized_chat.py")
-            values = dict(_values(words, {"--dump_file", "--tokenizer_name"}))
-            name = values.get("--tokenizer_name", "bert-base-uncased")
+        # teacher_answers.py --dump_file writes the corpus of its answers in the same pass
+        answers = command[2].endswith("teacher_answers.py") and "--dump_file" in words
+        if command[2].endswith(("binarized_data.py", "binarized_chat.py")) or answers:
+            chat = not command[2].endswith("binarized_data.py")
+            values = dict(_values(words, {"--dump_file", "--tokenizer_name", "--model"}))
+            name = values.get("--model" if answers else "--tokenizer_name", "bert-base-uncased")
             local = name.startswith(BUILT_HERE + ("/", "./", "$"))  # a folder: the file is named after it
             slug = os.path.basename(name.rstrip("/")) if local else name.replace("/", "_")
             writes.append(f"{values.get('--dump_file', 'data/chat' if chat else 'data/dump')}.{slug}.bin")

@@ -39,7 +39,7 @@ def test_batched_greedy_generation_matches_transformers_generate(models, style):
     stop = end_of_turn_ids(tokenizer)
     prompts = [prompt_ids(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS[:4]]
     rollouts = generate(model, prompts, stop_ids=stop, pad_id=0, max_new_tokens=10)  # left-padded, one batch
-    for prompt, completion, finished in zip(prompts, *rollouts):
+    for prompt, completion, finished in zip(prompts, rollouts.completions, rollouts.finished):
         ids = torch.tensor([prompt])  # an explicit mask: generate would take id 0 (BOS here) for padding
         reference = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
                                    eos_token_id=stop, pad_token_id=0)[0, len(prompt):].tolist()

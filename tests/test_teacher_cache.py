@@ -78,17 +78,17 @@ def test_clm_cache_with_every_id_reproduces_the_live_teacher(tiny, small, tmp_pa
 def test_small_k_is_the_divergence_over_the_k_ids_and_the_tail(kd_loss):
     """The fused loss on a TopKTeacher equals the divergence between the two distributions coarsened to the k
     cached ids plus one 'any other id' outcome (autograd reference: values and gradients), rows dropped by
-    kd_rows, T = 2; and the cache's own rows (_topk_rows) are those k values and that tail."""
+    kd_rows, T = 2; and the cache's own rows (topk_rows) are those k values and that tail."""
     from distil.divergences import TopKTeacher
     from distil.losses import weighted_logit_loss
-    from distil.teacher_cache import _topk_rows
+    from distil.teacher_cache import topk_rows
     from test_divergences import BETA, reference
 
     g = torch.Generator().manual_seed(0)
     s, t = (torch.randn(6, 20, generator=g, dtype=torch.float64) * 3 for _ in range(2))
     k, T = 4, 2.0
     kd_rows = torch.tensor([True, True, False, True, True, True])
-    ids, log_probs = _topk_rows(t, k, T)
+    ids, log_probs = topk_rows(t, k, T)
     p_t = torch.softmax(t / T, -1)
     hand_ids = p_t.topk(k, -1).indices
     assert torch.equal(ids, hand_ids)
