@@ -38,6 +38,7 @@ from tasks.models import (clamp_max_seq_length, in_task_order, label_permutation
                           load_student, load_teacher, load_tokenizer)
 from tasks.training import (TokenizedSet, add_training_arguments, check_training_args, start_run,  # noqa: E402
                             subsample, task_main, train_and_evaluate)
+from tasks.unlabelled import add_unlabelled_arguments, check_unlabelled_args  # noqa: E402
 from utils import UserError, amp_dtype, logger, unwrap  # noqa: E402
 
 COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "labels")
@@ -69,6 +70,7 @@ def parse_args(argv=None):
     add("--eval_split", default="validation", help="Hub split to evaluate on.")
     add("--dataset_tokens_column", default="tokens", help="Hub data set column holding each sentence's words.")
     add("--dataset_tags_column", default="ner_tags", help="Hub data set column holding the tags (names or ClassLabel).")
+    add_unlabelled_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -84,6 +86,7 @@ def check_args(args):
     for flag in ("tag_column", "token_column"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag} counts columns from 1, got {getattr(args, flag)}")
+    check_unlabelled_args(args)
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -126,13 +129,14 @@ def resolve_labels(args, train_data, student_config):
     return names, f"of --model_name_or_path {args.model_name_or_path}"
 
 
-def features(args, tokenizer, data, labels):
-    """The data's windows as a TokenizedSet, with each row's sentence and first word kept beside it."""
+def features(args, tokenizer, data, labels, with_tags=True):
+    """The data's windows as a TokenizedSet, with each row's sentence and first word kept beside it. Without
+    tags (unlabelled text) each word's first sub-token carries a placeholder label: scored, never read."""
     from datasets import Dataset
 
     index = {label: i for i, label in enumerate(labels)}
     words = [s.words for s in data.sentences]
-    tag_ids = [[index[t] for t in s.tags] for s in data.sentences]
+    tag_ids = [[index[t] for t in s.tags] for s in data.sentences] if with_tags else None
     rows = sentence_windows(tokenizer, words, tag_ids, args.max_seq_length)
     return TokenizedSet(Dataset.from_dict(rows), COLUMNS), rows
 
@@ -143,7 +147,7 @@ def features(args, tokenizer, data, labels):
 def make_loss_fn(args, student_perm, teacher_perm):
     def loss_fn(student_out, teacher_out, batch):
         logits = in_task_order(student_out.logits, student_perm)  # (bs, seq_len, n_labels)
-        task = token_ce_loss(logits, batch["labels"])
+        task = token_ce_loss(logits, batch["labels"], batch.get("labelled"))  # unlabelled rows: not read
         if teacher_out is None:
             return task, {"loss_task": task}
         kd = token_kd_loss(logits, in_task_order(teacher_out.logits, teacher_perm), batch["labels"], args.temperature,
@@ -189,7 +193,11 @@ def run(args):
     # The data first: a bad line is reported before models load (nothing is written until train_and_evaluate).
     train_data = load_data(args, evaluate=False) if args.do_train else None
     eval_data = load_data(args, evaluate=True) if args.do_eval or args.evaluate_during_training else None
-    ctx, resume_from = start_run(args, [args.train_file, args.validation_file])
+    unlabelled_data = None
+    if args.unlabeled_file:
+        unlabelled_data = read_column_file(args.unlabeled_file, "--unlabeled_file", args.data_format,
+                                           token_column=args.token_column, with_tags=False)
+    ctx, resume_from = start_run(args, [args.train_file, args.validation_file, args.unlabeled_file])
     tokenizer = load_tokenizer(args)
     if getattr(tokenizer, "add_prefix_space", None) is False:  # byte-level BPE: words need their leading space
         tokenizer = load_tokenizer(args, add_prefix_space=True)
@@ -227,12 +235,16 @@ def run(args):
     if train_data is not None:
         train_data.sentences = subsample(train_data.sentences, args.max_train_samples, args.seed)
         train_set = features(args, tokenizer, train_data, labels)[0]
+    unlabelled_set = None
+    if unlabelled_data is not None:
+        unlabelled_set = features(args, tokenizer, unlabelled_data, labels, with_tags=False)[0]
 
     train_and_evaluate(args, ctx, student, teacher, train_set, make_loss_fn(args, student_perm, teacher_perm),
                        tokenizer,
                        lambda model, folder, path: evaluate(args, model, tokenizer, ctx, evaluation, labels, folder,
                                                             path),
-                       AutoModelForTokenClassification, resume_from, **overrides)
+                       AutoModelForTokenClassification, resume_from, unlabelled=unlabelled_set, per_token=True,
+                       **overrides)
     return ctx
 
 
