@@ -29,7 +29,7 @@ if REPO not in sys.path:
 from tasks.glue import (GLUE_TASKS, Task, get_task, glue_metrics, infer_custom_task, label_ids,  # noqa: E402
                          load_file, load_hub_split, task_score, text_columns)
 from distil.losses import classification_kd_loss, classification_loss, task_distillation_loss  # noqa: E402
-from tasks.evaluation import predict, write_eval_results  # noqa: E402
+from tasks.evaluation import mean_confidence, predict, write_eval_results  # noqa: E402
 from tasks.models import (clamp_max_seq_length, in_task_order, label_permutation, load_config,  # noqa: E402
                           load_student, load_teacher, load_tokenizer)
 from tasks.training import (TokenizedSet, add_training_arguments, check_training_args, start_run,  # noqa: E402
@@ -180,7 +180,8 @@ def evaluate(args, model, tokenizer, ctx, task, eval_set, out_folder, model_path
     from distil.evaluation import count_parameters
 
     score = task_score(task, metrics)
-    write_eval_results(out_folder, {"task": task.name, "metrics": metrics, "score": score,
+    confidence = {} if task.is_regression else {"mean_confidence": mean_confidence(logits)}
+    write_eval_results(out_folder, {"task": task.name, "metrics": metrics, "score": score, **confidence,
                                     "score_name": "+".join(task.metrics), "n_examples": len(eval_set),
                                     "model": model_path, "n_parameters": count_parameters(model),
                                     "data": args.validation_file or f"{task.name} (hub)"})

@@ -29,11 +29,11 @@ if REPO not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from distil.losses import task_distillation_loss, token_ce_loss, token_kd_loss  # noqa: E402
+from distil.losses import IGNORE_INDEX, task_distillation_loss, token_ce_loss, token_kd_loss  # noqa: E402
 from tasks.ner import (FORMATS, check_tags, hub_sentences, label_list, parse_labels, read_column_file,  # noqa: E402
                        sentence_windows, word_predictions, write_predictions)
 from tasks.ner_metrics import ner_scores  # noqa: E402
-from tasks.evaluation import predict, write_eval_results  # noqa: E402
+from tasks.evaluation import mean_confidence, predict, write_eval_results  # noqa: E402
 from tasks.models import (clamp_max_seq_length, in_task_order, label_permutation, load_config,  # noqa: E402
                           load_student, load_teacher, load_tokenizer)
 from tasks.training import (TokenizedSet, add_training_arguments, check_training_args, start_run,  # noqa: E402
@@ -176,8 +176,11 @@ def evaluate(args, model, tokenizer, ctx, eval_data, labels, out_folder, model_p
     write_predictions(data, predicted, os.path.join(out_folder, "predictions.txt"))
     from distil.evaluation import count_parameters
 
+    scored = [row[i] for r, row in enumerate(logits) for i, label in enumerate(rows["labels"][r])
+              if label != IGNORE_INDEX]  # each word's first sub-token
     write_eval_results(out_folder, {"task": args.task_name, "task_type": "ner", "metrics": scores,
                                     "per_type": per_type, "score": 100.0 * scores["f1"], "score_name": "entity_f1",
+                                    "mean_confidence": mean_confidence(scored),
                                     "n_examples": len(data.sentences), "labels": list(labels), "model": model_path,
                                     "n_parameters": count_parameters(model), "data": data.path})
     logger.info("NER (%d sentences): entity precision %.4f, recall %.4f, F1 %.4f; token accuracy %.4f",

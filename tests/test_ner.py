@@ -329,6 +329,7 @@ def test_end_to_end_one_process_with_a_teacher_and_the_table(ner_data, distilled
     record = results(student)
     assert record["metrics"] == pytest.approx({k: scores[k] for k in ("precision", "recall", "f1", "accuracy")})
     assert record["task"] == "ner" and record["score"] == pytest.approx(100 * scores["f1"])
+    assert 1 / len(record["labels"]) < record["mean_confidence"] <= 1
     assert set(record["per_type"]) <= {"PER", "LOC", "ORG"}
 
     table = load_script("downstream_table")

@@ -82,6 +82,17 @@ def test_classification_losses_match_the_model():
         float(((out.logits - teacher) ** 2).mean()), rel=1e-6)
 
 
+def test_mean_confidence_by_hand():
+    import math
+
+    from tasks.evaluation import mean_confidence
+
+    # softmax([0, ln 3]) = [0.25, 0.75]; softmax([ln 4, 0, 0]) = [4/6, 1/6, 1/6]
+    assert mean_confidence([[0.0, math.log(3)], [math.log(3), 0.0]]) == pytest.approx(0.75)
+    assert mean_confidence([[math.log(4), 0.0, 0.0]]) == pytest.approx(4 / 6)
+    assert mean_confidence([[1000.0, 0.0]]) == pytest.approx(1.0)  # no overflow
+
+
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
