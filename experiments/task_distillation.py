@@ -126,15 +126,19 @@ def row_cells(kind, runs):
     if kind == "ner":
         cells += [f"{100 * statistics.fmean(r['metrics'][m] for r in runs):.1f}" for m in ("precision", "recall")]
         types = sorted({t for r in runs for t in r["per_type"]})
-        cells.append(" / ".join(f"{t} {100 * statistics.fmean(r['per_type'].get(t, {}).get('f1', 0) for r in runs):.1f}"
-                                for t in types))
+
+        def mean(kind, metric):
+            return 100 * statistics.fmean(r["per_type"].get(kind, {}).get(metric, 0) for r in runs)
+
+        cells.append("; ".join(f"{t} {mean(t, 'f1'):.1f} ({mean(t, 'precision'):.0f}/{mean(t, 'recall'):.0f})"
+                               for t in types))
     return cells
 
 
 def results_table(kind, teacher, teacher_on_train, records, seeds, arms):
     head = ["score (mean ± std [min, max])", "vs alone (per-seed differences)"]
     if kind == "ner":
-        head += ["precision", "recall", "F1 per type"]
+        head += ["precision", "recall", "per type: F1 (precision/recall)"]
     lines = [f"| model | runs | {' | '.join(head)} | train s / run |", "|---" * (len(head) + 3) + "|"]
     for name, record in (("teacher (all labels)", teacher), ("teacher on the labelled split", teacher_on_train)):
         if record is not None:

@@ -55,7 +55,7 @@ def test_each_arm_runs_its_recipe_and_the_table_gives_per_seed_differences(tmp_p
     assert "--unlabeled_file" in lines["unlabelled"] and "--unlabeled_file" not in lines["paper"]
 
     def record(score, seconds=10):
-        return {"score": score, "metrics": {"precision": 0.5, "recall": 0.4}, "per_type": {"PER": {"f1": 0.3}},
+        return {"score": score, "metrics": {"precision": 0.5, "recall": 0.4}, "per_type": {"PER": {"f1": 0.3, "precision": 0.2, "recall": 0.6}},
                 "train_seconds": seconds}
 
     records = {("alone", 0): record(50), ("alone", 1): record(52), ("paper", 0): record(51), ("paper", 1): record(55)}
@@ -63,3 +63,4 @@ def test_each_arm_runs_its_recipe_and_the_table_gives_per_seed_differences(tmp_p
     paper = next(line for line in table.splitlines() if line.startswith("| paper"))
     # differences +1 and +3: mean 2.0, sample std 1.41
     assert "| 2.0 ± 1.4 [1.0, 3.0] |" in paper and "53.0 ± 2.8 [51.0, 55.0]" in paper
+    assert "| PER 30.0 (20/60) |" in paper
