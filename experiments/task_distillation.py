@@ -50,6 +50,8 @@ ARMS = {
     "kd_only": {"teacher": True, "flags": ("--alpha_task", "0", "--alpha_ce", "1", "--temperature", "2")},
     "defaults": {"teacher": True, "flags": ()},  # whatever the scripts' defaults are now
     "paper_unlabelled": {"teacher": True, "flags": PAPER, "unlabelled": True},
+    "T1_unlabelled": {"teacher": True, "flags": ("--alpha_task", "0.5", "--alpha_ce", "0.5", "--temperature", "1"),
+                      "unlabelled": True},
     "unlabelled": {"teacher": True, "flags": (), "unlabelled": True},
 }
 
