@@ -29,11 +29,12 @@ if REPO not in sys.path:
 from tasks.glue import (GLUE_TASKS, Task, get_task, glue_metrics, infer_custom_task, label_ids,  # noqa: E402
                          load_file, load_hub_split, task_score, text_columns)
 from distil.losses import classification_kd_loss, classification_loss, task_distillation_loss  # noqa: E402
-from tasks.evaluation import predict, write_eval_results  # noqa: E402
+from tasks.evaluation import mean_confidence, predict, write_eval_results  # noqa: E402
 from tasks.models import (clamp_max_seq_length, in_task_order, label_permutation, load_config,  # noqa: E402
                           load_student, load_teacher, load_tokenizer)
 from tasks.training import (TokenizedSet, add_training_arguments, check_training_args, start_run,  # noqa: E402
                             task_main, train_and_evaluate)
+from tasks.unlabelled import add_unlabelled_arguments, check_unlabelled_args  # noqa: E402
 from utils import UserError, amp_dtype, logger, unwrap  # noqa: E402
 
 COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "labels")
@@ -42,7 +43,9 @@ COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "labels")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_training_arguments(parser, max_seq_length=128)
+    # T = 1: on held-out data T = 2 (the SQuAD script's default, the paper's) and 4 lowered the scores of a
+    # student task-distilled from a teacher that had fitted its training set (docs/task-distillation.md).
+    add_training_arguments(parser, max_seq_length=128, temperature=1.0)
     add = parser.add_argument
     add("--task_name", required=True,
         help="A GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli), or the name of a task of your own "
@@ -56,6 +59,7 @@ def parse_args(argv=None):
     add("--label_column", default="label")
     add("--num_labels", default=None, type=int, help="Classes of a task of your own (1: regression); default: "
                                                      "inferred from the training labels.")
+    add_unlabelled_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -72,6 +76,7 @@ def check_args(args):
     for flag, path in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
         if path is not None and not os.path.isfile(path):
             raise UserError(f"{flag} {path}: no such file")
+    check_unlabelled_args(args)
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -99,10 +104,14 @@ def resolve_task(args, train_raw, model_config=None):
     return Task(args.task_name, ("", None), model_config.num_labels, metrics, () if generic else names, args.task_name)
 
 
-def tokenize(args, tokenizer, raw, task, source):
-    """input_ids / attention_mask / token_type_ids / labels, truncated to --max_seq_length, checked labels."""
-    first, second = text_columns(raw, task if get_task(args.task_name) else None, args, source)
-    labels = label_ids(list(raw[args.label_column]), task, source, task.label_names)
+def tokenize(args, tokenizer, raw, task, source, labelled=True):
+    """input_ids / attention_mask / token_type_ids / labels, truncated to --max_seq_length, checked labels.
+    labelled=False (unlabelled text): the label column is not read; every row gets a placeholder label."""
+    first, second = text_columns(raw, task if get_task(args.task_name) else None, args, source, labelled)
+    if labelled:
+        labels = label_ids(list(raw[args.label_column]), task, source, task.label_names)
+    else:
+        labels = [0.0 if task.is_regression else 0] * len(raw)
 
     def encode(batch, indices):
         texts = [str(t) for t in batch[first]]
@@ -147,7 +156,7 @@ def make_loss_fn(args, student_perm=None, teacher_perm=None):
     """student_perm / teacher_perm: label_order() of each model (None: already the task's order)."""
     def loss_fn(student_out, teacher_out, batch):
         student_logits = in_task_order(student_out.logits, student_perm)
-        task = classification_loss(student_logits, batch["labels"])
+        task = classification_loss(student_logits, batch["labels"], batch.get("labelled"))  # unlabelled: not read
         if teacher_out is None:
             return task, {"loss_task": task}
         kd = classification_kd_loss(student_logits, in_task_order(teacher_out.logits, teacher_perm),
@@ -173,7 +182,8 @@ def evaluate(args, model, tokenizer, ctx, task, eval_set, out_folder, model_path
     from distil.evaluation import count_parameters
 
     score = task_score(task, metrics)
-    write_eval_results(out_folder, {"task": task.name, "metrics": metrics, "score": score,
+    confidence = {} if task.is_regression else {"mean_confidence": mean_confidence(logits)}
+    write_eval_results(out_folder, {"task": task.name, "metrics": metrics, "score": score, **confidence,
                                     "score_name": "+".join(task.metrics), "n_examples": len(eval_set),
                                     "model": model_path, "n_parameters": count_parameters(model),
                                     "data": args.validation_file or f"{task.name} (hub)"})
@@ -187,7 +197,7 @@ def evaluate(args, model, tokenizer, ctx, task, eval_set, out_folder, model_path
 
 def run(args):
     check_args(args)
-    ctx, resume_from = start_run(args, [args.train_file, args.validation_file])
+    ctx, resume_from = start_run(args, [args.train_file, args.validation_file, args.unlabeled_file])
     tokenizer = load_tokenizer(args)
     from transformers import AutoModelForSequenceClassification
 
@@ -226,11 +236,16 @@ def run(args):
             eval_raw = eval_raw.select(range(min(args.max_eval_samples, len(eval_raw))))
         eval_set = TokenizedSet(tokenize(args, tokenizer, eval_raw, task, eval_source), COLUMNS)
     train_set = TokenizedSet(tokenize(args, tokenizer, train_raw, task, source), COLUMNS) if args.do_train else None
+    unlabelled_set = None
+    if args.unlabeled_file:
+        source = f"--unlabeled_file {args.unlabeled_file}"
+        unlabelled_raw = load_file(args.unlabeled_file, "--unlabeled_file", args.cache_dir or None)
+        unlabelled_set = TokenizedSet(tokenize(args, tokenizer, unlabelled_raw, task, source, labelled=False), COLUMNS)
 
     loss_fn = make_loss_fn(args, student_perm, teacher_perm)
     train_and_evaluate(args, ctx, student, teacher, train_set, loss_fn, tokenizer,
                        lambda model, folder, path: evaluate(args, model, tokenizer, ctx, task, eval_set, folder, path),
-                       AutoModelForSequenceClassification, resume_from, **overrides)
+                       AutoModelForSequenceClassification, resume_from, unlabelled=unlabelled_set, **overrides)
     return ctx
 
 

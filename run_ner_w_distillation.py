@@ -29,15 +29,16 @@ if REPO not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from distil.losses import task_distillation_loss, token_ce_loss, token_kd_loss  # noqa: E402
+from distil.losses import IGNORE_INDEX, task_distillation_loss, token_ce_loss, token_kd_loss  # noqa: E402
 from tasks.ner import (FORMATS, check_tags, hub_sentences, label_list, parse_labels, read_column_file,  # noqa: E402
                        sentence_windows, word_predictions, write_predictions)
 from tasks.ner_metrics import ner_scores  # noqa: E402
-from tasks.evaluation import predict, write_eval_results  # noqa: E402
+from tasks.evaluation import mean_confidence, predict, write_eval_results  # noqa: E402
 from tasks.models import (clamp_max_seq_length, in_task_order, label_permutation, load_config,  # noqa: E402
                           load_student, load_teacher, load_tokenizer)
 from tasks.training import (TokenizedSet, add_training_arguments, check_training_args, start_run,  # noqa: E402
                             subsample, task_main, train_and_evaluate)
+from tasks.unlabelled import add_unlabelled_arguments, check_unlabelled_args  # noqa: E402
 from utils import UserError, amp_dtype, logger, unwrap  # noqa: E402
 
 COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "labels")
@@ -46,7 +47,9 @@ COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "labels")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_training_arguments(parser, max_seq_length=128)
+    # T = 1: on held-out data T = 2 (the SQuAD script's default, the paper's) and 4 lowered the scores of a
+    # student task-distilled from a teacher that had fitted its training set (docs/task-distillation.md).
+    add_training_arguments(parser, max_seq_length=128, temperature=1.0)
     add = parser.add_argument
     add("--alpha_task", default=0.5, type=float, help="Weight of the tagging cross-entropy (with a teacher).")
     add("--task_name", default="ner",
@@ -69,6 +72,7 @@ def parse_args(argv=None):
     add("--eval_split", default="validation", help="Hub split to evaluate on.")
     add("--dataset_tokens_column", default="tokens", help="Hub data set column holding each sentence's words.")
     add("--dataset_tags_column", default="ner_tags", help="Hub data set column holding the tags (names or ClassLabel).")
+    add_unlabelled_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -84,6 +88,7 @@ def check_args(args):
     for flag in ("tag_column", "token_column"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag} counts columns from 1, got {getattr(args, flag)}")
+    check_unlabelled_args(args)
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -126,13 +131,14 @@ def resolve_labels(args, train_data, student_config):
     return names, f"of --model_name_or_path {args.model_name_or_path}"
 
 
-def features(args, tokenizer, data, labels):
-    """The data's windows as a TokenizedSet, with each row's sentence and first word kept beside it."""
+def features(args, tokenizer, data, labels, with_tags=True):
+    """The data's windows as a TokenizedSet, with each row's sentence and first word kept beside it. Without
+    tags (unlabelled text) each word's first sub-token carries a placeholder label: scored, never read."""
     from datasets import Dataset
 
     index = {label: i for i, label in enumerate(labels)}
     words = [s.words for s in data.sentences]
-    tag_ids = [[index[t] for t in s.tags] for s in data.sentences]
+    tag_ids = [[index[t] for t in s.tags] for s in data.sentences] if with_tags else None
     rows = sentence_windows(tokenizer, words, tag_ids, args.max_seq_length)
     return TokenizedSet(Dataset.from_dict(rows), COLUMNS), rows
 
@@ -143,7 +149,7 @@ def features(args, tokenizer, data, labels):
 def make_loss_fn(args, student_perm, teacher_perm):
     def loss_fn(student_out, teacher_out, batch):
         logits = in_task_order(student_out.logits, student_perm)  # (bs, seq_len, n_labels)
-        task = token_ce_loss(logits, batch["labels"])
+        task = token_ce_loss(logits, batch["labels"], batch.get("labelled"))  # unlabelled rows: not read
         if teacher_out is None:
             return task, {"loss_task": task}
         kd = token_kd_loss(logits, in_task_order(teacher_out.logits, teacher_perm), batch["labels"], args.temperature,
@@ -172,8 +178,11 @@ def evaluate(args, model, tokenizer, ctx, eval_data, labels, out_folder, model_p
     write_predictions(data, predicted, os.path.join(out_folder, "predictions.txt"))
     from distil.evaluation import count_parameters
 
+    scored = [row[i] for r, row in enumerate(logits) for i, label in enumerate(rows["labels"][r])
+              if label != IGNORE_INDEX]  # each word's first sub-token
     write_eval_results(out_folder, {"task": args.task_name, "task_type": "ner", "metrics": scores,
                                     "per_type": per_type, "score": 100.0 * scores["f1"], "score_name": "entity_f1",
+                                    "mean_confidence": mean_confidence(scored),
                                     "n_examples": len(data.sentences), "labels": list(labels), "model": model_path,
                                     "n_parameters": count_parameters(model), "data": data.path})
     logger.info("NER (%d sentences): entity precision %.4f, recall %.4f, F1 %.4f; token accuracy %.4f",
@@ -189,7 +198,11 @@ def run(args):
     # The data first: a bad line is reported before models load (nothing is written until train_and_evaluate).
     train_data = load_data(args, evaluate=False) if args.do_train else None
     eval_data = load_data(args, evaluate=True) if args.do_eval or args.evaluate_during_training else None
-    ctx, resume_from = start_run(args, [args.train_file, args.validation_file])
+    unlabelled_data = None
+    if args.unlabeled_file:
+        unlabelled_data = read_column_file(args.unlabeled_file, "--unlabeled_file", args.data_format,
+                                           token_column=args.token_column, with_tags=False)
+    ctx, resume_from = start_run(args, [args.train_file, args.validation_file, args.unlabeled_file])
     tokenizer = load_tokenizer(args)
     if getattr(tokenizer, "add_prefix_space", None) is False:  # byte-level BPE: words need their leading space
         tokenizer = load_tokenizer(args, add_prefix_space=True)
@@ -227,12 +240,16 @@ def run(args):
     if train_data is not None:
         train_data.sentences = subsample(train_data.sentences, args.max_train_samples, args.seed)
         train_set = features(args, tokenizer, train_data, labels)[0]
+    unlabelled_set = None
+    if unlabelled_data is not None:
+        unlabelled_set = features(args, tokenizer, unlabelled_data, labels, with_tags=False)[0]
 
     train_and_evaluate(args, ctx, student, teacher, train_set, make_loss_fn(args, student_perm, teacher_perm),
                        tokenizer,
                        lambda model, folder, path: evaluate(args, model, tokenizer, ctx, evaluation, labels, folder,
                                                             path),
-                       AutoModelForTokenClassification, resume_from, **overrides)
+                       AutoModelForTokenClassification, resume_from, unlabelled=unlabelled_set, per_token=True,
+                       **overrides)
     return ctx
 
 

@@ -339,12 +339,20 @@ def span_kd_loss(s_start, s_end, t_start, t_end, temperature, attention_mask, kd
     return (start + end) / 2
 
 
-def classification_loss(logits, labels):
+def classification_loss(logits, labels, labelled=None):
     """Cross-entropy for classification (logits (bs, n_labels), labels (bs,) long), squared error for
-    regression (logits (bs, 1), labels (bs,) float): what transformers' *ForSequenceClassification compute."""
+    regression (logits (bs, 1), labels (bs,) float): what transformers' *ForSequenceClassification compute.
+    labelled: (bs,) 1 for the rows whose label is read, 0 for unlabelled rows (their labels are placeholders);
+    the mean is over the labelled rows. None: every row."""
     if logits.size(-1) == 1:
-        return F.mse_loss(logits.float().squeeze(-1), labels.float())
-    return F.cross_entropy(logits.float(), labels)
+        errors = (logits.float().squeeze(-1) - labels.float()) ** 2
+        if labelled is None:
+            return errors.mean()
+        keep = labelled.float()
+        return (errors * keep).sum() / keep.sum().clamp(min=1)
+    if labelled is not None:
+        labels = torch.where(labelled.bool(), labels, torch.full_like(labels, IGNORE_INDEX))
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
 
 
 def classification_kd_loss(s_logits, t_logits, temperature, kd_loss=DEFAULT_KD_LOSS, jsd_beta=DEFAULT_JSD_BETA):
@@ -355,10 +363,13 @@ def classification_kd_loss(s_logits, t_logits, temperature, kd_loss=DEFAULT_KD_L
     return soft_target_divergence(s_logits, t_logits, temperature, kd_loss=kd_loss, jsd_beta=jsd_beta)
 
 
-def token_ce_loss(logits, labels, ignore_index=IGNORE_INDEX):
+def token_ce_loss(logits, labels, labelled=None, ignore_index=IGNORE_INDEX):
     """Cross-entropy per scored token, averaged over the scored tokens of the batch (what transformers'
     *ForTokenClassification compute). logits (bs, seq_len, n_labels); labels (bs, seq_len), ignore_index where
-    a position is not scored (a word's later sub-tokens, special tokens, padding)."""
+    a position is not scored (a word's later sub-tokens, special tokens, padding). labelled: (bs,) 0 for rows
+    whose labels are placeholders (unlabelled text), which the loss does not read; None: every row."""
+    if labelled is not None:
+        labels = torch.where(labelled.bool().unsqueeze(-1), labels, torch.full_like(labels, ignore_index))
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index)
 
 

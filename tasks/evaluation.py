@@ -60,3 +60,16 @@ def write_eval_results(folder, record):
     """folder/eval_results.json (the record: task, metrics, score, model, ...), written atomically."""
     os.makedirs(folder, exist_ok=True)
     write_json_atomic(os.path.join(folder, "eval_results.json"), record)
+
+
+def mean_confidence(logits):
+    """The mean over rows of the largest softmax probability (at temperature 1): how sure a model is of its
+    predictions (a teacher that gives near one-hot targets on its training data teaches little beyond the labels).
+    logits: (n_rows, n_labels)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.size == 0:
+        return float("nan")
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    probs = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
+    return float(probs.max(axis=-1).mean())
+

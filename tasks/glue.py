@@ -88,11 +88,12 @@ def load_hub_split(task, split, cache_dir=None):
     return load_dataset(HUB_DATASET, task.name, split=split, cache_dir=cache_dir)
 
 
-def text_columns(data, task, args, source):
+def text_columns(data, task, args, source, labelled=True):
     """(text column, second text column or None), checked against the data set's columns and logged. --text_column
     and --text_pair_column each replace their default alone (--text_column alone: a single sentence). For a
     GLUE task (task not None) the file must fit it: a single-sentence task refuses a file of sentence pairs (and a
-    pair task a file with one text), which would otherwise train as another kind of task without a word."""
+    pair task a file with one text), which would otherwise train as another kind of task without a word.
+    labelled=False: unlabelled text, whose label column is neither needed nor read."""
     names = data.column_names
     if task is not None and task.columns[0] in names:
         first, second = task.columns
@@ -113,12 +114,14 @@ def text_columns(data, task, args, source):
     if args.text_column:
         first, second = args.text_column, None
     second = args.text_pair_column or second
-    flags = ((first, "--text_column"), (second, "--text_pair_column"), (args.label_column, "--label_column"))
+    flags = ((first, "--text_column"), (second, "--text_pair_column"),
+             (args.label_column if labelled else None, "--label_column"))
     for column, flag in flags:
         if column is not None and column not in names:
             raise UserError(f"{source}: no column {column!r} (columns: {', '.join(names)}); name it with {flag}")
-    logger.info("%s: text from column %s, label from column %r (%s)", source,
-                f"{first!r}" if second is None else f"{first!r} paired with {second!r}", args.label_column,
+    logger.info("%s: text from column %s, %s (%s)", source,
+                f"{first!r}" if second is None else f"{first!r} paired with {second!r}",
+                f"label from column {args.label_column!r}" if labelled else "no label read (unlabelled text)",
                 "a single-sentence task" if second is None else "a sentence-pair task")
     return first, second
 

@@ -87,10 +87,11 @@ def check_tag(tag, where):
         raise UserError(f"{where}: tag {tag!r} is not O, B-TYPE or I-TYPE (BIO or IOB1 tags)")
 
 
-def read_column_file(path, flag, data_format="auto", tag_column=None, token_column=None):
+def read_column_file(path, flag, data_format="auto", tag_column=None, token_column=None, with_tags=True):
     """The sentences of a column file. tag_column / token_column: column numbers counted from 1 (defaults: the
     last column and the first for CoNLL; 3 and 2 for GermEval). Any malformed line is a UserError naming the
-    file and the line."""
+    file and the line. with_tags=False: unlabelled text, a line needs only its token; tags, if any, are not
+    read (each sentence's tags are None)."""
     lines = _read_lines(path, flag)
     if data_format == "auto":
         data_format = detect_format(lines)
@@ -116,14 +117,20 @@ def read_column_file(path, flag, data_format="auto", tag_column=None, token_colu
         if fields and fields[0] == DOCSTART:
             continue
         separator = separator or ("\t" if "\t" in line else " ")
-        tag_at = (tag_column or default_tag or len(fields)) - 1
-        needed = max(tag_at, token_column - 1) + 1
-        if len(fields) < needed or len(fields) < 2:
-            column = f"--tag_column {tag_at + 1}" if tag_at + 1 >= needed else f"--token_column {token_column}"
-            raise UserError(f"{where}: {len(fields)} column(s), but a token line needs a token and a tag ({column}); "
-                            f"is the format right (--data_format, --tag_column)?")
-        tag = fields[tag_at]
-        check_tag(tag, where)
+        if not with_tags:
+            if len(fields) < token_column:
+                raise UserError(f"{where}: {len(fields)} column(s), but the token is in column {token_column} "
+                                f"(--token_column); is the format right (--data_format)?")
+            tag = None
+        else:
+            tag_at = (tag_column or default_tag or len(fields)) - 1
+            needed = max(tag_at, token_column - 1) + 1
+            if len(fields) < needed or len(fields) < 2:
+                column = f"--tag_column {tag_at + 1}" if tag_at + 1 >= needed else f"--token_column {token_column}"
+                raise UserError(f"{where}: {len(fields)} column(s), but a token line needs a token and a tag "
+                                f"({column}); is the format right (--data_format, --tag_column)?")
+            tag = fields[tag_at]
+            check_tag(tag, where)
         if current is None:
             current = Sentence([], [], [], [], header)
             header = []
@@ -134,8 +141,8 @@ def read_column_file(path, flag, data_format="auto", tag_column=None, token_colu
     if current is not None:
         sentences.append(current)
     if not sentences:
-        raise UserError(f"{flag} {path}: no token lines (one token and its tag per line, a blank line between "
-                        f"sentences)")
+        raise UserError(f"{flag} {path}: no token lines (one token{' and its tag' if with_tags else ''} per line, a "
+                        f"blank line between sentences)")
     return ColumnFile(path, sentences, (tag_column or default_tag or 0) - 1, separator or "\t")
 
 

@@ -21,6 +21,7 @@ import random
 import re
 import shutil
 import tempfile
+from types import SimpleNamespace
 
 import torch
 from torch.utils.data import DataLoader
@@ -30,17 +31,21 @@ from distil.divergences import add_kd_loss_arguments, check_kd_loss_args
 from grouped_batch_sampler import training_batch_sampler
 from distil.losses import IGNORE_INDEX
 from tasks.models import load_student
+from tasks.unlabelled import (MixedBatchSampler, MixedSet, mixed_teacher_logits, teacher_predictions,
+                              unlabelled_per_batch)
 from utils import (UserError, amp_dtype, append_jsonl, cleanup_distributed, fail, init_distributed, logger, set_seed,
                    unwrap, write_json_atomic)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.pt"
 MUST_MATCH_ON_RESUME = ("per_gpu_train_batch_size", "gradient_accumulation_steps", "seed", "world_size",
-                        "num_train_epochs", "max_steps")
+                        "num_train_epochs", "max_steps", "unlabeled_ratio", "unlabeled_rows")
 
 
-def add_training_arguments(parser, max_seq_length):
-    """The flags both task scripts share, with the original scripts' names and defaults."""
+def add_training_arguments(parser, max_seq_length, temperature=2.0):
+    """The flags the task scripts share, with the original scripts' names and defaults. temperature: the
+    distillation temperature's default (the original's 2.0 for SQuAD; 1.0 for GLUE and NER, where T = 2 and 4 lowered
+    the student's held-out scores: docs/task-distillation.md)."""
     add = parser.add_argument
     add("--output_dir", required=True, help="Where the fine-tuned model, checkpoints, logs and predictions go.")
     add("--model_type", default="auto",
@@ -51,7 +56,7 @@ def add_training_arguments(parser, max_seq_length):
     add("--teacher_name_or_path", default=None,
         help="Teacher already fine-tuned on the task. Without it the student is simply fine-tuned.")
     add("--alpha_ce", default=0.5, type=float, help="Weight of the distillation term.")
-    add("--temperature", default=2.0, type=float, help="Softmax temperature of the distillation term.")
+    add("--temperature", default=temperature, type=float, help="Softmax temperature of the distillation term.")
     add_kd_loss_arguments(add)
     add("--config_name", default="", help="Student config, if not the one in --model_name_or_path.")
     add("--tokenizer_name", default="", help="Tokenizer, if not the one in --model_name_or_path.")
@@ -226,14 +231,21 @@ def forward_inputs(model, batch):
 
 
 class TaskTrainer:
-    """Fine-tunes `student` on `train_set`, with `teacher` (eval mode, no gradients) if given."""
+    """Fine-tunes `student` on `train_set`, with `teacher` (eval mode, no gradients) if given.
 
-    def __init__(self, args, ctx, student, teacher, train_set, loss_fn, tokenizer, pad_token_id):
+    unlabelled: a TokenizedSet whose rows train the distillation term alone (tasks/unlabelled.py), mixed into
+    every batch (--unlabeled_ratio); per_token: the task's logits are per token (NER), not per example.
+    """
+
+    def __init__(self, args, ctx, student, teacher, train_set, loss_fn, tokenizer, pad_token_id, unlabelled=None,
+                 per_token=False):
         self.args, self.ctx = args, ctx
         self.device = ctx.device
         self.student, self.teacher, self.tokenizer = student, teacher, tokenizer
         self.loss_fn = loss_fn
         self.train_set = train_set
+        self.unlabelled, self.per_token = unlabelled, per_token
+        self.unlabelled_teacher = None  # the teacher's logits on the unlabelled rows, computed once
         self.global_step = 0  # optimizer steps done
         self.epoch = 0
         self.batches_done = 0  # batches of the current epoch already trained on (resume skips them)
@@ -243,6 +255,8 @@ class TaskTrainer:
         self._setup_precision()
         self._setup_optimizer()
         self._setup_ddp()
+        if unlabelled is not None:
+            self._cache_unlabelled_teacher(pad_token_id)
         self.tensorboard = None
         if ctx.is_master:
             from tensorboardX import SummaryWriter
@@ -256,7 +270,13 @@ class TaskTrainer:
         self.batch_sampler = training_batch_sampler(
             self.train_set, batch_size=a.per_gpu_train_batch_size, group_by_size=not a.no_group_by_length,
             max_len=a.max_seq_length, world_size=self.ctx.world_size, rank=self.ctx.global_rank, seed=a.seed)
-        self.dataloader = DataLoader(self.train_set, batch_sampler=self.batch_sampler,
+        dataset = self.train_set
+        if self.unlabelled is not None:
+            # The same labelled batches, in the same order, each followed by its unlabelled rows.
+            dataset = MixedSet(self.train_set, self.unlabelled)
+            self.batch_sampler = MixedBatchSampler(self.batch_sampler, dataset, unlabelled_per_batch(a), a.seed,
+                                                   rank=self.ctx.global_rank, world_size=self.ctx.world_size)
+        self.dataloader = DataLoader(dataset, batch_sampler=self.batch_sampler,
                                      collate_fn=lambda rows: pad_collate(rows, pad_token_id),
                                      pin_memory=self.device.type == "cuda",
                                      # Its own generator: starting an epoch's iterator would otherwise draw from the
@@ -292,6 +312,18 @@ class TaskTrainer:
             self.model = DistributedDataParallel(self.student, device_ids=ids, output_device=ids[0] if ids else None)
         if self.teacher is not None:
             self.teacher.eval()
+
+    def _cache_unlabelled_teacher(self, pad_token_id):
+        import time
+
+        start = time.perf_counter()
+        self.unlabelled_teacher = teacher_predictions(
+            self.teacher, self.unlabelled, pad_token_id, self.args.per_gpu_eval_batch_size, self.ctx, self.amp_dtype,
+            per_position=self.per_token)
+        logger.info("Unlabelled: %d examples from --unlabeled_file %s, %d in each batch of %d labelled; the "
+                    "teacher's predictions on them computed once (%.1f s).", len(self.unlabelled),
+                    self.args.unlabeled_file, unlabelled_per_batch(self.args), self.args.per_gpu_train_batch_size,
+                    time.perf_counter() - start)
 
     # -- training ---------------------------------------------------------------------------------------
 
@@ -344,12 +376,22 @@ class TaskTrainer:
 
     def step(self, batch, sync_gradients=True):
         """Forward, loss and backward of one batch; gradients accumulate until the next optimize()."""
+        unlabelled_rows = batch.pop("unlabelled_row", None)
+        # Labelled rows come first; counted on the host, before the batch moves, so the step does not wait.
+        n_labelled = int(batch["labelled"].sum()) if "labelled" in batch else None
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             teacher_out = None
             if self.teacher is not None:
                 with torch.no_grad():
-                    teacher_out = self.teacher(**forward_inputs(self.teacher, batch))
+                    if n_labelled is None:
+                        teacher_out = self.teacher(**forward_inputs(self.teacher, batch))
+                    else:  # live on the labelled rows, read back on the unlabelled ones
+                        labelled = {k: v[:n_labelled] for k, v in batch.items()}
+                        live = self.teacher(**forward_inputs(self.teacher, labelled)).logits
+                        teacher_out = SimpleNamespace(logits=mixed_teacher_logits(
+                            live, self.unlabelled_teacher, unlabelled_rows[n_labelled:].tolist(),
+                            batch["input_ids"].size(1)))
             # DDP all-reduces gradients in backward; skip that until the last batch of an accumulation.
             sync = self.model.no_sync() if self.ctx.multi_gpu and not sync_gradients else contextlib.nullcontext()
             with sync:
@@ -434,7 +476,13 @@ class TaskTrainer:
                 shutil.rmtree(old)
 
     def _run_value(self, name):
-        return self.ctx.world_size if name == "world_size" else getattr(self.args, name)
+        if name == "world_size":
+            return self.ctx.world_size
+        if name in ("unlabeled_ratio", "unlabeled_rows"):  # None for runs without unlabelled text
+            if self.unlabelled is None:
+                return None
+            return len(self.unlabelled) if name == "unlabeled_rows" else self.args.unlabeled_ratio
+        return getattr(self.args, name)
 
     def save_model(self, folder):
         """The student (unwrapped) and its tokenizer, loadable with from_pretrained(folder)."""
@@ -486,7 +534,7 @@ def start_run(args, data_files):
 
 
 def train_and_evaluate(args, ctx, student, teacher, train_set, loss_fn, tokenizer, evaluate, model_class,
-                       resume_from=None, **config_overrides):
+                       resume_from=None, unlabelled=None, per_token=False, **config_overrides):
     """The second half both task scripts share, once every input is checked: with --do_train, fine-tune (and
     evaluate at each log with --evaluate_during_training) then save the student in --output_dir; with
     --do_eval, evaluate every checkpoint (--eval_all_checkpoints, reloaded as model_class with the student's
@@ -498,7 +546,8 @@ def train_and_evaluate(args, ctx, student, teacher, train_set, loss_fn, tokenize
     if args.do_train:
         if ctx.is_master and args.overwrite_output_dir and not args.resume:
             clear_old_checkpoints(args.output_dir)
-        trainer = TaskTrainer(args, ctx, student, teacher, train_set, loss_fn, tokenizer, tokenizer.pad_token_id)
+        trainer = TaskTrainer(args, ctx, student, teacher, train_set, loss_fn, tokenizer, tokenizer.pad_token_id,
+                              unlabelled=unlabelled, per_token=per_token)
         if resume_from:
             trainer.load_checkpoint(resume_from)
 

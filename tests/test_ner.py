@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import expect_error, load_script, run_script, run_torchrun
+from conftest import expect_error, load_script, run_in_process, run_script, run_torchrun
 from distil.losses import IGNORE_INDEX as IGNORE, soft_target_divergence, token_ce_loss, token_kd_loss
 from tasks.ner import check_tags, label_list, read_column_file, sentence_windows, word_predictions, write_predictions
 from tasks.ner_metrics import entity_spans, ner_scores
@@ -254,7 +254,8 @@ def ner_data(tiny, tmp_path_factory):
     AutoTokenizer.from_pretrained(tiny["bert"]).save_pretrained(student)
     (root / "train.conll").write_text(column_text(make_sentences(tiny["lines"], 120, 0)))
     (root / "dev.conll").write_text(column_text(make_sentences(tiny["lines"][150:], 30, 1)))
-    d = {"root": root, "student": student, "train": root / "train.conll", "dev": root / "dev.conll"}
+    d = {"root": root, "student": student, "train": root / "train.conll", "dev": root / "dev.conll",
+         "lines": tiny["lines"]}
     d["teacher"] = root / "teacher"
     run_script(*ner_args(d, d["teacher"], tiny["bert"], "--num_train_epochs", "6"), env=SCRIPT_ENV)
     return d
@@ -328,6 +329,7 @@ def test_end_to_end_one_process_with_a_teacher_and_the_table(ner_data, distilled
     record = results(student)
     assert record["metrics"] == pytest.approx({k: scores[k] for k in ("precision", "recall", "f1", "accuracy")})
     assert record["task"] == "ner" and record["score"] == pytest.approx(100 * scores["f1"])
+    assert 1 / len(record["labels"]) < record["mean_confidence"] <= 1
     assert set(record["per_type"]) <= {"PER", "LOC", "ORG"}
 
     table = load_script("downstream_table")
@@ -397,6 +399,36 @@ def test_two_processes_and_exact_resume(ner_data, distilled, tmp_path):
     a, c = weights(full), weights(cut)
     assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
     assert results(cut)["metrics"] == results(full)["metrics"]
+
+
+def test_unlabelled_text_trains_with_the_same_steps_and_resumes_exactly(ner_data, distilled, tmp_path):
+    """--unlabeled_file (tokens only, one per line): the run takes the labelled run's optimizer steps, its
+    distillation term reads the unlabelled sentences too (so the weights differ), and a run stopped at its first
+    checkpoint and resumed ends with the same weights (the unlabelled stream is drawn again, not saved)."""
+    d = ner_data
+    unlabelled = tmp_path / "unlabelled.txt"
+    sentences = make_sentences(d["lines"][200:], 40, 2)
+    unlabelled.write_text("".join("\n".join(words) + "\n\n" for words, _ in sentences))
+    full = tmp_path / "with_unlabelled"
+    flags = ("--teacher_name_or_path", d["teacher"], *DISTILL, "--unlabeled_file", unlabelled, "--unlabeled_ratio", "2")
+    proc = run_in_process(*ner_args(d, full, d["student"], *flags), env=SCRIPT_ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in (full / "metrics.jsonl").read_text().splitlines()]
+    plain = [json.loads(line)["step"] for line in (distilled / "metrics.jsonl").read_text().splitlines()]
+    assert steps == plain
+    a, b = weights(full), weights(distilled)
+    assert any(not torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+    cut = tmp_path / "resumed"
+    shutil.copytree(full, cut)
+    for name in os.listdir(cut):
+        if name.startswith("checkpoint-") and name != "checkpoint-20":
+            shutil.rmtree(cut / name)
+    os.remove(cut / "model.safetensors")
+    proc = run_in_process(*ner_args(d, cut, d["student"], *flags, "--resume"), env=SCRIPT_ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    c = weights(cut)
+    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
 
 
 def test_hub_data_set_with_class_label_tags(ner_data, tmp_path):

@@ -82,6 +82,17 @@ def test_classification_losses_match_the_model():
         float(((out.logits - teacher) ** 2).mean()), rel=1e-6)
 
 
+def test_mean_confidence_by_hand():
+    import math
+
+    from tasks.evaluation import mean_confidence
+
+    # softmax([0, ln 3]) = [0.25, 0.75]; softmax([ln 4, 0, 0]) = [4/6, 1/6, 1/6]
+    assert mean_confidence([[0.0, math.log(3)], [math.log(3), 0.0]]) == pytest.approx(0.75)
+    assert mean_confidence([[math.log(4), 0.0, 0.0]]) == pytest.approx(4 / 6)
+    assert mean_confidence([[1000.0, 0.0]]) == pytest.approx(1.0)  # no overflow
+
+
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
@@ -261,6 +272,29 @@ def test_teacher_with_alpha_ce_zero_is_plain_fine_tuning_and_resume_is_exact(tas
     c = weights(cut)
     assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
     assert (cut / "checkpoint-6").is_dir() and results(cut)["metrics"] == results(plain)["metrics"]
+
+
+def test_glue_unlabelled_text_trains_the_kd_term_without_reading_a_label(task_data, glue_teacher):
+    """--unlabeled_file: a file without a label column and the same file with nonsense labels train the same
+    weights (the labels are never read), and with the same optimizer steps as the run without unlabelled text,
+    whose weights they do not equal (the unlabelled rows reach the student through the teacher)."""
+    d = task_data
+    texts = [line.split("\t")[0] for line in d["dev"].read_text().splitlines()[1:]]
+    bare, junk = d["root"] / "unlabelled.tsv", d["root"] / "unlabelled_junk.tsv"
+    bare.write_text("sentence\n" + "\n".join(texts) + "\n")
+    junk.write_text("sentence\tlabel\n" + "\n".join(f"{t}\t{7 + i}" for i, t in enumerate(texts)) + "\n")
+    runs = {}
+    for name, extra in (("none", ()), ("bare", ("--unlabeled_file", bare)), ("junk", ("--unlabeled_file", junk))):
+        runs[name] = d["root"] / f"unlabelled_{name}"
+        proc = run_in_process(*glue_args(d, runs[name], d["student"], "--teacher_name_or_path", glue_teacher,
+                                         "--max_steps", "6", "--unlabeled_ratio", "1.5", *extra), env=SCRIPT_ENV)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b, c = (weights(runs[k]) for k in ("bare", "junk", "none"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.allclose(a[k], c[k], atol=1e-5) for k in a)
+    steps = [[json.loads(line)["step"] for line in (runs[k] / "metrics.jsonl").read_text().splitlines()]
+             for k in ("bare", "none")]
+    assert steps[0] == steps[1] == [5, 6]
 
 
 # ------------------------------------------------------------------------------------------------ bad input
