@@ -4,7 +4,7 @@
 # fine-tuned as the teacher, its 3-layer slice (layers 0, 3, 5) trained with the budget of the warning sign in
 # issue 24 (3,000 training pairs, 2 epochs, batch 16, learning rate 1e-4), per seed:
 #   alone          the slice fine-tuned alone
-#   kd_default     --alpha_task 0.5 --alpha_ce 0.5 --temperature 2 (the scripts' defaults, the original's)
+#   kd_default     --alpha_task 0.5 --alpha_ce 0.5 --temperature 2 (the paper's recipe; the scripts' defaults when measured)
 #   kd_t1          --alpha_task 1 --alpha_ce 1 --temperature 1
 #   kd_only        --alpha_task 0 --alpha_ce 1 --temperature 2 (the teacher's soft targets alone, no labels)
 # then the teacher's confidence on the training pairs (mean top probability at T = 1 and T = 2) and one line of

@@ -37,7 +37,7 @@ squad() {  # name model [teacher]
 glue() {  # task name model [teacher]
   local task=$1 name=$2 model=$3 teacher=${4:-}
   $PY run_glue_w_distillation.py --task_name "$task" --model_name_or_path "$model" \
-    ${teacher:+--teacher_name_or_path "$teacher"} \
+    ${teacher:+--teacher_name_or_path "$teacher" --temperature 2} \
     --train_file "$GLUE/${DIRS[$task]}/train.tsv" --validation_file "$GLUE/${DIRS[$task]}/dev.tsv" \
     --max_train_samples "${SAMPLES[$task]}" $GLUE_EVAL \
     --max_seq_length 128 --per_gpu_train_batch_size "${BATCH[$task]}" --per_gpu_eval_batch_size 128 \

@@ -27,7 +27,7 @@ btc() {  # name model [teacher]
   local name=$1 model=$2 teacher=${3:-}
   local start=$SECONDS
   $PY run_ner_w_distillation.py --task_name btc --model_name_or_path "$model" \
-    ${teacher:+--teacher_name_or_path "$teacher"} --train_file "$BTC/train.conll" --validation_file "$BTC/dev.conll" \
+    ${teacher:+--teacher_name_or_path "$teacher" --temperature 2} --train_file "$BTC/train.conll" --validation_file "$BTC/dev.conll" \
     --max_train_samples "$SAMPLES" --num_train_epochs "$EPOCHS" --output_dir "$OUT/$name" $COMMON
   echo "$name: $((SECONDS - start)) s" | tee -a "$OUT/wall_times.txt"
 }
