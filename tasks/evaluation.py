@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from tasks.training import forward_inputs, pad_collate
+from tasks.batches import forward_inputs, pad_collate
 from utils import write_json_atomic
 
 

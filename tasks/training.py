@@ -15,7 +15,6 @@ on the device and read at log time.
 """
 import argparse
 import contextlib
-import inspect
 import os
 import random
 import re
@@ -29,12 +28,12 @@ from torch.utils.data import DataLoader
 from distil.checkpointing import rng_state, save_atomic, set_rng_state
 from distil.divergences import add_kd_loss_arguments, check_kd_loss_args
 from grouped_batch_sampler import training_batch_sampler
-from distil.losses import IGNORE_INDEX
+from tasks.batches import forward_inputs, pad_collate
 from tasks.models import load_student
 from tasks.unlabelled import (MixedBatchSampler, MixedSet, mixed_teacher_logits, teacher_predictions,
                               unlabelled_per_batch)
 from utils import (UserError, amp_dtype, append_jsonl, cleanup_distributed, fail, init_distributed, logger, set_seed,
-                   unwrap, write_json_atomic)
+                   write_json_atomic)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.pt"
@@ -196,38 +195,6 @@ class TokenizedSet(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         return self.data[int(index)]
-
-
-def pad_collate(rows, pad_token_id):
-    """List of feature dicts -> dict of tensors; token lists padded to the longest row of the batch.
-
-    Lists are input_ids (padded with pad_token_id), per-token labels (padded with -100, which no loss reads),
-    attention_mask and token_type_ids (padded with 0); scalars (labels, positions, indices) become one tensor
-    each.
-    """
-    batch = {}
-    for key in rows[0]:
-        values = [row[key] for row in rows]
-        if isinstance(values[0], (list, tuple)):
-            longest = max(len(v) for v in values)
-            pad = pad_token_id if key == "input_ids" else IGNORE_INDEX if key == "labels" else 0
-            batch[key] = torch.tensor([list(v) + [pad] * (longest - len(v)) for v in values])  # (bs, seq_len)
-        else:
-            batch[key] = torch.tensor(values)  # (bs,)
-    return batch
-
-
-def forward_inputs(model, batch):
-    """The batch entries this model's forward takes. Batches carry the tokenizer's segment ids (tokenised with
-    return_token_type_ids=True, so a DistilBERT tokenizer's pairs have them too): a BERT teacher gets them, as it
-    was fine-tuned with them; DistilBERT takes none; a model with one segment embedding (RoBERTa:
-    type_vocab_size 1) keeps its default."""
-    model = unwrap(model)
-    accepted = inspect.signature(model.forward).parameters
-    names = ["input_ids", "attention_mask"]
-    if getattr(model.config, "type_vocab_size", None) not in (0, 1):  # XLNet has no such field: it takes them
-        names.append("token_type_ids")
-    return {k: batch[k] for k in names if k in batch and k in accepted}
 
 
 class TaskTrainer:

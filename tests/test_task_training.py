@@ -402,7 +402,7 @@ def test_malformed_model_and_data_files_name_their_flag(task_data, tmp_path, cap
 def test_forward_inputs_give_segment_ids_to_the_models_that_take_them():
     from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel
 
-    from tasks.training import forward_inputs
+    from tasks.batches import forward_inputs
 
     ids = torch.randint(5, 50, (2, 6))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": (ids > 20).long(),
