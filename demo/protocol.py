@@ -83,12 +83,16 @@ class Protocol:
         self.pipe.end()
 
     def timed_train(self, arm, seed, run, train_args, timing_name):
-        """train.py with train_args into the folder `run`; its wall seconds, kept in run/timing_name once the run
+        """train.py with train_args into the folder `run`: timed_run's wall seconds."""
+        return self.timed_run(f"Train {arm} seed {seed}", run, "train.py", train_args, f"train_{arm}_seed{seed}.log",
+                              timing_name)
+
+    def timed_run(self, name, run, script, args, log, timing_name):
+        """A training script writing into the folder `run`; its wall seconds, kept in run/timing_name once the run
         is complete (a resumed protocol reads them back), nan under --dry_run."""
         timing = os.path.join(run, timing_name)
         start = time.time()
-        self.step(f"Train {arm} seed {seed}", timing, "train.py", train_args, f"train_{arm}_seed{seed}.log",
-                  progress=os.path.join(run, "metrics.jsonl"))
+        self.step(name, timing, script, args, log, progress=os.path.join(run, "metrics.jsonl"))
         if self.args.dry_run:
             return float("nan")
         if not os.path.exists(timing):

@@ -38,7 +38,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from demo.protocol import Protocol, main_of, spread  # noqa: E402
-from utils import UserError, write_json_atomic  # noqa: E402
+from utils import UserError  # noqa: E402
 
 PAPER = ("--alpha_task", "0.5", "--alpha_ce", "0.5", "--temperature", "2")
 ARMS = {
@@ -236,7 +236,8 @@ class Measurement(Protocol):
                     args += ["--teacher_name_or_path", teacher]
                 if spec.get("unlabelled"):
                     args += ["--unlabeled_file", data["unlabelled"], "--unlabeled_ratio", a.unlabeled_ratio]
-                seconds = self.timed(f"{arm} seed {seed}", run, args)
+                seconds = self.timed_run(f"Student: {arm} seed {seed}", run, self.script, args,
+                                         f"{os.path.basename(run)}.log", "train_seconds.json")
                 record = score_of(run)
                 if record is not None:
                     records[(arm, seed)] = dict(record, train_seconds=seconds)
@@ -245,20 +246,6 @@ class Measurement(Protocol):
         table = results_table(a.kind, score_of(teacher), score_of(on_train), records, self.seeds, self.arms)
         self.write_results("task_distillation", None, records, table)
         return table
-
-    def timed(self, name, run, args):
-        import time
-
-        timing = os.path.join(run, "train_seconds.json")
-        start = time.time()
-        self.step(f"Student: {name}", timing, self.script, args, f"{os.path.basename(run)}.log",
-                  progress=os.path.join(run, "metrics.jsonl"))
-        if self.args.dry_run:
-            return float("nan")
-        if not os.path.exists(timing):
-            write_json_atomic(timing, {"train_seconds": round(time.time() - start, 1)})
-        with open(timing) as f:
-            return json.load(f)["train_seconds"]
 
 
 def main(argv=None):

@@ -19,6 +19,8 @@ every row. The teacher's predictions on the unlabelled set are computed once, be
 (`teacher_predictions`), and read back per batch: the teacher is in eval mode, so they are what a forward in
 the loop would give, and a row seen in several epochs costs one teacher forward.
 """
+import os
+
 import torch
 
 from utils import UserError
@@ -39,8 +41,6 @@ def check_unlabelled_args(args):
     """The flag combinations a run with --unlabeled_file cannot start with, as UserErrors."""
     if args.unlabeled_file is None:
         return
-    import os
-
     if not os.path.isfile(args.unlabeled_file):
         raise UserError(f"--unlabeled_file {args.unlabeled_file}: no such file")
     if not args.do_train:
