@@ -104,3 +104,32 @@ def cuda_sync_warnings(fn):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+
+
+class SavedForBackward:
+    """The bytes autograd keeps for backward from the forwards run inside this context: the distinct storages its
+    saved-tensor hooks see (a view and its base count once), the given parameters' own storages left out (weights
+    are not activations). What a training step must hold at the end of its forward besides weights, gradients and
+    optimizer state: the activation part of its memory floor."""
+
+    def __init__(self, parameters=()):
+        self._weights = {p.untyped_storage().data_ptr() for p in parameters}
+        self._storages = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda saved: saved)
+
+    def _pack(self, tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._weights:
+            self._storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    @property
+    def bytes(self):
+        return sum(self._storages.values())
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
