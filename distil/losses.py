@@ -310,7 +310,8 @@ def weighted_logit_loss(s_logits, t_logits, labels, temperature, w_ce, w_mse, w_
     """
     t_flat = None
     if t_logits is not None and (w_ce or w_mse):
-        t_flat = t_logits if isinstance(t_logits, (TopKTeacher, HeadRows)) else t_logits.detach().reshape(-1, t_logits.size(-1))
+        plain = not isinstance(t_logits, (TopKTeacher, HeadRows))
+        t_flat = t_logits.detach().reshape(-1, t_logits.size(-1)) if plain else t_logits
     labels = labels if w_lm else None
     kd_rows = kd_rows if t_flat is not None else None
     weights = float(temperature), float(w_ce), float(w_mse), float(w_lm), kd_rows, kd_loss, float(jsd_beta)
@@ -373,7 +374,8 @@ def distillation_losses(s_logits, t_logits, s_hidden, t_hidden, attn_mask, lm_la
     losses['cos'] + alpha['hidden'] * losses['hidden'], each present term.
 
     s_logits, t_logits: (n, vocab) logits at the flat positions `rows` (n,) of the (bs, seq) batch, where a
-    loss reads them, or HeadRows standing for them (t_logits None without a teacher, or a TopKTeacher); s_hidden, t_hidden: (bs, seq, dim) last hidden states;
+    loss reads them, or HeadRows standing for them (t_logits None without a teacher, or a TopKTeacher);
+    s_hidden, t_hidden: (bs, seq, dim) last hidden states;
     attn_mask: (bs, seq) bool, the positions the hidden-state terms average over (the real tokens; with a
     loss-masked corpus, the positions predicting a masked token); lm_labels: (bs, seq) MLM labels (IGNORE_INDEX
     where nothing is predicted), or for CLM the token ids themselves (IGNORE_INDEX on padding): position i

@@ -286,8 +286,8 @@ class RowLogitsLM(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, rows=None):
         """(logits at rows, last hidden states), plus the outputs of `blocks` (a tuple of (bs, seq, dim)) when
-        the wrapper was given some; logits are None for a bare encoder, losses.HeadRows with fused_head. Without rows, the wrapped model's own
-        forward and output.
+        the wrapper was given some; logits are None for a bare encoder, losses.HeadRows with fused_head. Without
+        rows, the wrapped model's own forward and output.
 
         The second form is how the held-out evaluation runs a model sharded with FSDP (distributed/sharding.py): the
         wrapper is the root of the sharded model, so the model must be called through it.
