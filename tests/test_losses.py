@@ -657,3 +657,25 @@ def test_fused_head_with_a_bias_and_kd_rows_against_autograd(monkeypatch):
     for ref, ours in zip(*results):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
     assert results[1][3].abs().sum() > 0  # the bias did get a gradient
+
+
+def test_fused_head_under_bf16_autocast_projects_as_autocast_does():
+    """--bf16: the forward records autocast's dtype, so the loss computes bf16 logits as the head module would
+    (the same loss to float32 rounding) and gradients within bf16's precision of the logits path."""
+    from distil.models import RowLogitsLM
+
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))
+    labels = F.pad(ids[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+    results = []
+    for fuse in (False, True):
+        model = _tiny_llama(1, seed=1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            s_logits, _ = RowLogitsLM(model, fuse_head=fuse)(ids, None, torch.arange(18))
+        assert s_logits.dtype == torch.bfloat16  # the logits', or autocast's that HeadRows recorded
+        total, *_ = weighted_logit_loss(s_logits, None, labels, 1.0, 0.0, 0.0, 1.0)
+        total.backward()
+        results.append((total.detach(), model.model.embed_tokens.weight.grad, model.model.norm.weight.grad))
+    (ref_total, *ref_grads), (total, *grads) = results
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-6)
+    for g, g_ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, g_ref, rtol=2e-2, atol=2e-2 * g_ref.abs().max().item())
