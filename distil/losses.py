@@ -125,7 +125,7 @@ def _row_source(x):
     return lambda i, j: x[i: j].float()
 
 
-def _normalisers(n, labels, kd_rows, temperature, w_ce, w_mse, w_lm, device):
+def _normalisers(n, labels, kd_rows, temperature, w_ce, w_mse, w_lm):
     """(row_weight (n,) fp32 or None, n_kd, n_labels, (c_kl, c_mse, c_lm)): the row counts the terms average
     over, kept on the device (no host synchronisation), and the gradient factors of _WeightedLogitLoss's
     docstring."""
@@ -185,8 +185,7 @@ class _WeightedLogitLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_flat, t_flat, labels, temperature, w_ce, w_mse, w_lm, kd_rows, kd_loss, beta):
         n = s_flat.size(0)
-        row_weight, n_kd, n_labels, factors = _normalisers(n, labels, kd_rows, temperature, w_ce, w_mse, w_lm,
-                                                           s_flat.device)
+        row_weight, n_kd, n_labels, factors = _normalisers(n, labels, kd_rows, temperature, w_ce, w_mse, w_lm)
         grad = torch.empty_like(s_flat)
         row_scale = s_flat.new_empty(n, dtype=torch.float32) if grad.dtype == torch.float16 else None
         sums = s_flat.new_zeros(3, dtype=torch.float32)
@@ -242,8 +241,7 @@ class _FusedHeadLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, dtype, t_arg, labels, temperature, w_ce, w_mse, w_lm, kd_rows, kd_loss,
                 beta):
         n, vocab = hidden.size(0), weight.size(0)
-        row_weight, n_kd, n_labels, factors = _normalisers(n, labels, kd_rows, temperature, w_ce, w_mse, w_lm,
-                                                           hidden.device)
+        row_weight, n_kd, n_labels, factors = _normalisers(n, labels, kd_rows, temperature, w_ce, w_mse, w_lm)
         dtype = dtype or weight.dtype  # the logits' dtype (HeadRows.compute_dtype); each cast made once
         w_c, h_c = weight.detach().to(dtype), hidden.detach().to(dtype)
         b_c = bias.detach().to(dtype) if bias is not None else None
