@@ -115,6 +115,8 @@ class Distiller:
     batches the student answers itself, scored by the live teacher.
     """
 
+    fuse_head = True  # False: the logits path for every head (tests compare the two; not a user option)
+
     def __init__(self, config, ctx, dataset, student, teacher, masking=None, tokenizer=None, evaluator=None,
                  teacher_cache=None, on_policy=None):
         self.config = config
@@ -234,9 +236,14 @@ class Distiller:
             logger.info("Hidden-state losses through a learned %d -> %d projection (not part of the exported "
                         "student).", s_dim, t_dim)
         pairs = (self.config.hidden_layer_map or ()) if self.alpha["hidden"] > 0 else ()
+        # The one decision of the fused head: where a model's head is a plain Linear (models.fusable_head), the
+        # training loss gets its hidden rows and the head, and projects them chunk by chunk (losses.HeadRows):
+        # no (rows x vocabulary) logits, teacher's or gradient, is ever whole. Not under --fsdp: the head's
+        # weight is a shard, gathered only inside the sharded module's own forward, so the loss cannot read it.
+        fuse = self.fuse_head and not self.config.fsdp
         self.student_lm = RowLogitsLM(self.student, self.hidden_projection, blocks=[s for s, _ in pairs],
-                                      bare=self.bare)
-        self.teacher_lm = (TeacherLM(self.teacher, blocks=[t for _, t in pairs], bare=self.bare)
+                                      bare=self.bare, fuse_head=fuse)
+        self.teacher_lm = (TeacherLM(self.teacher, blocks=[t for _, t in pairs], bare=self.bare, fuse_head=fuse)
                            if self.teacher is not None else None)
 
     def _setup_compile(self):
@@ -404,8 +411,9 @@ class Distiller:
         return attn_mask.flatten().nonzero().squeeze(-1)
 
     def _forward(self, token_ids, attn_mask, rows, padded=True, teacher_rows=None):
-        """Student and teacher (logits at rows, last hidden states) under autocast; with teacher_rows (a cached
-        teacher's divergences.TopKTeacher) those stand for the teacher's logits, and it has no hidden states.
+        """Student and teacher (logits at rows, last hidden states) under autocast, the logits as losses.HeadRows
+        for a fused head (_setup_models); with teacher_rows (a cached teacher's divergences.TopKTeacher) those
+        stand for the teacher's logits, and it has no hidden states.
 
         CLM needs no attention mask: padding is on the right, so causal attention never sees it. Neither does
         a batch without padding (known on the host), which also lets SDPA pick its fastest kernel.
@@ -455,7 +463,7 @@ class Distiller:
             s_out, t_out = self._forward(input_ids, attention_mask, rows, padded, teacher_rows)
             read = attention_mask if loss_positions is None else loss_positions
             losses = self.compute_losses(s_out, t_out, read, lm_labels, rows, alpha)
-            del s_out, t_out  # the logits are not needed by backward: free them before it runs
+            del s_out, t_out  # the logits (or head rows) are not needed by backward: free them before it runs
             # "logits" already holds alpha_ce * ce + alpha_mse * mse + alpha_lm * lm (and their gradient)
             loss = losses.pop("logits", 0.0) + alpha["cos"] * losses.get("cos", 0.0)
             if "hidden" in losses:

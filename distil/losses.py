@@ -13,12 +13,16 @@ Every term is an average over the positions it covers, so batch shape does not c
 
 The three logit terms share one formula, `logit_losses_chunk`, applied to a chunk of rows at a time:
 training calls it through `weighted_logit_loss` (which also writes the gradient), the held-out evaluation
-through `logit_loss_sums` (values only).
+through `logit_loss_sums` (values only). Where a model's head is a plain linear projection, training hands the
+loss the hidden rows and the head (`HeadRows`) instead of the logits, and the loss projects them chunk by chunk
+(`_FusedHeadLoss`): no (rows x vocabulary) tensor is then ever whole.
 """
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from distil.divergences import (DEFAULT_JSD_BETA, DEFAULT_KD_LOSS, TopKTeacher, complete_teacher_log_probs,
                                  divergence_rows)
@@ -89,6 +93,71 @@ def logit_losses_chunk(s, t, labels, temperature, row_weight=None, with_grads=Tr
     return kl, sq, ce, d_kl, diff, d_ce
 
 
+class HeadRows(NamedTuple):
+    """A LM's output at the loss rows when its head is a plain linear projection (models.RowLogitsLM with
+    fuse_head): the last hidden states there, hidden (n, dim), and the head's weight (vocab, dim) and bias
+    (vocab,) or None, standing for the logits hidden @ weight.T + bias that the loss computes chunk by chunk.
+    dtype: the autocast dtype the head would have run in (None: autocast was off)."""
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    dtype: torch.dtype | None
+
+    @property
+    def compute_dtype(self):
+        """The dtype of the logits, as the head module would have computed them."""
+        return self.dtype or self.weight.dtype
+
+
+def _row_source(x):
+    """A function (start, stop) -> those rows of x as fp32 logits (or a TopKTeacher chunk), for a logit argument
+    of the fused losses: (n, vocab) logits, a divergences.TopKTeacher, or HeadRows (projected here, the weight
+    cast to the head's dtype once, as autocast would); None for None."""
+    if x is None:
+        return None
+    if isinstance(x, TopKTeacher):
+        return x.rows
+    if isinstance(x, HeadRows):
+        dtype = x.compute_dtype
+        weight = x.weight.detach().to(dtype)
+        bias = x.bias.detach().to(dtype) if x.bias is not None else None
+        return lambda i, j: F.linear(x.hidden[i: j].detach().to(dtype), weight, bias).float()
+    return lambda i, j: x[i: j].float()
+
+
+def _normalisers(n, labels, kd_rows, temperature, w_ce, w_mse, w_lm):
+    """(row_weight (n,) fp32 or None, n_kd, n_labels, (c_kl, c_mse, c_lm)): the row counts the terms average
+    over, kept on the device (no host synchronisation), and the gradient factors of _WeightedLogitLoss's
+    docstring."""
+    row_weight = kd_rows.to(torch.float32) if kd_rows is not None else None
+    n_kd = row_weight.sum().clamp(min=1) if row_weight is not None else float(max(n, 1))
+    n_labels = (labels != IGNORE_INDEX).sum().clamp(min=1) if labels is not None else 1.0
+    return row_weight, n_kd, n_labels, (w_ce * temperature / n_kd, w_mse * 2.0 / n_kd, w_lm / n_labels)
+
+
+def _weighted_chunk(s, t, labels, row_weight, temperature, factors, kd_loss, beta):
+    """On one chunk of fp32 student logits s (rows, vocab): ((3,) sums of KL, squared error and CE, the fp32
+    gradient of the weighted loss w.r.t. s (rows, vocab)), from logit_losses_chunk."""
+    c_kl, c_mse, c_lm = factors
+    kl, sq, ce, d_kl, diff, d_ce = logit_losses_chunk(s, t, labels, temperature, row_weight, kd_loss=kd_loss, beta=beta)
+    g = torch.zeros_like(d_ce if d_ce is not None else d_kl)
+    if d_kl is not None:
+        g.add_(d_kl.mul_(c_kl))
+        if diff is not None:
+            g.add_(diff.mul_(c_mse))
+    if d_ce is not None:
+        g.add_(d_ce.mul_(c_lm))
+    return torch.stack([kl, sq, ce]), g
+
+
+def _weighted_terms(sums, n_kd, n_labels, temperature, w_ce, w_mse, w_lm):
+    """(total, ce, mse, lm) from the summed (3,) KL, squared error and CE."""
+    ce = sums[0] * temperature ** 2 / n_kd
+    mse = sums[1] / n_kd
+    lm = sums[2] / n_labels
+    return w_ce * ce + w_mse * mse + w_lm * lm, ce, mse, lm
+
+
 class _WeightedLogitLoss(torch.autograd.Function):
     """w_ce * KD + w_mse * MSE + w_lm * LM over (n, vocab) logits, with its gradient computed in forward.
 
@@ -116,31 +185,18 @@ class _WeightedLogitLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_flat, t_flat, labels, temperature, w_ce, w_mse, w_lm, kd_rows, kd_loss, beta):
         n = s_flat.size(0)
-        row_weight = kd_rows.to(torch.float32) if kd_rows is not None else None
-        n_kd = row_weight.sum().clamp(min=1) if row_weight is not None else float(max(n, 1))
-        n_labels = (labels != IGNORE_INDEX).sum().clamp(min=1) if labels is not None else 1.0
-        c_kl = w_ce * temperature / n_kd  # gradient factors, see the class docstring
-        c_mse = w_mse * 2.0 / n_kd
-        c_lm = w_lm / n_labels
+        row_weight, n_kd, n_labels, factors = _normalisers(n, labels, kd_rows, temperature, w_ce, w_mse, w_lm)
         grad = torch.empty_like(s_flat)
         row_scale = s_flat.new_empty(n, dtype=torch.float32) if grad.dtype == torch.float16 else None
         sums = s_flat.new_zeros(3, dtype=torch.float32)
+        teacher = _row_source(t_flat)
         step = rows_per_chunk(n, s_flat.size(-1), s_flat.device)
         for i in range(0, n, step):
-            t = None if t_flat is None else t_flat.rows(i, i + step) if isinstance(t_flat, TopKTeacher) \
-                else t_flat[i: i + step].float()
-            lab = labels[i: i + step] if labels is not None else None
-            w = row_weight[i: i + step] if row_weight is not None else None
-            kl, sq, ce, d_kl, diff, d_ce = logit_losses_chunk(s_flat[i: i + step].float(), t, lab, temperature, w,
-                                                              kd_loss=kd_loss, beta=beta)
-            sums += torch.stack([kl, sq, ce])
-            g = torch.zeros_like(d_ce if d_ce is not None else d_kl)
-            if d_kl is not None:
-                g.add_(d_kl.mul_(c_kl))
-                if diff is not None:
-                    g.add_(diff.mul_(c_mse))
-            if d_ce is not None:
-                g.add_(d_ce.mul_(c_lm))
+            chunk_sums, g = _weighted_chunk(s_flat[i: i + step].float(), teacher and teacher(i, i + step),
+                                            labels[i: i + step] if labels is not None else None,
+                                            row_weight[i: i + step] if row_weight is not None else None,
+                                            temperature, factors, kd_loss, beta)
+            sums += chunk_sums
             if row_scale is not None:
                 peak = g.abs().amax(dim=-1).clamp(min=2.0 ** -100)  # (rows,); an all-zero row keeps its zeros
                 scale = torch.exp2(torch.floor(torch.log2(_FP16_ROW_TARGET / peak)))
@@ -148,10 +204,7 @@ class _WeightedLogitLoss(torch.autograd.Function):
                 row_scale[i: i + step] = scale
             grad[i: i + step] = g
         ctx.save_for_backward(grad, row_scale)
-        ce = sums[0] * temperature ** 2 / n_kd
-        mse = sums[1] / n_kd
-        lm = sums[2] / n_labels
-        total = w_ce * ce + w_mse * mse + w_lm * lm
+        total, ce, mse, lm = _weighted_terms(sums, n_kd, n_labels, temperature, w_ce, w_mse, w_lm)
         ctx.mark_non_differentiable(ce, mse, lm)
         return total, ce, mse, lm
 
@@ -168,6 +221,78 @@ class _WeightedLogitLoss(torch.autograd.Function):
         return out, *(None,) * 9
 
 
+class _FusedHeadLoss(torch.autograd.Function):
+    """_WeightedLogitLoss with the student's vocabulary projection inside it: from hidden rows h (n, dim) and a
+    linear head (weight (vocab, dim), bias), each chunk of rows is projected (the student's, and a HeadRows
+    teacher's, in the head's autocast dtype, then fp32 as above), its losses and gradient d_logits computed as
+    _WeightedLogitLoss does, and at once pushed through the head: d_h[chunk] = d_logits @ W, dW += d_logits^T
+    h[chunk], db += d_logits summed over rows, into fp32 accumulators. So no (n, vocab) tensor is ever whole
+    (the unfused path holds three: student logits, teacher logits, gradient buffer) and the FLOPs are the
+    same, nothing recomputed. Forward keeps d_h (n, dim) and dW (vocab, dim), the size of the weight and of
+    the gradient it will receive anyway; backward only multiplies them by the incoming factor.
+
+    That factor includes a GradScaler's scale, applied here in fp32 to fp32 buffers, so the float16 per-row
+    rescaling of _WeightedLogitLoss is not needed on this path. Under float16 autocast the gradient matmuls
+    run in fp32, though: d_logits (about w T / n_rows times a probability) would mostly flush to zero as
+    float16 inputs. Under bfloat16 they run in bfloat16, as autocast runs the head's backward today.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, dtype, t_arg, labels, temperature, w_ce, w_mse, w_lm, kd_rows, kd_loss,
+                beta):
+        n, vocab = hidden.size(0), weight.size(0)
+        row_weight, n_kd, n_labels, factors = _normalisers(n, labels, kd_rows, temperature, w_ce, w_mse, w_lm)
+        dtype = dtype or weight.dtype  # the logits' dtype (HeadRows.compute_dtype); each cast made once
+        w_c, h_c = weight.detach().to(dtype), hidden.detach().to(dtype)
+        b_c = bias.detach().to(dtype) if bias is not None else None
+        grad_dtype = torch.float32 if dtype == torch.float16 else dtype
+        exact = grad_dtype == dtype
+        w_g = w_c if exact else weight.detach().to(grad_dtype)
+        h_g = h_c if exact else hidden.detach().to(grad_dtype)
+        teacher = _row_source(t_arg)
+        want_w, want_b = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        d_hidden = hidden.new_empty(hidden.shape, dtype=torch.float32)
+        d_weight = weight.new_zeros(weight.shape, dtype=torch.float32) if want_w else None
+        d_bias = weight.new_zeros(vocab, dtype=torch.float32) if want_b else None
+        sums = hidden.new_zeros(3, dtype=torch.float32)
+        step = rows_per_chunk(n, vocab, hidden.device)
+        for i in range(0, n, step):
+            s = F.linear(h_c[i: i + step], w_c, b_c).float()  # (rows, vocab)
+            chunk_sums, g = _weighted_chunk(s, teacher and teacher(i, i + step),
+                                            labels[i: i + step] if labels is not None else None,
+                                            row_weight[i: i + step] if row_weight is not None else None,
+                                            temperature, factors, kd_loss, beta)
+            sums += chunk_sums
+            g_g = g.to(grad_dtype)  # (rows, vocab)
+            d_hidden[i: i + step] = g_g @ w_g
+            if want_w:
+                if grad_dtype == torch.float32:
+                    d_weight.addmm_(g_g.t(), h_g[i: i + step])
+                else:
+                    d_weight += g_g.t() @ h_g[i: i + step]
+            if want_b:
+                d_bias += g.sum(0)
+        # Intermediates, not inputs or outputs: kept on ctx (not save_for_backward) so backward can hand dW to
+        # autograd as the only reference, which the parameter's gradient then takes over without a copy.
+        ctx.grads = d_hidden, d_weight, d_bias
+        ctx.dtypes = hidden.dtype, weight.dtype
+        total, ce, mse, lm = _weighted_terms(sums, n_kd, n_labels, temperature, w_ce, w_mse, w_lm)
+        ctx.mark_non_differentiable(ce, mse, lm)
+        return total, ce, mse, lm
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total, *unused):
+        d_hidden, d_weight, d_bias = ctx.grads
+        ctx.grads = None
+        factor = grad_total.float()
+        h_dtype, w_dtype = ctx.dtypes
+        d_hidden = d_hidden.mul_(factor).to(h_dtype)
+        d_weight = d_weight.mul_(factor).to(w_dtype) if d_weight is not None else None
+        d_bias = d_bias.mul_(factor).to(w_dtype) if d_bias is not None else None
+        return d_hidden, d_weight, d_bias, *(None,) * 10
+
+
 def weighted_logit_loss(s_logits, t_logits, labels, temperature, w_ce, w_mse, w_lm, kd_rows=None,
                         kd_loss=DEFAULT_KD_LOSS, jsd_beta=DEFAULT_JSD_BETA):
     """(w_ce * ce + w_mse * mse + w_lm * lm, ce, mse, lm) over (n, vocab) logits, the three terms detached.
@@ -176,17 +301,21 @@ def weighted_logit_loss(s_logits, t_logits, labels, temperature, w_ce, w_mse, w_
     gradients keep their scale as T changes); mse is the squared error summed over the vocabulary, averaged
     over rows; lm is the mean cross-entropy over the rows whose label (n,) is not IGNORE_INDEX. t_logits may
     be None (no teacher: ce = mse = 0) or a divergences.TopKTeacher (a cached teacher's top k: mse = 0), and
-    labels None (lm = 0). kd_rows (n,) bool, optional: the rows ce
-    and mse average over (default: all of them). Nothing to average over gives 0, never NaN. kd_loss,
-    jsd_beta: the divergence ce is (distil/divergences.py; forward KL by default).
+    labels None (lm = 0). Either logits argument may also be HeadRows (hidden rows and a linear head): the
+    projection then runs inside the loss, chunk by chunk (_FusedHeadLoss for the student's). kd_rows (n,) bool,
+    optional: the rows ce and mse average over (default: all of them). Nothing to average over gives 0, never
+    NaN. kd_loss, jsd_beta: the divergence ce is (distil/divergences.py; forward KL by default).
     """
-    vocab = s_logits.size(-1)
     t_flat = None
     if t_logits is not None and (w_ce or w_mse):
-        t_flat = t_logits if isinstance(t_logits, TopKTeacher) else t_logits.detach().reshape(-1, vocab)
-    return _WeightedLogitLoss.apply(s_logits.reshape(-1, vocab), t_flat, labels if w_lm else None,
-                                    float(temperature), float(w_ce), float(w_mse), float(w_lm),
-                                    kd_rows if t_flat is not None else None, kd_loss, float(jsd_beta))
+        plain = not isinstance(t_logits, (TopKTeacher, HeadRows))
+        t_flat = t_logits.detach().reshape(-1, t_logits.size(-1)) if plain else t_logits
+    labels = labels if w_lm else None
+    kd_rows = kd_rows if t_flat is not None else None
+    weights = float(temperature), float(w_ce), float(w_mse), float(w_lm), kd_rows, kd_loss, float(jsd_beta)
+    if isinstance(s_logits, HeadRows):
+        return _FusedHeadLoss.apply(*s_logits, t_flat, labels, *weights)
+    return _WeightedLogitLoss.apply(s_logits.reshape(-1, s_logits.size(-1)), t_flat, labels, *weights)
 
 
 @torch.no_grad()
@@ -243,7 +372,8 @@ def distillation_losses(s_logits, t_logits, s_hidden, t_hidden, attn_mask, lm_la
     losses['cos'] + alpha['hidden'] * losses['hidden'], each present term.
 
     s_logits, t_logits: (n, vocab) logits at the flat positions `rows` (n,) of the (bs, seq) batch, where a
-    loss reads them (t_logits None without a teacher); s_hidden, t_hidden: (bs, seq, dim) last hidden states;
+    loss reads them, or HeadRows standing for them (t_logits None without a teacher, or a TopKTeacher);
+    s_hidden, t_hidden: (bs, seq, dim) last hidden states;
     attn_mask: (bs, seq) bool, the positions the hidden-state terms average over (the real tokens; with a
     loss-masked corpus, the positions predicting a masked token); lm_labels: (bs, seq) MLM labels (IGNORE_INDEX
     where nothing is predicted), or for CLM the token ids themselves (IGNORE_INDEX on padding): position i

@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from distil.losses import HeadRows
 from utils import UserError, load_pretrained, logger
 
 # type -> (config class, model class, tokenizer class), by name in transformers
@@ -234,6 +235,18 @@ def split_lm_head(model):
     return None
 
 
+def fusable_head(model):
+    """The LM head of `model` when the loss may run it itself (losses.HeadRows), else None: a plain
+    torch.nn.Linear (the lm_head of GPT-2, Llama, Qwen2/3, Mistral, tied to the embeddings or not) without hooks,
+    since the loss reads its weight and bias and never calls its forward. BERT/DistilBERT/RoBERTa MLM heads
+    (a transform and a norm before the projection), unknown models and bare encoders give None."""
+    split = split_lm_head(model)
+    head = split[1] if split is not None else None
+    if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        return None  # a subclass (quantised, adapters) or a hook may change what its forward computes
+    return head
+
+
 def _is_plain_bidirectional(model):
     from transformers import (BertForMaskedLM, BertModel, DistilBertForMaskedLM, DistilBertModel, RobertaForMaskedLM,
                               RobertaModel)
@@ -256,22 +269,25 @@ class RowLogitsLM(torch.nn.Module):
 
     DDP wraps this module (not the bare model) so gradient hooks see the forward that really runs.
     Models whose head cannot be split run whole and their logits are selected afterwards; a bare encoder
-    (bare=True) has no head and gives no logits.
+    (bare=True) has no head and gives no logits. With fuse_head, a model whose head is a plain linear
+    projection (fusable_head) gives losses.HeadRows (the hidden rows and the head) in place of the logits, for
+    the training loss to project chunk by chunk; the caller decides whether it may (not under FSDP).
     """
 
-    def __init__(self, model, hidden_projection=None, blocks=None, bare=False):
+    def __init__(self, model, hidden_projection=None, blocks=None, bare=False, fuse_head=False):
         super().__init__()
         self.model = model
         self.hidden_projection = hidden_projection  # student dim -> teacher dim, for the hidden-state losses
         self.blocks = tuple(blocks) if blocks else None  # whose outputs the intermediate-layer loss reads
         self._bare = bare  # a model without an LM head (--*_type encoder): no logits to compute
         self._split = (None if self._bare else split_lm_head(model),)  # a tuple: not registered twice as submodules
+        self.fused_head = fuse_head and not bare and fusable_head(model) is not None  # forward gives HeadRows
         self._prepare_mask = _is_plain_bidirectional(model)
 
     def forward(self, input_ids, attention_mask, rows=None):
         """(logits at rows, last hidden states), plus the outputs of `blocks` (a tuple of (bs, seq, dim)) when
-        the wrapper was given some; logits are None for a bare encoder. Without rows, the wrapped model's own
-        forward and output.
+        the wrapper was given some; logits are None for a bare encoder, losses.HeadRows with fused_head. Without
+        rows, the wrapped model's own forward and output.
 
         The second form is how the held-out evaluation runs a model sharded with FSDP (distributed/sharding.py): the
         wrapper is the root of the sharded model, so the model must be called through it.
@@ -293,7 +309,12 @@ class RowLogitsLM(torch.nn.Module):
             base, head, kwargs = split
             out = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs, **all_states)
             hidden = out.last_hidden_state  # (bs, seq, dim)
-            logits = head(hidden.flatten(0, 1)[rows])  # (n, vocab)
+            if self.fused_head:  # the loss projects (losses._FusedHeadLoss), as autocast would have here
+                device = hidden.device.type
+                dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+                logits = HeadRows(hidden.flatten(0, 1)[rows], head.weight, head.bias, dtype)
+            else:
+                logits = head(hidden.flatten(0, 1)[rows])  # (n, vocab)
         if self.blocks:
             layers = tuple(out.hidden_states[block + 1] for block in self.blocks)  # [0] is the embeddings' output
         if self.hidden_projection is not None:

@@ -212,9 +212,10 @@ BERT_SPECIAL = {"pad_token": 0, "unk_token": 1, "cls_token": 2, "sep_token": 3, 
 
 
 def tiny_models(config_name, vocab=300, seq_len=24, dropout=0.1):
-    """(teacher, student) with random weights: BERT -> 1-layer DistilBERT (bert_*), or GPT-2 -> 1-layer GPT-2."""
+    """(teacher, student) with random weights: BERT -> 1-layer DistilBERT (bert_*), Llama -> 1-layer Llama with
+    tied embeddings (llama_*), or GPT-2 -> 1-layer GPT-2."""
     from transformers import (BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, GPT2Config,
-                              GPT2LMHeadModel)
+                              GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM)
 
     if config_name.startswith("bert"):
         teacher = BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
@@ -224,6 +225,12 @@ def tiny_models(config_name, vocab=300, seq_len=24, dropout=0.1):
                                                          hidden_dim=64, max_position_embeddings=seq_len,
                                                          dropout=dropout, attention_dropout=dropout))
         return teacher, student
+    if config_name.startswith("llama"):
+        common = dict(vocab_size=vocab, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                      intermediate_size=64, max_position_embeddings=seq_len, bos_token_id=vocab - 1,
+                      eos_token_id=vocab - 1, tie_word_embeddings=True)
+        return (LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **common)),
+                LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, **common)))
     common = dict(vocab_size=vocab, n_embd=32, n_head=2, n_inner=64, n_positions=seq_len, bos_token_id=vocab - 1,
                   eos_token_id=vocab - 1, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     return GPT2LMHeadModel(GPT2Config(n_layer=2, **common)), GPT2LMHeadModel(GPT2Config(n_layer=1, **common))
@@ -249,7 +256,7 @@ def tiny_sequences(n_batches, batch_size, seq_len, vocab, special, mlm, seed=0):
 
 def tiny_distiller(config_name, dump_path, extra=None, device="cpu", bf16=False, n_batches=6, sequences=None,
                    dropout=0.1):
-    """A Distiller on tiny random models (bert_mlm, bert_mlm_restrict or gpt2_clm), its batch preparation,
+    """A Distiller on tiny random models (bert_mlm, bert_mlm_restrict, gpt2_clm or llama_clm), its batch preparation,
     and n_batches collated batches of 3, the second one without padding (or `sequences`: batches of token
     id arrays, every id below 299). extra: DistillationConfig fields to override, and `mlm_mask_prop`."""
     import torch
@@ -272,7 +279,8 @@ def tiny_distiller(config_name, dump_path, extra=None, device="cpu", bf16=False,
         sequences = tiny_sequences(n_batches, 3, seq_len, vocab, special, mlm)
         sequences[1] = [s[:12] for s in sequences[1]]  # one batch without padding: every sequence 12 tokens
     config = DistillationConfig(
-        dump_path=str(dump_path), mlm=mlm, student_type="distilbert" if mlm else "gpt2", alpha_ce=5.0,
+        dump_path=str(dump_path), mlm=mlm, student_type={"bert": "distilbert", "llama": "auto"}.get(
+            config_name.split("_")[0], "gpt2"), alpha_ce=5.0,
         alpha_cos=1.0, alpha_mlm=2.0 if mlm else 0.0, alpha_clm=0.0 if mlm else 2.0,
         restrict_ce_to_mask=config_name == "bert_mlm_restrict", batch_size=len(sequences[0]),
         gradient_accumulation_steps=1,

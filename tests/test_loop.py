@@ -97,3 +97,44 @@ def test_hidden_projection_does_not_depend_on_the_rank_generator():
         draws.append(hidden_projection(32, 48, seed=56).weight)
     torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
     assert not torch.equal(draws[0], hidden_projection(32, 48, seed=1).weight)
+
+
+def _weights_after_two_steps(dump, config_name, fuse, monkeypatch):
+    from distiller import Distiller
+
+    monkeypatch.setattr(Distiller, "fuse_head", fuse)
+    distiller, prepare, batches = tiny_distiller(config_name, dump, {"alpha_mse": 0.5, "temperature": 2.0},
+                                                 n_batches=2, dropout=0.0)
+    assert distiller.student_lm.fused_head == fuse
+    before = distiller.student.model.embed_tokens.weight.detach().clone()
+    run_loop(distiller, prepare, batches)
+    assert distiller.scheduler.last_epoch == 2 and not torch.equal(before, distiller.student.model.embed_tokens.weight)
+    return {name: p.detach().clone() for name, p in distiller.student.named_parameters()}
+
+
+def test_fused_head_trains_a_tied_llama_as_the_logits_path_does(tmp_path, monkeypatch):
+    """Distiller.step on a 1-layer Llama student with tied embeddings (KD at T = 2, MSE, CLM, cosine): the
+    weights after 2 optimizer steps are those of the logits path (Distiller.fuse_head off)."""
+    ref = _weights_after_two_steps(tmp_path / "logits", "llama_clm", False, monkeypatch)
+    fused = _weights_after_two_steps(tmp_path / "fused", "llama_clm", True, monkeypatch)
+    assert "model.embed_tokens.weight" in ref and "lm_head.weight" not in ref  # tied: one parameter
+    for name, value in ref.items():
+        torch.testing.assert_close(fused[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("config_name, fused", [("llama_clm", True), ("gpt2_clm", True), ("bert_mlm", False)])
+def test_the_fused_head_is_taken_for_plain_linear_heads_only(tmp_path, monkeypatch, config_name, fused):
+    """Llama's and GPT-2's lm_head (a plain Linear) go through losses._FusedHeadLoss, DistilBERT's MLM head
+    (transform, norm, projection) through the logits path, as the step really runs them."""
+    from distil import losses
+
+    calls = []
+    for name in ("_FusedHeadLoss", "_WeightedLogitLoss"):
+        function = getattr(losses, name)
+        monkeypatch.setattr(function, "apply", lambda *a, _f=function.apply, _n=name: calls.append(_n) or _f(*a))
+    distiller, prepare, batches = tiny_distiller(config_name, tmp_path, n_batches=2)
+    batch = prepare(*batches[0])
+    s_out, t_out = distiller._forward(batch.input_ids, batch.attention_mask, batch.rows, batch.padded)
+    assert isinstance(s_out[0], losses.HeadRows) == fused and isinstance(t_out[0], losses.HeadRows) == fused
+    run_loop(distiller, prepare, batches[:1])
+    assert calls == ["_FusedHeadLoss" if fused else "_WeightedLogitLoss"]

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distil import losses
+from distil.divergences import TopKTeacher
 from distil.losses import (IGNORE_INDEX, cosine_loss, distillation_losses, logit_loss_sums, rows_per_chunk,
                            weighted_logit_loss)
 
@@ -550,3 +551,131 @@ def test_fp16_logits_keep_their_gradient_under_a_grad_scaler(n_rows, vocab, term
     error = ((grad - g_ref).norm() / g_ref.norm()).item()
     assert error < 0.01, f"relative L2 error {error:.2%}"
     assert abs(total.item() - ref.item()) < 1e-4 * abs(ref.item())
+
+
+# ------------------------------------------------------------------------------------------ the fused head
+#
+# A plain linear head (Llama, GPT-2, ...) is projected inside the loss, chunk by chunk (losses.HeadRows,
+# _FusedHeadLoss). Reference: the same tiny models through the logits path (models.RowLogitsLM without
+# fuse_head: the head module's own forward, then _WeightedLogitLoss), which the tests above check against the
+# original formulas.
+
+FUSED_CASES = {
+    "kl_clm_mse": dict(alpha=dict(ce=5.0, clm=2.0, mse=0.1), temperature=2.0),
+    "reverse_kl": dict(alpha=dict(ce=1.0, clm=1.0), kd_loss="reverse_kl"),
+    "jsd": dict(alpha=dict(ce=1.0, clm=1.0), kd_loss="jsd"),
+    "cached_teacher": dict(alpha=dict(ce=2.0, clm=1.0), temperature=2.0, cached=True),
+    "no_teacher": dict(alpha=dict(clm=1.0), teacher=False),
+    "kd_rows": dict(alpha=dict(ce=2.0, mlm=1.0, mse=0.5), restrict=True),
+    "loss_mask": dict(alpha=dict(ce=1.0, clm=1.0), subset=True),
+}
+
+
+def _tiny_llama(layers, seed, tie=True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=37, max_position_embeddings=64,
+                         tie_word_embeddings=tie)
+    model = LlamaForCausalLM(config).eval()
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+    return model
+
+
+def _run_head_path(fuse, case, ids, lm_labels, rows):
+    """(detached losses, {name: gradient} of every student parameter, gradient of the last hidden states)."""
+    from distil.models import RowLogitsLM, TeacherLM
+    from distil.teacher_cache import topk_rows
+
+    temperature = case.get("temperature", 1.0)
+    student_lm = RowLogitsLM(_tiny_llama(1, seed=1), fuse_head=fuse)
+    assert student_lm.fused_head == fuse
+    s_logits, s_hidden = student_lm(ids, None, rows)
+    assert isinstance(s_logits, losses.HeadRows) == fuse
+    s_hidden.retain_grad()
+    t_logits = None
+    if case.get("teacher", True):
+        t_logits, _ = TeacherLM(_tiny_llama(2, seed=2).requires_grad_(False), fuse_head=fuse)(ids, None, rows)
+        if case.get("cached"):  # the cache's own top-k rows of the unfused teacher's logits
+            reference, _ = TeacherLM(_tiny_llama(2, seed=2), fuse_head=False)(ids, None, rows)
+            t_logits = TopKTeacher(*topk_rows(reference, 7, temperature))
+    attn = torch.ones(ids.shape, dtype=torch.bool)
+    out = distillation_losses(s_logits, t_logits, s_hidden, None, attn, lm_labels, rows,
+                              alpha=_alpha(**case["alpha"]), temperature=temperature, mlm=case.get("restrict", False),
+                              restrict_ce_to_mask=case.get("restrict", False),
+                              kd_loss=case.get("kd_loss", "forward_kl"))
+    (3.0 * out["logits"]).backward()  # an outer factor, as gradient accumulation and a GradScaler apply
+    grads = {name: p.grad for name, p in student_lm.model.named_parameters()}
+    return {k: v.detach() for k, v in out.items()}, grads, s_hidden.grad
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 22, 3 * 97 + 5])
+@pytest.mark.parametrize("name", list(FUSED_CASES))
+def test_fused_head_gives_the_losses_and_gradients_of_the_logits_path(monkeypatch, name, chunk_elements):
+    """Same losses, and the same gradients for the tied head/embedding weight, every base parameter and the
+    hidden states, in one chunk and in several (3 rows each)."""
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", chunk_elements)
+    case = FUSED_CASES[name]
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 97, (2, 9), generator=gen)
+    lm_labels = ids.clone()
+    if case.get("restrict"):  # MLM-style labels: only some positions carry one (kd_rows = the labelled rows)
+        lm_labels[:, ::3] = IGNORE_INDEX
+    rows = torch.tensor([0, 2, 3, 5, 8, 9, 10, 14, 16]) if case.get("subset") else torch.arange(18)
+    ref_losses, ref_grads, ref_hidden = _run_head_path(False, case, ids, lm_labels, rows)
+    fused_losses, fused_grads, fused_hidden = _run_head_path(True, case, ids, lm_labels, rows)
+    assert set(fused_losses) == set(ref_losses)
+    for key, value in ref_losses.items():
+        torch.testing.assert_close(fused_losses[key], value, rtol=1e-6, atol=1e-6)  # fp32 rounding of KL ~ 0
+    assert "model.embed_tokens.weight" in ref_grads  # the head's weight: its gradient from head and embedding
+    for key, value in ref_grads.items():
+        assert fused_grads[key] is not None, key
+        torch.testing.assert_close(fused_grads[key], value, rtol=1e-5, atol=1e-6 * value.abs().max().item())
+    torch.testing.assert_close(fused_hidden, ref_hidden, rtol=1e-5, atol=1e-6 * ref_hidden.abs().max().item())
+
+
+def test_fused_head_with_a_bias_and_kd_rows_against_autograd(monkeypatch):
+    """HeadRows with a bias (no stock head here has one), kd_rows and a HeadRows teacher, over several chunks:
+    the gradients of hidden rows, weight and bias are autograd's through F.linear and the logits path."""
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 4 * VOCAB + 1)
+    gen = torch.Generator().manual_seed(11)
+    n, dim = 17, 8
+    h, w, b = (torch.randn(*shape, generator=gen) for shape in ((n, dim), (VOCAB, dim), (VOCAB,)))
+    t_h, t_w = torch.randn(n, dim, generator=gen), torch.randn(VOCAB, dim, generator=gen)
+    labels = torch.randint(0, VOCAB, (n,), generator=gen)
+    labels[::4] = IGNORE_INDEX
+    kd_rows = torch.rand(n, generator=gen) > 0.3
+    results = []
+    for fused in (False, True):
+        params = [x.clone().requires_grad_(True) for x in (h, w, b)]
+        s = losses.HeadRows(*params, None) if fused else F.linear(*params)
+        t = losses.HeadRows(t_h, t_w, None, None) if fused else F.linear(t_h, t_w)
+        total, ce, mse, lm = weighted_logit_loss(s, t, labels, 2.0, 5.0, 0.3, 2.0, kd_rows=kd_rows)
+        (2.0 * total).backward()
+        results.append((torch.stack([total, ce, mse, lm]).detach(), *(p.grad for p in params)))
+    for ref, ours in zip(*results):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+    assert results[1][3].abs().sum() > 0  # the bias did get a gradient
+
+
+def test_fused_head_under_bf16_autocast_projects_as_autocast_does():
+    """--bf16: the forward records autocast's dtype, so the loss computes bf16 logits as the head module would
+    (the same loss to float32 rounding) and gradients within bf16's precision of the logits path."""
+    from distil.models import RowLogitsLM
+
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))
+    labels = F.pad(ids[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+    results = []
+    for fuse in (False, True):
+        model = _tiny_llama(1, seed=1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            s_logits, _ = RowLogitsLM(model, fuse_head=fuse)(ids, None, torch.arange(18))
+        assert s_logits.dtype == torch.bfloat16  # the logits', or autocast's that HeadRows recorded
+        total, *_ = weighted_logit_loss(s_logits, None, labels, 1.0, 0.0, 0.0, 1.0)
+        total.backward()
+        results.append((total.detach(), model.model.embed_tokens.weight.grad, model.model.norm.weight.grad))
+    (ref_total, *ref_grads), (total, *grads) = results
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-6)
+    for g, g_ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, g_ref, rtol=2e-2, atol=2e-2 * g_ref.abs().max().item())
