@@ -15,6 +15,11 @@ learning rate and seeds (the same seed: the same batches in the same order):
     gold_kd         distilled on the gold-answer conversations (--alpha_ce --alpha_clm --alpha_cos)
     teacher         fine-tuned on the teacher's own greedy answers, no KD term (sequence-level KD)
     teacher_kd      the teacher's answers with the KD term as well
+    gold_rkl        gold_kd with reverse KL as its divergence (--kd_loss reverse_kl): on-policy's lambda = 0 point
+    mixed_rkl       half the batches on-policy (--lmbda 0.5: the student answers, the teacher grades), reverse KL
+    onpolicy_rkl    every batch on-policy (--lmbda 1), reverse KL (MiniLLM's divergence, GKD's beta = 1)
+The last three are issue 33's on-policy measurement: the student samples at temperature 1, answers of at most
+--max_new_tokens; an on-policy batch has no gold token, so it drops the CLM term (docs/instruction-distillation.md).
 Every loss reads the assistant's tokens only (binarized_chat.py's mask). The teacher, the student before training
 and every run are scored by scripts/generate_eval.py on the same held-out prompts: exact match, token F1, the
 response perplexity and KL to the teacher; the table gives each arm's mean, spread and range over the seeds.
@@ -44,6 +49,11 @@ ARMS = {
     "gold_kd": {"data": "gold", "alpha": {"ce": 5, "clm": 1, "cos": 1}},
     "teacher": {"data": "teacher", "alpha": {"ce": 0, "clm": 1, "cos": 0}},
     "teacher_kd": {"data": "teacher", "alpha": {"ce": 5, "clm": 1, "cos": 1}},
+    # issue 33: on-policy distillation (train.py --lmbda), reverse KL as in MiniLLM and GKD's beta = 1; gold_rkl is
+    # its lambda = 0 point (gold_kd with the divergence changed), so the two rows differ in where the text comes from
+    "gold_rkl": {"data": "gold", "alpha": {"ce": 5, "clm": 1, "cos": 1}, "kd_loss": "reverse_kl", "lmbda": 0},
+    "mixed_rkl": {"data": "gold", "alpha": {"ce": 5, "clm": 1, "cos": 1}, "kd_loss": "reverse_kl", "lmbda": 0.5},
+    "onpolicy_rkl": {"data": "gold", "alpha": {"ce": 5, "clm": 1, "cos": 1}, "kd_loss": "reverse_kl", "lmbda": 1},
 }
 METRICS = (("f1", 1), ("exact", 1), ("response_perplexity", 2), ("kl_teacher_student", 3))
 # SmolLM2-135M-Instruct answers in whole sentences; this wording got shorter answers than "Answer the question with
@@ -197,6 +207,12 @@ class Measurement(Protocol):
     def _train(self, arm, seed, run, teacher, student_init, data):
         a = self.args
         alphas = [x for name, value in ARMS[arm]["alpha"].items() for x in (f"--alpha_{name}", value)]
+        if "kd_loss" in ARMS[arm]:
+            alphas += ["--kd_loss", ARMS[arm]["kd_loss"]]
+        if ARMS[arm].get("lmbda"):
+            # the student's answers are as long as the scored ones at most, sampled from its own distribution
+            alphas += ["--lmbda", ARMS[arm]["lmbda"], "--max_new_tokens", a.max_new_tokens,
+                       "--rollout_temperature", 1.0]
         args = ["--student_type", "auto", "--teacher_type", "auto", "--student_config",
                 os.path.join(student_init, "config.json"), "--student_pretrained_weights", student_init,
                 "--teacher_name", teacher, "--tokenizer_name", teacher, *alphas, "--data_file", data,

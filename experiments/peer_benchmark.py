@@ -112,12 +112,14 @@ def checksum(model):
 def run_ours(s, batches, args, record):
     """train.py's step (Distiller.step) on the batches; fills record's per-step times and losses."""
     from bench.step import make_distiller
-    from distiller import DistillationConfig
+    from distiller import DistillationConfig, Distiller
     from distil.host_memory import fix_malloc_thresholds
     from distil.masking import Batch
 
     if not args.malloc_defaults:
         record["malloc_thresholds_fixed"] = fix_malloc_thresholds()  # as train.py does before it loads the models
+    Distiller.fuse_head = not args.unfused_head
+    record["fused_head"] = Distiller.fuse_head
     teacher, student = build_models(s, args.seed)
     record["student_checksum"] = checksum(student)
     bs, seq = s["batch_size"], s["seq_len"]
@@ -348,6 +350,8 @@ def report(results, args, s, mm):
               "keeps glibc's dynamic defaults, as it runs for its users")
     else:
         print("ours: glibc's dynamic malloc thresholds (--malloc_defaults, or not glibc, or set by the environment)")
+    print("ours: " + ("the fused head (the loss projects the hidden rows chunk by chunk)" if first.get("fused_head")
+                      else "the logits path (--unfused_head)"))
     sides = [k for k in ("ours", "trl") if results.get(k)]
     summary = {k: summarise(results[k], args.warmup) for k in sides}
     # The machine's limit: the fastest torch.mm rate any run saw (each measures it right after its steps). On a
@@ -423,6 +427,9 @@ def parse_args(argv=None):
     parser.add_argument("--malloc_defaults", action="store_true",
                         help="Run our side with glibc's dynamic malloc thresholds, not the fixed ones train.py sets "
                              "(distil/host_memory.py): measures what that setting costs and saves.")
+    parser.add_argument("--unfused_head", action="store_true",
+                        help="Run our side with the logits path (the head's logits whole, then the chunked loss) "
+                             "instead of the fused head train.py uses: measures what fusing costs and saves.")
     parser.add_argument("--json", type=str, default=None, help="Also write every figure to this JSON file.")
     for key, kind in (("vocab", int), ("hidden", int), ("ffn", int), ("heads", int), ("kv_heads", int),
                       ("teacher_layers", int), ("student_layers", int), ("seq_len", int), ("batch_size", int)):

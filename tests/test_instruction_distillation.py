@@ -31,12 +31,17 @@ def test_dry_run_commands_parse_with_each_scripts_own_parser(tmp_path, capsys):
     scripts = [c[0] for c in commands]
     assert scripts[:5] == ["scripts/convert_gguf.py", "scripts/teacher_answers.py", "scripts/binarized_chat.py",
                            "scripts/binarized_chat.py", "scripts/extract.py"]
-    assert scripts.count("train.py") == 8 and scripts.count("scripts/generate_eval.py") == 10
+    assert scripts.count("train.py") == 14 and scripts.count("scripts/generate_eval.py") == 16  # 7 arms x 2 seeds
     for script, *args in commands:
         parser_of(script).parse_args(args)  # exits (fails the test) on a flag or value the script does not take
     trains = [c for c in commands if c[0] == "train.py"]
     kd = [c for c in trains if c[c.index("--alpha_ce") + 1] != "0"]
-    assert len(kd) == 4 and all("--max_steps" in c and "--seed" in c for c in trains)
+    assert len(kd) == 10 and all("--max_steps" in c and "--seed" in c for c in trains)
+    # issue 33's arms: reverse KL, lambda 0 / 0.5 / 1 (an on-policy run answers at the scored length)
+    lambdas = sorted(c[c.index("--lmbda") + 1] if "--lmbda" in c else "0" for c in trains
+                     if "reverse_kl" in c[c.index("--kd_loss") + 1:c.index("--kd_loss") + 2])
+    assert lambdas == ["0", "0", "0.5", "0.5", "1", "1"]
+    assert all(c[c.index("--max_new_tokens") + 1] == "32" for c in trains if "--lmbda" in c)
     teacher_data = [c for c in trains if "train.teacher_answers" not in c[c.index("--data_file") + 1]
                     and "/teacher." in c[c.index("--data_file") + 1]]
     assert len(teacher_data) == 4  # arms (c) and (d) read the teacher's answers
