@@ -30,7 +30,6 @@ from distiller import DistillationConfig, Distiller, TrainingError
 from distil.divergences import add_kd_loss_arguments, check_kd_loss_args
 from distil.rollouts import add_on_policy_arguments, build_on_policy, check_on_policy_args, check_on_policy_corpus
 from distil.evaluation import evaluate
-from distil.host_memory import fix_malloc_thresholds
 from grouped_batch_sampler import training_batch_sampler
 from lm_seqs_dataset import MIN_SEQ_LEN, BinarizedCorpus, LmSeqsDataset, load_token_counts
 from distil.masking import MlmMasking, smoothed_token_probs
@@ -556,7 +555,6 @@ def build_evaluator(args, ctx, student, teacher, tokenizer, special_tok_ids, max
 
 def main(argv=None):
     args = parse_args(argv)
-    fix_malloc_thresholds()  # before the models load: freed host memory goes back to the OS (distil/host_memory.py)
     sanity_checks(args)
     ctx = init_distributed(args.n_gpu, args.local_rank)
     args.fsdp = use_fsdp(args.fsdp, ctx)  # one process: unsharded, with a warning

@@ -19,9 +19,8 @@ Each side runs in its own process (so the memory of one never hides the other's)
 ours, TRL, ... (--runs pairs), and the figure of a side is the median over all its steady steps (those after
 --warmup). Memory is the process's RSS: "rise" is its peak during training above its value just before the
 first step (models, data and optimizer built; AdamW's moments are created by the first step on both sides),
-"peak" the highest RSS of the run. Our side fixes glibc's malloc thresholds first, as train.py does
-(distil/host_memory.py: freed tensors go back to the OS instead of staying in a fragmented heap); TRL's process
-runs as TRL runs for its users. --malloc_defaults runs ours without it, to measure what it changes.
+"peak" the highest RSS of the run. Both sides' processes inherit the environment, so glibc's malloc settings
+(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) set in the shell apply to both (docs/performance.md).
 
 Shapes: "toy", a Llama pair (teacher 8 layers, student 4, width 256, FFN 1,024, 4 heads, vocabulary 8,192),
 length 256, batch 8; "smollm2", SmolLM2-135M-Instruct's configuration (vocabulary 49,152, width 576, FFN 1,536,
@@ -113,11 +112,8 @@ def run_ours(s, batches, args, record):
     """train.py's step (Distiller.step) on the batches; fills record's per-step times and losses."""
     from bench.step import make_distiller
     from distiller import DistillationConfig, Distiller
-    from distil.host_memory import fix_malloc_thresholds
     from distil.masking import Batch
 
-    if not args.malloc_defaults:
-        record["malloc_thresholds_fixed"] = fix_malloc_thresholds()  # as train.py does before it loads the models
     Distiller.fuse_head = not args.unfused_head
     record["fused_head"] = Distiller.fuse_head
     teacher, student = build_models(s, args.seed)
@@ -345,11 +341,6 @@ def report(results, args, s, mm):
           f"{s['seq_len']} tokens, fp32, {first['threads']} threads, torch {torch.__version__}; "
           f"{len(results['ours'])} run(s) per side, interleaved, {args.steps} timed steps after {args.warmup} "
           f"warm-up; load average now {load[0]:.1f}")
-    if first.get("malloc_thresholds_fixed"):
-        print("ours: glibc's malloc thresholds fixed, as train.py sets them (distil/host_memory.py); TRL's process "
-              "keeps glibc's dynamic defaults, as it runs for its users")
-    else:
-        print("ours: glibc's dynamic malloc thresholds (--malloc_defaults, or not glibc, or set by the environment)")
     print("ours: " + ("the fused head (the loss projects the hidden rows chunk by chunk)" if first.get("fused_head")
                       else "the logits path (--unfused_head)"))
     sides = [k for k in ("ours", "trl") if results.get(k)]
@@ -424,9 +415,6 @@ def parse_args(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="Instead of timing: profile the steps after --warmup (torch.profiler), top operators.")
     parser.add_argument("--profile_rows", type=int, default=15, help="With --profile: operators shown.")
-    parser.add_argument("--malloc_defaults", action="store_true",
-                        help="Run our side with glibc's dynamic malloc thresholds, not the fixed ones train.py sets "
-                             "(distil/host_memory.py): measures what that setting costs and saves.")
     parser.add_argument("--unfused_head", action="store_true",
                         help="Run our side with the logits path (the head's logits whole, then the chunked loss) "
                              "instead of the fused head train.py uses: measures what fusing costs and saves.")

@@ -27,7 +27,6 @@ from torch.utils.data import DataLoader
 
 from distil.checkpointing import rng_state, save_atomic, set_rng_state
 from distil.divergences import add_kd_loss_arguments, check_kd_loss_args
-from distil.host_memory import fix_malloc_thresholds
 from grouped_batch_sampler import training_batch_sampler
 from tasks.batches import forward_inputs, pad_collate
 from tasks.models import load_student
@@ -543,7 +542,6 @@ def train_and_evaluate(args, ctx, student, teacher, train_set, loss_fn, tokenize
 def task_main(run, args):
     """The task scripts' entry point: run(args) -> RunContext; every rank leaves together; a UserError is one
     `error:` line and exit status 2; the process group is always torn down."""
-    fix_malloc_thresholds()  # freed host memory goes back to the OS (distil/host_memory.py)
     try:
         ctx = run(args)
         if ctx.multi_gpu:
