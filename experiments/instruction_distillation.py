@@ -25,9 +25,9 @@ and every run are scored by scripts/generate_eval.py on the same held-out prompt
 response perplexity and KL to the teacher; the table gives each arm's mean, spread and range over the seeds.
 
 Size: the defaults (400 training conversations seen once: 100 steps of 4, at most 384 tokens; 100 held-out prompts;
-answers of at most 32 tokens; 2 seeds x 4 arms) are estimated at about two hours on 2 idle CPU cores from the
-real-teacher ablation's step time (docs/real-teacher.md: about 6 s a step of 1,000 tokens with the teacher); time
-one run first (--arms gold --seeds 0) and scale --max_steps / --n_train / --n_heldout to the machine.
+answers of at most 32 tokens; 2 seeds x 7 arms) took, measured on one CPU thread a run, 9-10 minutes for gold and
+teacher, 13-15 for the KD arms, 18 for the mixture and 22-23 for lambda = 1, plus about 3 minutes of scoring each:
+about 3.5 hours on 2 cores with two runs side by side (OMP_NUM_THREADS=1 each). --arms and --seeds run a part.
 
 Each step is a repository script run as a subprocess (its command printed, its log under workdir/logs); a step
 whose output exists is skipped, so rerunning the same command resumes an interrupted measurement. --dry_run
