@@ -235,16 +235,13 @@ def split_lm_head(model):
     return None
 
 
-def fusable_head(model):
-    """The LM head of `model` when the loss may run it itself (losses.HeadRows), else None: a plain
-    torch.nn.Linear (the lm_head of GPT-2, Llama, Qwen2/3, Mistral, tied to the embeddings or not) without hooks,
-    since the loss reads its weight and bias and never calls its forward. BERT/DistilBERT/RoBERTa MLM heads
-    (a transform and a norm before the projection), unknown models and bare encoders give None."""
-    split = split_lm_head(model)
-    head = split[1] if split is not None else None
-    if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks:
-        return None  # a subclass (quantised, adapters) or a hook may change what its forward computes
-    return head
+def fusable_head(head):
+    """Whether the loss may run `head` itself (losses.HeadRows): a plain torch.nn.Linear (the lm_head of GPT-2,
+    Llama, Qwen2/3, Mistral, tied to the embeddings or not) without hooks, since the loss reads its weight and bias
+    and never calls its forward. BERT/DistilBERT/RoBERTa MLM heads (a transform and a norm before the projection)
+    are not."""
+    # a subclass (quantised, adapters) or a hook may change what its forward computes
+    return type(head) is torch.nn.Linear and not head._forward_hooks and not head._forward_pre_hooks
 
 
 def _is_plain_bidirectional(model):
@@ -281,7 +278,8 @@ class RowLogitsLM(torch.nn.Module):
         self.blocks = tuple(blocks) if blocks else None  # whose outputs the intermediate-layer loss reads
         self._bare = bare  # a model without an LM head (--*_type encoder): no logits to compute
         self._split = (None if self._bare else split_lm_head(model),)  # a tuple: not registered twice as submodules
-        self.fused_head = fuse_head and not bare and fusable_head(model) is not None  # forward gives HeadRows
+        split = self._split[0]  # None for a bare encoder or a head that cannot be split
+        self.fused_head = fuse_head and split is not None and fusable_head(split[1])  # forward gives HeadRows
         self._prepare_mask = _is_plain_bidirectional(model)
 
     def forward(self, input_ids, attention_mask, rows=None):

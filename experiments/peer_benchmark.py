@@ -115,7 +115,6 @@ def run_ours(s, batches, args, record):
     from distil.masking import Batch
 
     Distiller.fuse_head = not args.unfused_head
-    record["fused_head"] = Distiller.fuse_head
     teacher, student = build_models(s, args.seed)
     record["student_checksum"] = checksum(student)
     bs, seq = s["batch_size"], s["seq_len"]
@@ -128,6 +127,7 @@ def run_ours(s, batches, args, record):
             weight_decay=WEIGHT_DECAY, learning_rate=LR, adam_epsilon=EPS, max_grad_norm=MAX_GRAD_NORM,
             seed=args.seed, max_model_input_size=seq, group_by_size=False)
         distiller, _ = make_distiller(config, torch.device("cpu"), sequences, student, teacher, special)
+        record["fused_head"] = distiller.student_lm.fused_head  # the path the step really takes
         record["warmup_steps"] = distiller.plan.warmup
         # GKD's positions: every one that has a next token (its labels are shifted), so not each row's last.
         rows = (torch.arange(bs)[:, None] * seq + torch.arange(seq - 1)[None, :]).flatten()
